@@ -1,0 +1,4383 @@
+/*
+ * sc_remoted: the controller that remote scamper instances (scamper -R)
+ * dial into.  Each connected scamper is a vantage point (VP); local users
+ * drive it through one unix socket per VP (-U, sc_attach -R) and through
+ * one multiplexed unix socket for all VPs (-M, libscamperctrl).
+ *
+ * The wire protocols are specified in PROTOCOL.md; this file follows the
+ * design in ARCHITECTURE.md:
+ *
+ *  - one event loop (epoll, kqueue, or select with -O select) over every
+ *    fd; each fd is an fdev_t embedded in the object that owns it.
+ *  - a hashed timer wheel of 1-second ticks; hot timers (rx_abort,
+ *    keepalive) are lazy: they fire at their original deadline and re-arm
+ *    against last_rx / last_tx, so per-frame work never touches a timer.
+ *  - output is appended to chunked buffers and flushed once per loop
+ *    iteration (one writev per peer), so ACKs for a batch of frames and
+ *    relayed data coalesce into few packets.
+ *  - reads land in one shared scratch buffer; a VP keeps heap memory only
+ *    for a partial frame or queued output, so an idle VP costs a few
+ *    hundred bytes.
+ *  - an object torn down during dispatch is marked dead and freed only at
+ *    the end of the iteration (deferred free), so pending events for it
+ *    are skipped, never dereferenced after free.
+ *
+ * Departures from ARCHITECTURE.md: the mux channel record (mchan_t) is
+ * merged into chan_t -- a mux channel is a chan_t that sits in two trees
+ * (its VP's, by remote id, and its mux client's, by client id) -- so one
+ * object, one teardown.  The unacked queue is a byte FIFO of serialized
+ * frames rather than a list of messages: ACKs arrive strictly in order,
+ * so releasing the oldest message is dropping its bytes from the head.
+ *
+ * Sections, in order: options and usage; logging; buffers; event loop and
+ * backends; timer wheel; transport (plain/TLS); remote protocol; channels;
+ * per-VP unix sockets; mux protocol; metadata; TLS context and name
+ * matching; signals; main.
+ */
+
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <sys/resource.h>
+#include <sys/select.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+
+#ifdef HAVE_EPOLL
+#include <sys/epoll.h>
+#endif
+#ifdef HAVE_KQUEUE
+#include <sys/event.h>
+#endif
+
+#ifdef HAVE_OPENSSL
+#include <openssl/ssl.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+#include <openssl/pem.h>
+#include <termios.h>
+#endif
+
+#include <assert.h>
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mjl_list.h"
+#include "mjl_splaytree.h"
+#include "utils.h"
+
+#ifndef PACKAGE_VERSION
+#define PACKAGE_VERSION "unknown"
+#endif
+
+/* remote protocol (PROTOCOL.md 2) */
+#define RP_HDRLEN          10
+#define RP_MAXBODY         65535
+#define RP_MASTER_NEW      0
+#define RP_MASTER_ID       1
+#define RP_CHANNEL_NEW     2
+#define RP_CHANNEL_FIN     3
+#define RP_KEEPALIVE       4
+#define RP_ACK             5
+#define RP_MASTER_RES      6
+#define RP_MASTER_REJ      7
+#define RP_MASTER_OK       8
+
+/* mux protocol (PROTOCOL.md 5) */
+#define MUX_HDRLEN         8
+#define MUX_VP_UPDATE      0
+#define MUX_VP_DEPART      1
+#define MUX_GO             2
+#define MUX_CHANNEL_OPEN   3
+#define MUX_CHANNEL_CLOSE  4
+#define MUX_CTL_MAX        65536   /* cap on a buffered control message */
+#define MUX_UPDATE_MAX     65536   /* libscamperctrl's limit on a payload */
+
+#define MUX_ATTR_NAME      1
+#define MUX_ATTR_ARRIVAL   2
+#define MUX_ATTR_IPV4      3
+#define MUX_ATTR_IPV4_ASN  4
+#define MUX_ATTR_CC        5
+#define MUX_ATTR_ST        6
+#define MUX_ATTR_PLACE     7
+#define MUX_ATTR_LATLONG   8
+#define MUX_ATTR_SHORTNAME 9
+#define MUX_ATTR_TAG       10
+#define MUX_ATTR_IATA      11
+#define MUX_ATTR_IPV6      12
+#define MUX_ATTR_IPV6_ASN  13
+
+/* timers, in seconds (PROTOCOL.md 2.8) */
+#define TIMEOUT_ACCEPT     30
+#define TIMEOUT_RX_ABORT   60
+#define TIMEOUT_KEEPALIVE  30
+#define ZOMBIE_DEFAULT     900
+#define ZOMBIE_MAX         10800
+
+#define SCRATCH_SIZE       (256 * 1024)
+#define UC_READ_MAX        RP_MAXBODY
+
+/* -O options */
+#define OPT_ALLOWGROUP     0x0001
+#define OPT_ALLOWOTHER     0x0002
+#define OPT_DEBUG          0x0004
+#define OPT_SELECT         0x0008
+#define OPT_SKIPNAMEVERIFY 0x0010
+#define OPT_NOTIMES        0x0020
+
+/* ---------------------------------------------------------------------
+ * Options and usage
+ *
+ * Everything the command line sets lives here; nothing else writes these
+ * after main() has validated them.
+ * --------------------------------------------------------------------- */
+
+static unsigned int  opt_flags     = 0;
+static char         *opt_port_arg  = NULL;  /* -P as given */
+static char         *opt_udir      = NULL;  /* -U */
+static char         *opt_muxpath   = NULL;  /* -M */
+static char         *opt_metafile  = NULL;  /* -m */
+static char         *opt_pidfile   = NULL;  /* -e */
+static long          opt_zombie    = ZOMBIE_DEFAULT; /* -Z */
+static int           opt_family    = AF_UNSPEC;      /* -4 / -6 */
+static int           opt_daemon    = 0;              /* -D */
+#ifdef HAVE_OPENSSL
+static char         *opt_certfile  = NULL;  /* -c */
+static char         *opt_privfile  = NULL;  /* -p */
+static char         *opt_cafile    = NULL;  /* -C */
+#endif
+
+/* the parsed -P: an optional literal address and a port */
+static struct sockaddr_storage listen_ss;
+static socklen_t     listen_sslen  = 0;    /* 0: wildcard addresses */
+static int           listen_port   = 0;
+
+#define USAGE_ALL  0xffffffffU
+#define USAGE_P    0x0001
+#define USAGE_U    0x0002
+#define USAGE_M    0x0004
+#define USAGE_O    0x0008
+#define USAGE_Z    0x0010
+#define USAGE_46   0x0020
+#define USAGE_TLS  0x0040
+#define USAGE_E    0x0080
+#define USAGE_MF   0x0100
+
+static void usage(unsigned int which)
+{
+  fprintf(stderr,
+	  "usage: sc_remoted [-?46Dv] -P [ip:]port [-M mux-socket] [-U unix-dir]"
+	  " [-O option]\n"
+#ifdef HAVE_OPENSSL
+	  "                  [-C CA-file] [-c cert-file] [-p priv-file]\n"
+#endif
+	  "                  [-e pid-file] [-m meta-file] [-Z zombie-time]\n");
+  if(which == 0)
+    return;
+  fprintf(stderr, "\n");
+  if(which == USAGE_ALL)
+    fprintf(stderr, "     -? give an overview of the usage of sc_remoted\n"
+	    "     -v print the version and exit\n"
+	    "     -D start as a daemon\n");
+  if(which & USAGE_46)
+    fprintf(stderr, "     -4 listen on IPv4 only\n"
+	    "     -6 listen on IPv6 only (not together with -4)\n");
+  if(which & USAGE_P)
+    fprintf(stderr, "     -P [ip:]port to accept remote scamper connections"
+	    " on (required)\n");
+  if(which & USAGE_U)
+    fprintf(stderr, "     -U directory for per-VP unix domain sockets\n");
+  if(which & USAGE_M)
+    fprintf(stderr, "     -M path of the multiplexed unix domain socket\n");
+  if(which & USAGE_O)
+    fprintf(stderr, "     -O options: allowgroup, allowother, debug, select,"
+#ifdef HAVE_OPENSSL
+	    " skipnameverification,"
+#endif
+	    " notimes\n");
+#ifdef HAVE_OPENSSL
+  if(which & USAGE_TLS)
+    fprintf(stderr, "     -c server certificate file (PEM), with -p\n"
+	    "     -p server private key file (PEM), with -c\n"
+	    "     -C CA file to require and verify client certificates\n");
+#endif
+  if(which & USAGE_E)
+    fprintf(stderr, "     -e file to write the process id to\n");
+  if(which & USAGE_MF)
+    fprintf(stderr, "     -m file of VP metadata\n");
+  if(which & USAGE_Z)
+    fprintf(stderr, "     -Z seconds to keep a disconnected VP for resumption"
+	    " (0..%d, default %d)\n", ZOMBIE_MAX, ZOMBIE_DEFAULT);
+  return;
+}
+
+static int parse_O(const char *opt)
+{
+  static const struct { const char *name; unsigned int flag; } opts[] = {
+    {"allowgroup", OPT_ALLOWGROUP},
+    {"allowother", OPT_ALLOWOTHER},
+    {"debug",      OPT_DEBUG},
+    {"select",     OPT_SELECT},
+#ifdef HAVE_OPENSSL
+    {"skipnameverification", OPT_SKIPNAMEVERIFY},
+#endif
+    {"notimes",    OPT_NOTIMES},
+  };
+  size_t i;
+  for(i=0; i<sizeof(opts)/sizeof(opts[0]); i++)
+    {
+      if(strcasecmp(opt, opts[i].name) == 0)
+	{
+	  opt_flags |= opts[i].flag;
+	  return 0;
+	}
+    }
+  return -1;
+}
+
+/*
+ * Parse -P: an all-digit argument is a port on every address; otherwise
+ * addr:port (split at the first ':') or [v6addr]:port.  The port is parsed
+ * like strtol base 0 with trailing junk accepted (PROTOCOL.md 7).
+ */
+static int parse_P(const char *arg)
+{
+  char *dup = NULL, *addr = NULL, *port, *p;
+  long lo;
+  int rc = -1, fam;
+
+  if(string_isdigits(arg))
+    {
+      if(string_tolong(arg, &lo) != 0 || lo < 1 || lo > 65535)
+	goto done;
+      listen_port = (int)lo;
+      listen_sslen = 0;
+      rc = 0;
+      goto done;
+    }
+
+  if(strchr(arg, ':') == NULL || (dup = strdup(arg)) == NULL)
+    goto done;
+  if(dup[0] == '[')
+    {
+      if((p = strchr(dup, ']')) == NULL || p[1] != ':')
+	goto done;
+      *p = '\0';
+      addr = dup + 1;
+      port = p + 2;
+    }
+  else
+    {
+      p = strchr(dup, ':');
+      *p = '\0';
+      addr = dup;
+      port = p + 1;
+    }
+  if(string_tolong(port, &lo) != 0 || lo < 1 || lo > 65535)
+    goto done;
+  listen_port = (int)lo;
+  if((fam = sockaddr_fromstr(addr, listen_port, &listen_ss,
+			     &listen_sslen)) < 0)
+    goto done;
+  rc = 0;
+
+ done:
+  free(dup);
+  return rc;
+}
+
+/* ---------------------------------------------------------------------
+ * Logging
+ *
+ * Errors are always printed; debug lines only with -O debug.  Once the
+ * loop runs, lines carry a [HH:MM:SS:mmm] local-time prefix unless
+ * -O notimes.  After -D daemonises, stderr is /dev/null and nothing shows.
+ * --------------------------------------------------------------------- */
+
+static int log_loop_started = 0;
+
+static void log_vmsg(const char *func, const char *fmt, va_list ap)
+{
+  char msg[512], ts[32];
+  struct timeval tv;
+  struct tm tm;
+  time_t t;
+
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  ts[0] = '\0';
+  if(log_loop_started && (opt_flags & OPT_NOTIMES) == 0)
+    {
+      time_wall(&tv);
+      t = tv.tv_sec;
+      if(localtime_r(&t, &tm) != NULL)
+	snprintf(ts, sizeof(ts), "[%02d:%02d:%02d:%03d] ", tm.tm_hour,
+		 tm.tm_min, tm.tm_sec, (int)(tv.tv_usec / 1000));
+    }
+  fprintf(stderr, "%s%s: %s\n", ts, func, msg);
+  return;
+}
+
+#if defined(__GNUC__)
+static void log_msg(const char *func, const char *fmt, ...)
+  __attribute__((format(printf, 2, 3)));
+#endif
+
+static void log_msg(const char *func, const char *fmt, ...)
+{
+  va_list ap;
+  va_start(ap, fmt);
+  log_vmsg(func, fmt, ap);
+  va_end(ap);
+  return;
+}
+
+#define log_err(...) log_msg(__func__, __VA_ARGS__)
+#define log_dbg(...) do {						\
+    if(opt_flags & OPT_DEBUG) log_msg(__func__, __VA_ARGS__);		\
+  } while(0)
+
+/* ---------------------------------------------------------------------
+ * Buffers
+ *
+ * buf_t is a FIFO of fixed-size chunks.  Empty buffers own no memory, and
+ * spare chunks go to a small global free list, so the relay path does not
+ * call malloc per frame and idle objects cost nothing.
+ * --------------------------------------------------------------------- */
+
+#define CHUNK_SIZE      16384
+#define CHUNK_FREE_MAX  256
+#define BUF_IOV_MAX     64
+
+typedef struct chunk
+{
+  struct chunk *next;
+  uint32_t      head;   /* first unread byte */
+  uint32_t      tail;   /* one past the last written byte */
+  uint8_t       data[CHUNK_SIZE];
+} chunk_t;
+
+typedef struct buf
+{
+  chunk_t *first;
+  chunk_t *last;
+  size_t   len;
+} buf_t;
+
+static chunk_t *chunk_freelist = NULL;
+static size_t   chunk_freecount = 0;
+
+static chunk_t *chunk_get(void)
+{
+  chunk_t *c;
+  if((c = chunk_freelist) != NULL)
+    {
+      chunk_freelist = c->next;
+      chunk_freecount--;
+    }
+  else if((c = malloc(sizeof(chunk_t))) == NULL)
+    return NULL;
+  c->next = NULL;
+  c->head = c->tail = 0;
+  return c;
+}
+
+static void chunk_put(chunk_t *c)
+{
+  if(chunk_freecount >= CHUNK_FREE_MAX)
+    {
+      free(c);
+      return;
+    }
+  c->next = chunk_freelist;
+  chunk_freelist = c;
+  chunk_freecount++;
+  return;
+}
+
+static void chunk_freelist_clear(void)
+{
+  chunk_t *c;
+  while((c = chunk_freelist) != NULL)
+    {
+      chunk_freelist = c->next;
+      free(c);
+    }
+  chunk_freecount = 0;
+  return;
+}
+
+static size_t buf_len(const buf_t *b)
+{
+  return b->len;
+}
+
+/*
+ * Append len bytes.  Every chunk needed is obtained before anything is
+ * copied, so on allocation failure (-1) the buffer is unchanged and a
+ * frame is never half queued.
+ */
+static int buf_append(buf_t *b, const void *data, size_t len)
+{
+  const uint8_t *p = data;
+  chunk_t *c, *head = NULL, *tail = NULL;
+  size_t space, n;
+
+  space = b->last != NULL ? CHUNK_SIZE - b->last->tail : 0;
+  while(space < len)
+    {
+      if((c = chunk_get()) == NULL)
+	{
+	  while((c = head) != NULL)
+	    {
+	      head = c->next;
+	      chunk_put(c);
+	    }
+	  return -1;
+	}
+      if(tail != NULL)
+	tail->next = c;
+      else
+	head = c;
+      tail = c;
+      space += CHUNK_SIZE;
+    }
+
+  if(b->last != NULL && (n = CHUNK_SIZE - b->last->tail) > 0)
+    {
+      if(n > len)
+	n = len;
+      memcpy(b->last->data + b->last->tail, p, n);
+      b->last->tail += (uint32_t)n;
+      p += n;
+      len -= n;
+      b->len += n;
+    }
+  if(head == NULL)
+    return 0;
+  if(b->last != NULL)
+    b->last->next = head;
+  else
+    b->first = head;
+  b->last = tail;
+  for(c = head; c != NULL; c = c->next)
+    {
+      n = len < CHUNK_SIZE ? len : CHUNK_SIZE;
+      memcpy(c->data, p, n);
+      c->tail = (uint32_t)n;
+      p += n;
+      len -= n;
+      b->len += n;
+    }
+  return 0;
+}
+
+/* copy up to len bytes starting at offset off into dst; returns count */
+static size_t buf_peek(const buf_t *b, size_t off, void *dst, size_t len)
+{
+  uint8_t *d = dst;
+  const chunk_t *c;
+  size_t n, got = 0;
+
+  for(c = b->first; c != NULL && got < len; c = c->next)
+    {
+      n = c->tail - c->head;
+      if(off >= n)
+	{
+	  off -= n;
+	  continue;
+	}
+      n -= off;
+      if(n > len - got)
+	n = len - got;
+      memcpy(d + got, c->data + c->head + off, n);
+      got += n;
+      off = 0;
+    }
+  return got;
+}
+
+/* discard len bytes from the head */
+static void buf_drop(buf_t *b, size_t len)
+{
+  chunk_t *c;
+  size_t n;
+
+  while(len > 0 && (c = b->first) != NULL)
+    {
+      n = c->tail - c->head;
+      if(n > len)
+	{
+	  c->head += (uint32_t)len;
+	  b->len -= len;
+	  return;
+	}
+      len -= n;
+      b->len -= n;
+      b->first = c->next;
+      if(b->first == NULL)
+	b->last = NULL;
+      chunk_put(c);
+    }
+  return;
+}
+
+static void buf_clear(buf_t *b)
+{
+  buf_drop(b, b->len);
+  assert(b->first == NULL && b->len == 0);
+  return;
+}
+
+/* append the bytes of src from offset off to its end onto dst */
+static int buf_append_buf(buf_t *dst, const buf_t *src, size_t off)
+{
+  const chunk_t *c;
+  size_t n;
+
+  for(c = src->first; c != NULL; c = c->next)
+    {
+      n = c->tail - c->head;
+      if(off >= n)
+	{
+	  off -= n;
+	  continue;
+	}
+      if(buf_append(dst, c->data + c->head + off, n - off) != 0)
+	return -1;
+      off = 0;
+    }
+  return 0;
+}
+
+/* fill iov with the buffered bytes; returns the number of entries used */
+static int buf_iov(const buf_t *b, struct iovec *iov, int max)
+{
+  const chunk_t *c;
+  int i = 0;
+  for(c = b->first; c != NULL && i < max; c = c->next)
+    {
+      iov[i].iov_base = (void *)(c->data + c->head);
+      iov[i].iov_len = c->tail - c->head;
+      i++;
+    }
+  return i;
+}
+
+/*
+ * Write buffered bytes to a plain fd with writev until the buffer is empty
+ * or the fd would block.  Returns 0 (drained or would block), -1 on error.
+ */
+static int buf_writev(buf_t *b, int fd)
+{
+  struct iovec iov[BUF_IOV_MAX];
+  size_t total;
+  ssize_t rc;
+  int i, n;
+
+  while(b->len > 0)
+    {
+      n = buf_iov(b, iov, BUF_IOV_MAX);
+      for(total = 0, i = 0; i < n; i++)
+	total += iov[i].iov_len;
+      if((rc = writev(fd, iov, n)) < 0)
+	{
+	  if(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+	    return 0;
+	  return -1;
+	}
+      buf_drop(b, (size_t)rc);
+      if((size_t)rc < total) /* partial: the socket is full */
+	return 0;
+    }
+  return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * Objects
+ *
+ * Declared together so that the loop can dispatch to them; each object's
+ * constructor and teardown live in its own section below.
+ * --------------------------------------------------------------------- */
+
+#define CONTAINER_OF(ptr, type, member) \
+  ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+
+typedef enum
+{
+  FD_TCP_LISTEN = 1,  /* -P listener */
+  FD_VP,              /* a scamper connection */
+  FD_VP_LISTEN,       /* a per-VP unix listener (-U) */
+  FD_UC,              /* a local client on a per-VP socket */
+  FD_MUX_LISTEN,      /* the -M listener */
+  FD_MC,              /* a mux client */
+  FD_SIGNAL,          /* the self-pipe */
+} fdtype_t;
+
+/* one registered fd; embedded in the object that owns the fd */
+typedef struct fdev
+{
+  int           fd;
+  uint8_t       type;
+  uint8_t       rd;        /* read interest registered */
+  uint8_t       wr;        /* write interest registered */
+  uint8_t       queued;    /* on the flush list */
+  void         *obj;
+  dlist_node_t  flush_node;
+} fdev_t;
+
+/* an intrusive timer on the wheel */
+typedef struct tw_timer
+{
+  dlist_node_t  node;
+  dlist_t      *slot;      /* list it is on; NULL when not armed */
+  uint64_t      expire;    /* tick at or after which it fires */
+  void        (*fn)(struct tw_timer *t);
+} tw_timer_t;
+
+typedef enum
+{
+  VP_HANDSHAKE = 1,  /* connected, no MASTER_NEW/RES yet */
+  VP_GO,             /* a named, connected VP */
+  VP_ZOMBIE,         /* named, disconnected, waiting for MASTER_RES */
+  VP_FLUSH,          /* sending MASTER_REJ, then closing */
+} vpstate_t;
+
+/* reassembly of a remote frame that spans reads */
+typedef struct rp_rx
+{
+  uint8_t      *part;      /* header, then body; NULL when none pending */
+  uint32_t      have;      /* bytes held */
+  uint8_t       checked;   /* header of the held frame was validated */
+} rp_rx_t;
+
+typedef struct chan chan_t;
+typedef struct vp vp_t;
+typedef struct uclient uclient_t;
+typedef struct mclient mclient_t;
+
+struct vp
+{
+  fdev_t        ev;             /* the scamper connection; fd -1 if none */
+#ifdef HAVE_OPENSSL
+  SSL          *ssl;
+  uint8_t       tls_accepting;  /* TLS handshake in progress */
+  uint8_t       tls_rd_want_wr; /* SSL_read asked for writability */
+  uint8_t       tls_wr_want_rd; /* SSL_write asked for readability */
+#endif
+  vpstate_t     state;
+  uint8_t       dead;
+  uint8_t       rd_blocked;     /* reads stopped (FLUSH) */
+  uint32_t      id;             /* VP id; 0 until MASTER_NEW accepted */
+  uint8_t       magic_len;
+  uint8_t      *magic;
+  char         *name;           /* monitor name; NULL when none sent */
+  int           family;
+  char          addr[INET6_ADDRSTRLEN]; /* peer address, no port */
+  char          peer[INET6_ADDRSTRLEN + 8]; /* MASTER_ID string */
+  struct timeval arrival;
+  uint32_t      snd_nxt;
+  uint32_t      snd_una;        /* oldest unacked seq (== snd_nxt: none) */
+  uint32_t      rcv_nxt;
+  uint32_t      chan_next;
+  buf_t         out;            /* bytes for the current connection */
+  buf_t         unacked;        /* serialized reliable frames, oldest first */
+  rp_rx_t       rx;
+  uint64_t      last_rx;        /* tick of the last read */
+  uint64_t      last_tx;        /* tick of the last queued frame */
+  tw_timer_t    rx_timer;       /* accept timeout, rx_abort, zombie expiry */
+  tw_timer_t    ka_timer;       /* keepalive */
+  fdev_t        lev;            /* -U listener; fd -1 if none */
+  char         *sockpath;
+  splaytree_t   chans;          /* chan_t by remote id */
+  splaytree_node_t id_node;
+  splaytree_node_t magic_node;
+  uint8_t       in_id_tree;
+  uint8_t       in_magic_tree;
+  dlist_node_t  list_node;      /* accept order */
+  uint64_t      zombie_gen;     /* mux client generation when it went zombie */
+  uint8_t       was_zombie;
+  slist_node_t  gc_node;
+};
+
+/* a channel of a VP; its consumer is a local client or a mux client */
+struct chan
+{
+  uint32_t      id;             /* remote channel id */
+  vp_t         *vp;             /* NULL once the VP is gone */
+  uint8_t       fin_sent;
+  uint8_t       fin_rcvd;
+  uclient_t    *uc;             /* -U consumer, or */
+  mclient_t    *mc;             /* mux consumer */
+  uint32_t      mc_id;          /* the mux client's channel id */
+  splaytree_node_t vp_node;
+  splaytree_node_t mc_node;
+  slist_node_t  gc_node;
+};
+
+struct uclient
+{
+  fdev_t        ev;
+  vp_t         *vp;
+  chan_t       *chan;           /* NULL once detached */
+  buf_t         out;
+  uint8_t       dead;
+  uint8_t       eof;            /* client half-closed */
+  uint8_t       closing;        /* close once out is drained */
+  slist_node_t  gc_node;
+};
+
+/* incremental parser state of the mux client byte stream */
+typedef struct mux_rx
+{
+  uint8_t       hdr[MUX_HDRLEN];
+  uint8_t       hdr_have;
+  uint32_t      chan;           /* channel of the frame being read */
+  uint32_t      left;           /* body bytes still to come */
+  uint8_t      *ctl;            /* control body being assembled */
+  uint32_t      ctl_have;
+} mux_rx_t;
+
+struct mclient
+{
+  fdev_t        ev;
+  buf_t         out;
+  mux_rx_t      rx;
+  splaytree_t   chans;          /* chan_t by client channel id */
+  uint64_t      gen;            /* connection order */
+  uint8_t       dead;
+  dlist_node_t  list_node;
+  slist_node_t  gc_node;
+};
+
+static uint8_t     *scratch = NULL;         /* the shared read buffer */
+static dlist_t      vp_list;                /* all vp_t, accept order */
+static splaytree_t  vp_by_id;
+static splaytree_t  vp_by_magic;
+static uint32_t     vp_id_next = 1;
+static dlist_t      mc_list;                /* all mux clients */
+static uint64_t     mc_gen = 0;
+static slist_t      gc_vps, gc_chans, gc_ucs, gc_mcs;
+
+static fdev_t       tcp_lev[2];             /* -P listeners */
+static int          tcp_lev_count = 0;
+static fdev_t       mux_lev;                /* -M listener */
+static fdev_t       sig_ev;                 /* self-pipe, read end */
+static int          sig_pipe[2] = {-1, -1};
+
+static void vp_dispatch(vp_t *vp, int rd, int wr);
+static void vp_flush(vp_t *vp);
+static void vp_lev_accept(vp_t *vp);
+static void uc_dispatch(uclient_t *uc, int rd, int wr);
+static void uc_flush(uclient_t *uc);
+static void mc_dispatch(mclient_t *mc, int rd, int wr);
+static void mc_flush(mclient_t *mc);
+static void tcp_accept(fdev_t *lev);
+static void mux_accept(void);
+static void sig_drain(void);
+
+/* ---------------------------------------------------------------------
+ * Event loop and backends
+ *
+ * ev_set() is the only way interest changes; the backends (epoll, kqueue,
+ * select) sit behind ev_set, ev_forget, ev_move and ev_poll.  Output is
+ * queued with out_queue() and flushed once per iteration.
+ * --------------------------------------------------------------------- */
+
+typedef enum { EVB_SELECT = 0, EVB_EPOLL, EVB_KQUEUE } evbackend_t;
+
+static evbackend_t  ev_backend = EVB_SELECT;
+static int          ev_fd = -1;             /* epoll or kqueue fd */
+static fdev_t      *sel_fdevs[FD_SETSIZE];
+static fd_set       sel_rd, sel_wr;
+static int          sel_maxfd = -1;
+static dlist_t      flush_list;
+static int          loop_stop = 0;
+
+static void fdev_init(fdev_t *ev, int fd, fdtype_t type, void *obj)
+{
+  memset(ev, 0, sizeof(*ev));
+  ev->fd = fd;
+  ev->type = (uint8_t)type;
+  ev->obj = obj;
+  dlist_node_init(&ev->flush_node);
+  return;
+}
+
+/* with select, fds beyond FD_SETSIZE cannot be watched */
+static int ev_fd_ok(int fd)
+{
+  return ev_backend != EVB_SELECT || fd < FD_SETSIZE;
+}
+
+#ifdef HAVE_EPOLL
+static int ep_ctl(fdev_t *ev, int op, int rd, int wr)
+{
+  struct epoll_event e;
+  memset(&e, 0, sizeof(e));
+  e.events = (rd ? EPOLLIN : 0) | (wr ? EPOLLOUT : 0);
+  e.data.ptr = ev;
+  return epoll_ctl(ev_fd, op, ev->fd, &e);
+}
+#endif
+
+#ifdef HAVE_KQUEUE
+static int kq_ctl(fdev_t *ev, int rd, int wr, int force)
+{
+  struct kevent ch[2];
+  int n = 0;
+  if(force || rd != ev->rd)
+    {
+      EV_SET(&ch[n], ev->fd, EVFILT_READ, rd ? EV_ADD : EV_DELETE, 0, 0, ev);
+      if(rd || ev->rd) n++;
+    }
+  if(force || wr != ev->wr)
+    {
+      EV_SET(&ch[n], ev->fd, EVFILT_WRITE, wr ? EV_ADD : EV_DELETE, 0, 0, ev);
+      if(wr || ev->wr) n++;
+    }
+  if(n == 0)
+    return 0;
+  return kevent(ev_fd, ch, n, NULL, 0, NULL);
+}
+#endif
+
+/*
+ * Set the read/write interest of an fd, registering it on first use.
+ * Returns 0, or -1 if the backend refused (the caller closes the object).
+ */
+static int ev_set(fdev_t *ev, int rd, int wr)
+{
+  rd = rd ? 1 : 0;
+  wr = wr ? 1 : 0;
+  switch(ev_backend)
+    {
+#ifdef HAVE_EPOLL
+    case EVB_EPOLL:
+      {
+	int was = ev->rd || ev->wr, now = rd || wr;
+	if(was == 0 && now == 0)
+	  break;
+	if(ep_ctl(ev, was ? (now ? EPOLL_CTL_MOD : EPOLL_CTL_DEL)
+		  : EPOLL_CTL_ADD, rd, wr) != 0)
+	  return -1;
+	break;
+      }
+#endif
+#ifdef HAVE_KQUEUE
+    case EVB_KQUEUE:
+      if(kq_ctl(ev, rd, wr, 0) != 0)
+	return -1;
+      break;
+#endif
+    default:
+      if(ev->fd >= FD_SETSIZE)
+	return -1;
+      if(rd) FD_SET(ev->fd, &sel_rd); else FD_CLR(ev->fd, &sel_rd);
+      if(wr) FD_SET(ev->fd, &sel_wr); else FD_CLR(ev->fd, &sel_wr);
+      sel_fdevs[ev->fd] = (rd || wr) ? ev : NULL;
+      if((rd || wr) && ev->fd > sel_maxfd)
+	sel_maxfd = ev->fd;
+      break;
+    }
+  ev->rd = (uint8_t)rd;
+  ev->wr = (uint8_t)wr;
+  return 0;
+}
+
+static int ev_want_write(fdev_t *ev, int wr)
+{
+  if((wr ? 1 : 0) == ev->wr)
+    return 0;
+  return ev_set(ev, ev->rd, wr);
+}
+
+static int ev_want_read(fdev_t *ev, int rd)
+{
+  if((rd ? 1 : 0) == ev->rd)
+    return 0;
+  return ev_set(ev, rd, ev->wr);
+}
+
+/* deregister the fd and take it off the flush list; does not close it */
+static void ev_forget(fdev_t *ev)
+{
+  if(ev->fd >= 0)
+    ev_set(ev, 0, 0);
+  if(ev->queued)
+    {
+      dlist_remove(&flush_list, &ev->flush_node);
+      ev->queued = 0;
+    }
+  return;
+}
+
+/* deregister and close the fd; pending events for it are then skipped */
+static void ev_close(fdev_t *ev)
+{
+  if(ev->fd < 0)
+    return;
+  ev_forget(ev);
+  close(ev->fd);
+  ev->fd = -1;
+  return;
+}
+
+/*
+ * Hand a registered fd from one fdev to another (a resumed session takes
+ * over the connection of the temporary object that carried MASTER_RES).
+ */
+static int ev_move(fdev_t *from, fdev_t *to)
+{
+  int rd = from->rd, wr = from->wr;
+  ev_forget(from);
+  to->fd = from->fd;
+  from->fd = -1;
+  to->rd = to->wr = 0;
+  return ev_set(to, rd, wr);
+}
+
+/* note that ev has output to flush at the end of this iteration */
+static void out_queue(fdev_t *ev)
+{
+  if(ev->queued || ev->fd < 0)
+    return;
+  dlist_push_tail(&flush_list, &ev->flush_node);
+  ev->queued = 1;
+  return;
+}
+
+static void ev_dispatch(fdev_t *ev, int rd, int wr)
+{
+  if(ev->fd < 0)
+    return; /* closed earlier in this iteration */
+  switch(ev->type)
+    {
+    case FD_TCP_LISTEN: tcp_accept(ev); break;
+    case FD_VP:         vp_dispatch(ev->obj, rd, wr); break;
+    case FD_VP_LISTEN:  vp_lev_accept(ev->obj); break;
+    case FD_UC:         uc_dispatch(ev->obj, rd, wr); break;
+    case FD_MUX_LISTEN: mux_accept(); break;
+    case FD_MC:         mc_dispatch(ev->obj, rd, wr); break;
+    case FD_SIGNAL:     sig_drain(); break;
+    }
+  return;
+}
+
+/* flush every object that gained output during this iteration */
+static void flush_pending(void)
+{
+  dlist_node_t *n;
+  fdev_t *ev;
+
+  while((n = dlist_pop_head(&flush_list)) != NULL)
+    {
+      ev = CONTAINER_OF(n, fdev_t, flush_node);
+      ev->queued = 0;
+      if(ev->fd < 0)
+	continue;
+      switch(ev->type)
+	{
+	case FD_VP: vp_flush(ev->obj); break;
+	case FD_UC: uc_flush(ev->obj); break;
+	case FD_MC: mc_flush(ev->obj); break;
+	}
+    }
+  return;
+}
+
+static int ev_init(void)
+{
+  FD_ZERO(&sel_rd);
+  FD_ZERO(&sel_wr);
+  dlist_init(&flush_list);
+  if(opt_flags & OPT_SELECT)
+    {
+      ev_backend = EVB_SELECT;
+      return 0;
+    }
+#if defined(HAVE_EPOLL)
+  if((ev_fd = epoll_create1(EPOLL_CLOEXEC)) < 0)
+    {
+      log_err("could not create epoll fd: %s", strerror(errno));
+      return -1;
+    }
+  ev_backend = EVB_EPOLL;
+#elif defined(HAVE_KQUEUE)
+  if((ev_fd = kqueue()) < 0)
+    {
+      log_err("could not create kqueue: %s", strerror(errno));
+      return -1;
+    }
+  ev_backend = EVB_KQUEUE;
+#endif
+  return 0;
+}
+
+#define EV_BATCH 1024
+
+/*
+ * Wait for events for at most timeout_ms (-1: forever) and dispatch them.
+ * Objects torn down while dispatching are only marked; their memory is
+ * freed after the batch, so later events in the batch see fd == -1.
+ */
+static int ev_poll(int timeout_ms)
+{
+  int i, n;
+
+  switch(ev_backend)
+    {
+#ifdef HAVE_EPOLL
+    case EVB_EPOLL:
+      {
+	static struct epoll_event evs[EV_BATCH];
+	if((n = epoll_wait(ev_fd, evs, EV_BATCH, timeout_ms)) < 0)
+	  return errno == EINTR ? 0 : -1;
+	for(i=0; i<n; i++)
+	  {
+	    uint32_t e = evs[i].events;
+	    int err = (e & (EPOLLERR | EPOLLHUP)) != 0;
+	    ev_dispatch(evs[i].data.ptr, (e & EPOLLIN) || err,
+			(e & EPOLLOUT) || err);
+	  }
+	return 0;
+      }
+#endif
+#ifdef HAVE_KQUEUE
+    case EVB_KQUEUE:
+      {
+	static struct kevent evs[EV_BATCH];
+	struct timespec ts, *tsp = NULL;
+	if(timeout_ms >= 0)
+	  {
+	    ts.tv_sec = timeout_ms / 1000;
+	    ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
+	    tsp = &ts;
+	  }
+	if((n = kevent(ev_fd, NULL, 0, evs, EV_BATCH, tsp)) < 0)
+	  return errno == EINTR ? 0 : -1;
+	for(i=0; i<n; i++)
+	  ev_dispatch(evs[i].udata, evs[i].filter == EVFILT_READ,
+		      evs[i].filter == EVFILT_WRITE);
+	return 0;
+      }
+#endif
+    default:
+      {
+	static fdev_t *ready[FD_SETSIZE];
+	static uint8_t rflag[FD_SETSIZE], wflag[FD_SETSIZE];
+	struct timeval tv, *tvp = NULL;
+	fd_set rfds = sel_rd, wfds = sel_wr;
+	int fd, cnt = 0;
+	if(timeout_ms >= 0)
+	  {
+	    tv.tv_sec = timeout_ms / 1000;
+	    tv.tv_usec = (timeout_ms % 1000) * 1000;
+	    tvp = &tv;
+	  }
+	if((n = select(sel_maxfd + 1, &rfds, &wfds, NULL, tvp)) < 0)
+	  return errno == EINTR ? 0 : -1;
+	for(fd=0; fd <= sel_maxfd && cnt < n; fd++)
+	  {
+	    int r = FD_ISSET(fd, &rfds), w = FD_ISSET(fd, &wfds);
+	    if((r || w) && sel_fdevs[fd] != NULL)
+	      {
+		ready[cnt] = sel_fdevs[fd];
+		rflag[cnt] = r ? 1 : 0;
+		wflag[cnt] = w ? 1 : 0;
+		cnt++;
+	      }
+	  }
+	for(i=0; i<cnt; i++)
+	  ev_dispatch(ready[i], rflag[i], wflag[i]);
+	return 0;
+      }
+    }
+}
+
+/* ---------------------------------------------------------------------
+ * Timer wheel
+ *
+ * One-second ticks counted on the monotonic clock from startup.  A timer
+ * sits in slot (expire % TW_SLOTS); advancing one tick visits one slot
+ * and fires only the timers whose expiry has come, so a tick costs time
+ * proportional to the due timers (plus long timers passing through), never
+ * to the number of sessions.  Arm and cancel are O(1).
+ * --------------------------------------------------------------------- */
+
+#define TW_SLOTS 1024
+
+static dlist_t        tw_slot[TW_SLOTS];
+static uint64_t       tw_tick = 0;       /* the current tick */
+static size_t         tw_count = 0;
+static struct timeval tw_epoch;          /* monotonic time of tick 0 */
+
+static void tw_init(void)
+{
+  int i;
+  for(i=0; i<TW_SLOTS; i++)
+    dlist_init(&tw_slot[i]);
+  time_mono(&tw_epoch);
+  tw_tick = 0;
+  return;
+}
+
+static void tw_timer_init(tw_timer_t *t, void (*fn)(tw_timer_t *))
+{
+  dlist_node_init(&t->node);
+  t->slot = NULL;
+  t->expire = 0;
+  t->fn = fn;
+  return;
+}
+
+static void tw_cancel(tw_timer_t *t)
+{
+  if(t->slot == NULL)
+    return;
+  dlist_remove(t->slot, &t->node);
+  t->slot = NULL;
+  tw_count--;
+  return;
+}
+
+/* fire t at tick `expire` (or the next tick if that has passed) */
+static void tw_arm_at(tw_timer_t *t, uint64_t expire)
+{
+  tw_cancel(t);
+  if(expire <= tw_tick)
+    expire = tw_tick + 1;
+  t->expire = expire;
+  t->slot = &tw_slot[expire % TW_SLOTS];
+  dlist_push_tail(t->slot, &t->node);
+  tw_count++;
+  return;
+}
+
+static void tw_arm(tw_timer_t *t, unsigned int secs)
+{
+  tw_arm_at(t, tw_tick + secs);
+  return;
+}
+
+/* the tick the monotonic clock is in now */
+static uint64_t tw_clock(void)
+{
+  struct timeval now;
+  int64_t ms;
+  time_mono(&now);
+  ms = timeval_diff_ms(&now, &tw_epoch);
+  return ms < 0 ? 0 : (uint64_t)ms / 1000;
+}
+
+/*
+ * Advance to tick `now`, firing due timers.  Due timers of a slot are
+ * moved to a private list first, so callbacks may arm or cancel any timer
+ * (including ones still waiting on the private list) safely.
+ */
+static void tw_advance(uint64_t now)
+{
+  dlist_t due;
+  dlist_node_t *n, *next;
+  tw_timer_t *t;
+  uint64_t tick, steps;
+
+  if(now <= tw_tick)
+    return;
+  steps = now - tw_tick;
+  if(steps > TW_SLOTS)
+    steps = TW_SLOTS; /* every slot visited once is enough */
+  tw_tick = now;
+  dlist_init(&due);
+  for(tick = now - steps + 1; tick <= now; tick++)
+    {
+      dlist_t *slot = &tw_slot[tick % TW_SLOTS];
+      for(n = slot->head; n != NULL; n = next)
+	{
+	  next = n->next;
+	  t = CONTAINER_OF(n, tw_timer_t, node);
+	  if(t->expire > now)
+	    continue;
+	  dlist_remove(slot, n);
+	  dlist_push_tail(&due, n);
+	  t->slot = &due;
+	}
+    }
+  while((n = dlist_pop_head(&due)) != NULL)
+    {
+      t = CONTAINER_OF(n, tw_timer_t, node);
+      t->slot = NULL;
+      tw_count--;
+      t->fn(t);
+    }
+  return;
+}
+
+/* milliseconds until the next tick boundary, or -1 when nothing is armed */
+static int tw_timeout_ms(void)
+{
+  struct timeval now;
+  int64_t ms;
+  if(tw_count == 0)
+    return -1;
+  time_mono(&now);
+  ms = (int64_t)(tw_tick + 1) * 1000 - timeval_diff_ms(&now, &tw_epoch);
+  if(ms < 0)
+    return 0;
+  return (int)(ms + 1);
+}
+
+/* ---------------------------------------------------------------------
+ * Transport (plain/TLS)
+ *
+ * vp_conn_read / vp_conn_flush hide whether a VP's connection is TLS.
+ * TLS wants (a read that needs writability, a write that needs
+ * readability) are recorded so vp_dispatch can retry the right side.
+ * --------------------------------------------------------------------- */
+
+#define CONN_AGAIN   (-2)  /* would block */
+#define CONN_ERROR   (-1)  /* I/O error or reset: the connection is lost */
+#define CONN_PROTO   (-3)  /* TLS protocol error: a protocol error */
+
+#ifdef HAVE_OPENSSL
+static SSL_CTX *tls_ctx = NULL;
+
+static const char *tls_errstr(void)
+{
+  static char buf[256];
+  unsigned long e = ERR_get_error();
+  if(e == 0)
+    return "no OpenSSL error";
+  ERR_error_string_n(e, buf, sizeof(buf));
+  ERR_clear_error();
+  return buf;
+}
+#endif
+
+/* read into buf; > 0 bytes, 0 EOF, or one of the CONN_ codes */
+static ssize_t vp_conn_read(vp_t *vp, uint8_t *buf, size_t len)
+{
+  ssize_t n;
+#ifdef HAVE_OPENSSL
+  if(vp->ssl != NULL)
+    {
+      int rc, err;
+      vp->tls_rd_want_wr = 0;
+      ERR_clear_error();
+      if((rc = SSL_read(vp->ssl, buf, len > INT_MAX ? INT_MAX : (int)len)) > 0)
+	return rc;
+      err = SSL_get_error(vp->ssl, rc);
+      switch(err)
+	{
+	case SSL_ERROR_WANT_READ:
+	  return CONN_AGAIN;
+	case SSL_ERROR_WANT_WRITE:
+	  vp->tls_rd_want_wr = 1;
+	  ev_want_write(&vp->ev, 1);
+	  return CONN_AGAIN;
+	case SSL_ERROR_ZERO_RETURN:
+	  return 0;
+	case SSL_ERROR_SYSCALL:
+	  if(errno == EAGAIN || errno == EINTR)
+	    return CONN_AGAIN;
+	  return errno == 0 ? 0 : CONN_ERROR;
+	default:
+	  log_dbg("%s: TLS read: %s", vp->peer, tls_errstr());
+	  return CONN_PROTO;
+	}
+    }
+#endif
+  if((n = read(vp->ev.fd, buf, len)) < 0)
+    {
+      if(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+	return CONN_AGAIN;
+      return CONN_ERROR;
+    }
+  return n;
+}
+
+/*
+ * Write as much of vp->out as the connection takes.  Returns 0 (drained
+ * or would block) or a CONN_ error code.
+ */
+static int vp_conn_write(vp_t *vp)
+{
+#ifdef HAVE_OPENSSL
+  if(vp->ssl != NULL)
+    {
+      chunk_t *c;
+      int rc, err;
+      vp->tls_wr_want_rd = 0;
+      while((c = vp->out.first) != NULL)
+	{
+	  ERR_clear_error();
+	  rc = SSL_write(vp->ssl, c->data + c->head, (int)(c->tail - c->head));
+	  if(rc > 0)
+	    {
+	      buf_drop(&vp->out, (size_t)rc);
+	      continue;
+	    }
+	  err = SSL_get_error(vp->ssl, rc);
+	  if(err == SSL_ERROR_WANT_WRITE)
+	    return 0;
+	  if(err == SSL_ERROR_WANT_READ)
+	    {
+	      vp->tls_wr_want_rd = 1;
+	      return 0;
+	    }
+	  if(err == SSL_ERROR_SYSCALL)
+	    return CONN_ERROR;
+	  log_dbg("%s: TLS write: %s", vp->peer, tls_errstr());
+	  return CONN_PROTO;
+	}
+      return 0;
+    }
+#endif
+  return buf_writev(&vp->out, vp->ev.fd) == 0 ? 0 : CONN_ERROR;
+}
+
+/* close the connection of a VP (not the VP): fd, TLS state, output */
+static void vp_conn_close(vp_t *vp)
+{
+#ifdef HAVE_OPENSSL
+  if(vp->ssl != NULL)
+    {
+      SSL_free(vp->ssl);
+      vp->ssl = NULL;
+    }
+  vp->tls_accepting = 0;
+  vp->tls_rd_want_wr = 0;
+  vp->tls_wr_want_rd = 0;
+#endif
+  ev_close(&vp->ev);
+  buf_clear(&vp->out);
+  return;
+}
+
+/* ---------------------------------------------------------------------
+ * Remote protocol (PROTOCOL.md 2)
+ *
+ * Owns vp_t: accept, the frame parser, control message handlers, the
+ * reliable/unreliable send paths, resumption, zombies and the VP state
+ * machine.  vp_set_state() is the only place a VP changes state;
+ * vp_close() is the only teardown.
+ * --------------------------------------------------------------------- */
+
+static void vp_close(vp_t *vp, const char *why);
+static void mux_announce_vp(vp_t *vp, uint64_t after_gen);
+static void mux_depart_vp(vp_t *vp);
+static int  vp_lev_open(vp_t *vp);
+static void vp_lev_close(vp_t *vp);
+static void chan_vp_gone(chan_t *c);
+static void chan_on_data(chan_t *c, const uint8_t *data, size_t len);
+static void chan_on_fin(chan_t *c);
+#ifdef HAVE_OPENSSL
+static int  tls_check_name(vp_t *vp);
+#endif
+
+static int vp_id_cmp(const void *a, const void *b)
+{
+  const vp_t *x = a, *y = b;
+  if(x->id < y->id) return -1;
+  if(x->id > y->id) return 1;
+  return 0;
+}
+
+/* magic ordered by length, then bytes (PROTOCOL.md 9.1) */
+static int vp_magic_cmp(const void *a, const void *b)
+{
+  const vp_t *x = a, *y = b;
+  if(x->magic_len != y->magic_len)
+    return x->magic_len < y->magic_len ? -1 : 1;
+  return memcmp(x->magic, y->magic, x->magic_len);
+}
+
+static int chan_vp_cmp(const void *a, const void *b)
+{
+  const chan_t *x = a, *y = b;
+  if(x->id < y->id) return -1;
+  if(x->id > y->id) return 1;
+  return 0;
+}
+
+static vp_t *vp_find_id(uint32_t id)
+{
+  vp_t key;
+  key.id = id;
+  return splaytree_find(&vp_by_id, &key);
+}
+
+static vp_t *vp_find_magic(const uint8_t *magic, uint8_t len)
+{
+  vp_t key;
+  key.magic = (uint8_t *)magic;
+  key.magic_len = len;
+  return splaytree_find(&vp_by_magic, &key);
+}
+
+static chan_t *vp_chan_find(vp_t *vp, uint32_t id)
+{
+  chan_t key;
+  key.id = id;
+  return splaytree_find(&vp->chans, &key);
+}
+
+/* "len:" and the first 8 magic bytes in hex, for debug lines */
+static const char *magic_str(const uint8_t *m, uint8_t len, char *buf,
+			     size_t sz)
+{
+  size_t off;
+  int i;
+  off = (size_t)snprintf(buf, sz, "%u:", len);
+  for(i=0; i<len && i<8 && off + 3 < sz; i++)
+    off += (size_t)snprintf(buf + off, sz - off, "%02x", m[i]);
+  if(len > 8 && off + 4 < sz)
+    snprintf(buf + off, sz - off, "...");
+  return buf;
+}
+
+static const char *vp_state_str(vpstate_t st)
+{
+  switch(st)
+    {
+    case VP_HANDSHAKE: return "handshake";
+    case VP_GO:        return "go";
+    case VP_ZOMBIE:    return "zombie";
+    case VP_FLUSH:     return "flush";
+    }
+  return "?";
+}
+
+/* ---- send paths ---- */
+
+static void rp_hdr(uint8_t *h, uint32_t seq, uint32_t chan, uint16_t len)
+{
+  bytes_htonl(h, seq);
+  bytes_htonl(h + 4, chan);
+  bytes_htons(h + 8, len);
+  return;
+}
+
+/*
+ * Queue an unreliable or handshake frame (ACK, KEEPALIVE, MASTER_*) on the
+ * current connection.  Dropped when there is no connection: unreliable
+ * messages are never kept (PROTOCOL.md 2.3 rule 5).
+ */
+static void vp_send_raw(vp_t *vp, uint32_t seq, const uint8_t *body,
+			uint16_t len)
+{
+  uint8_t frame[RP_HDRLEN + 2 + INET6_ADDRSTRLEN + 8];
+  assert(len <= sizeof(frame) - RP_HDRLEN);
+  if(vp->ev.fd < 0)
+    return;
+  rp_hdr(frame, seq, 0, len);
+  memcpy(frame + RP_HDRLEN, body, len);
+  if(buf_append(&vp->out, frame, RP_HDRLEN + (size_t)len) != 0)
+    {
+      log_err("%s: out of memory", vp->peer);
+      return;
+    }
+  out_queue(&vp->ev);
+  return;
+}
+
+static void vp_send_ack(vp_t *vp, uint32_t seq)
+{
+  uint8_t body[5];
+  if(vp->state != VP_GO)
+    return;
+  body[0] = RP_ACK;
+  bytes_htonl(body + 1, seq);
+  vp_send_raw(vp, vp->snd_nxt, body, sizeof(body));
+  vp->last_tx = tw_tick;
+  return;
+}
+
+static void vp_send_keepalive(vp_t *vp)
+{
+  uint8_t body[1] = {RP_KEEPALIVE};
+  if(vp->state != VP_GO)
+    return;
+  vp_send_raw(vp, vp->snd_nxt, body, 1);
+  vp->last_tx = tw_tick;
+  return;
+}
+
+/*
+ * Send a reliable frame: number it with snd_nxt, keep a copy in the
+ * unacked queue until ACKed (it is replayed on resume), and put it on the
+ * wire if the VP is connected.  pre (may be NULL) and data are sent as
+ * one body of prelen + len <= 65535 bytes.  Returns 0, or -1 if memory ran
+ * out: a half-queued frame would corrupt the stream, so the VP is closed
+ * then and the caller must not use it further.
+ */
+static int vp_send_reliable(vp_t *vp, uint32_t chan, const uint8_t *pre,
+			    size_t prelen, const uint8_t *data, size_t len)
+{
+  uint8_t hdr[RP_HDRLEN + 8];
+  size_t hlen = RP_HDRLEN + prelen;
+
+  assert(prelen <= 8 && prelen + len <= RP_MAXBODY);
+  rp_hdr(hdr, vp->snd_nxt, chan, (uint16_t)(prelen + len));
+  if(prelen > 0)
+    memcpy(hdr + RP_HDRLEN, pre, prelen);
+
+  if(buf_append(&vp->unacked, hdr, hlen) != 0 ||
+     (len > 0 && buf_append(&vp->unacked, data, len) != 0))
+    goto nomem;
+  if(vp->state == VP_GO && vp->ev.fd >= 0)
+    {
+      if(buf_append(&vp->out, hdr, hlen) != 0 ||
+	 (len > 0 && buf_append(&vp->out, data, len) != 0))
+	goto nomem;
+      out_queue(&vp->ev);
+      vp->last_tx = tw_tick;
+    }
+  vp->snd_nxt++;
+  return 0;
+
+ nomem:
+  log_err("%s: out of memory queueing a frame", vp->peer);
+  vp_close(vp, "out of memory");
+  return -1;
+}
+
+static int vp_send_chan_ctl(vp_t *vp, uint8_t type, uint32_t chan)
+{
+  uint8_t body[5];
+  body[0] = type;
+  bytes_htonl(body + 1, chan);
+  return vp_send_reliable(vp, 0, body, sizeof(body), NULL, 0);
+}
+
+/* send channel data, split into frames of at most 65535 bytes */
+static int vp_send_data(vp_t *vp, uint32_t chan, const uint8_t *data,
+			size_t len)
+{
+  size_t n;
+  while(len > 0)
+    {
+      n = len > RP_MAXBODY ? RP_MAXBODY : len;
+      if(vp_send_reliable(vp, chan, NULL, 0, data, n) != 0)
+	return -1;
+      data += n;
+      len -= n;
+    }
+  return 0;
+}
+
+/* ---- lifecycle ---- */
+
+static void vp_timer_rx(tw_timer_t *t);
+static void vp_timer_ka(tw_timer_t *t);
+
+static vp_t *vp_alloc(int fd, const struct sockaddr *sa)
+{
+  vp_t *vp;
+  int port;
+
+  if((vp = calloc(1, sizeof(vp_t))) == NULL)
+    return NULL;
+  fdev_init(&vp->ev, fd, FD_VP, vp);
+  fdev_init(&vp->lev, -1, FD_VP_LISTEN, vp);
+  vp->state = VP_HANDSHAKE;
+  vp->family = sa->sa_family;
+  if(sockaddr_tostr(sa, vp->addr, sizeof(vp->addr)) == NULL)
+    snprintf(vp->addr, sizeof(vp->addr), "?");
+  port = sockaddr_port(sa);
+  snprintf(vp->peer, sizeof(vp->peer), "%s%c%d", vp->addr,
+	   sa->sa_family == AF_INET6 ? '.' : ':', port);
+  vp->chan_next = 1;
+  splaytree_init(&vp->chans, chan_vp_cmp, offsetof(chan_t, vp_node));
+  tw_timer_init(&vp->rx_timer, vp_timer_rx);
+  tw_timer_init(&vp->ka_timer, vp_timer_ka);
+  dlist_node_init(&vp->list_node);
+  vp->last_rx = vp->last_tx = tw_tick;
+  return vp;
+}
+
+static void vp_free(vp_t *vp)
+{
+  free(vp->rx.part);
+  free(vp->magic);
+  free(vp->name);
+  free(vp->sockpath);
+  free(vp);
+  return;
+}
+
+static void rp_rx_reset(rp_rx_t *rx)
+{
+  free(rx->part);
+  rx->part = NULL;
+  rx->have = 0;
+  rx->checked = 0;
+  return;
+}
+
+/* drop everything tied to the current connection; the session remains */
+static void vp_conn_drop(vp_t *vp)
+{
+  vp_conn_close(vp);
+  rp_rx_reset(&vp->rx);
+  vp->rd_blocked = 0;
+  vp_lev_close(vp);
+  tw_cancel(&vp->ka_timer);
+  return;
+}
+
+/*
+ * The one teardown of a VP (FREED).  Announces the departure to mux
+ * clients if it ever reached GO, closes its -U clients, drops its mux
+ * channels silently and its unacked queue.  Memory is freed at the end
+ * of the loop iteration.
+ */
+static void vp_close(vp_t *vp, const char *why)
+{
+  chan_t *c;
+
+  if(vp->dead)
+    return;
+  vp->dead = 1;
+  if(vp->id != 0)
+    log_dbg("%s: vp %u %s: closing: %s", vp->peer, vp->id,
+	    vp->name != NULL ? vp->name : "", why);
+  else
+    log_dbg("%s: closing: %s", vp->peer, why);
+
+  if(vp->id != 0)
+    mux_depart_vp(vp);
+  vp_conn_drop(vp);
+  tw_cancel(&vp->rx_timer);
+  while((c = splaytree_pop_min(&vp->chans)) != NULL)
+    chan_vp_gone(c);
+  if(vp->in_id_tree)
+    splaytree_remove(&vp_by_id, vp);
+  if(vp->in_magic_tree)
+    splaytree_remove(&vp_by_magic, vp);
+  vp->in_id_tree = vp->in_magic_tree = 0;
+  dlist_remove(&vp_list, &vp->list_node);
+  buf_clear(&vp->unacked);
+  slist_push_tail(&gc_vps, &vp->gc_node);
+  return;
+}
+
+/*
+ * The VP state machine.  Entry work for each state:
+ *  GO      create the -U socket (failure: -1, state unchanged), arm the
+ *          rx_abort and keepalive timers; from HANDSHAKE assign the VP id,
+ *          send MASTER_ID and announce to mux clients; from ZOMBIE or GO
+ *          (resume) send MASTER_OK and replay the unacked queue, and
+ *          announce to mux clients that connected while it was a zombie.
+ *  ZOMBIE  close the connection and -U socket, keep channels, clients
+ *          and the unacked queue, arm the -Z deadline.
+ *  FLUSH   stop reading; close once MASTER_REJ has been written.
+ */
+static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
+{
+  vpstate_t old = vp->state;
+  uint8_t body[8];
+
+  switch(st)
+    {
+    case VP_GO:
+      if(vp_lev_open(vp) != 0)
+	return -1;
+      vp->state = VP_GO;
+      vp->last_rx = vp->last_tx = tw_tick;
+      tw_arm(&vp->rx_timer, TIMEOUT_RX_ABORT);
+      tw_arm(&vp->ka_timer, TIMEOUT_KEEPALIVE);
+      if(old == VP_HANDSHAKE)
+	{
+	  size_t idlen = strlen(vp->peer) + 1;
+	  uint8_t idb[2 + sizeof(vp->peer)];
+	  do
+	    vp->id = vp_id_next++;
+	  while(vp->id == 0 || vp_find_id(vp->id) != NULL);
+	  splaytree_insert(&vp_by_id, vp);
+	  vp->in_id_tree = 1;
+	  time_wall(&vp->arrival);
+	  idb[0] = RP_MASTER_ID;
+	  idb[1] = (uint8_t)idlen;
+	  memcpy(idb + 2, vp->peer, idlen);
+	  vp_send_raw(vp, vp->snd_nxt, idb, (uint16_t)(2 + idlen));
+	  log_dbg("%s: vp %u %s: new session (%s)", vp->peer, vp->id,
+		  vp->name != NULL ? vp->name : "", why);
+	  mux_announce_vp(vp, 0);
+	}
+      else
+	{
+	  body[0] = RP_MASTER_OK;
+	  bytes_htonl(body + 1, vp->rcv_nxt);
+	  vp_send_raw(vp, 0, body, 5);
+	  if(buf_append_buf(&vp->out, &vp->unacked, 0) != 0)
+	    log_err("%s: out of memory replaying", vp->peer);
+	  out_queue(&vp->ev);
+	  log_dbg("%s: vp %u %s: resumed (%s), replaying %u frames",
+		  vp->peer, vp->id, vp->name != NULL ? vp->name : "", why,
+		  vp->snd_nxt - vp->snd_una);
+	  if(old == VP_ZOMBIE)
+	    mux_announce_vp(vp, vp->zombie_gen);
+	}
+      return 0;
+
+    case VP_ZOMBIE:
+      vp_conn_drop(vp);
+      vp->state = VP_ZOMBIE;
+      vp->zombie_gen = mc_gen;
+      tw_arm(&vp->rx_timer, (unsigned int)opt_zombie);
+      log_dbg("%s: vp %u %s: zombie for %lds: %s", vp->peer, vp->id,
+	      vp->name != NULL ? vp->name : "", opt_zombie, why);
+      return 0;
+
+    case VP_FLUSH:
+      vp->state = VP_FLUSH;
+      vp->rd_blocked = 1;
+      ev_want_read(&vp->ev, 0);
+      log_dbg("%s: %s", vp->peer, why);
+      return 0;
+
+    case VP_HANDSHAKE:
+      break;
+    }
+  log_err("%s: bad transition %s -> %s", vp->peer, vp_state_str(old),
+	  vp_state_str(st));
+  return -1;
+}
+
+/*
+ * The connection failed (EOF, I/O error, rx_abort): a named session
+ * becomes a zombie when -Z > 0; anything else is freed.
+ */
+static void vp_lost(vp_t *vp, const char *why)
+{
+  if(vp->state == VP_GO && opt_zombie > 0)
+    vp_set_state(vp, VP_ZOMBIE, why);
+  else
+    vp_close(vp, why);
+  return;
+}
+
+/* a protocol violation: freed at once, never a zombie */
+static int vp_proto_error(vp_t *vp, const char *why)
+{
+  vp_close(vp, why);
+  return -1;
+}
+
+/* answer a MASTER_RES with MASTER_REJ, then close once it is written */
+static int vp_reject(vp_t *vp, const char *why)
+{
+  uint8_t body[1] = {RP_MASTER_REJ};
+  vp_send_raw(vp, vp->snd_nxt, body, 1);
+  vp_set_state(vp, VP_FLUSH, why);
+  return -1;
+}
+
+static void vp_timer_rx(tw_timer_t *t)
+{
+  vp_t *vp = CONTAINER_OF(t, vp_t, rx_timer);
+  switch(vp->state)
+    {
+    case VP_HANDSHAKE:
+    case VP_FLUSH:
+      vp_close(vp, "accept timeout");
+      break;
+    case VP_GO:
+      if(tw_tick >= vp->last_rx + TIMEOUT_RX_ABORT)
+	vp_lost(vp, "rx_abort: nothing received for 60s");
+      else
+	tw_arm_at(t, vp->last_rx + TIMEOUT_RX_ABORT);
+      break;
+    case VP_ZOMBIE:
+      vp_close(vp, "zombie expired");
+      break;
+    }
+  return;
+}
+
+static void vp_timer_ka(tw_timer_t *t)
+{
+  vp_t *vp = CONTAINER_OF(t, vp_t, ka_timer);
+  if(vp->state != VP_GO)
+    return;
+  if(tw_tick >= vp->last_tx + TIMEOUT_KEEPALIVE)
+    vp_send_keepalive(vp);
+  tw_arm_at(t, vp->last_tx + TIMEOUT_KEEPALIVE);
+  return;
+}
+
+/* ---- control message handlers ---- */
+
+/* a monitor name byte: ASCII alphanumeric, '.' or '-' */
+static int rp_name_char_ok(uint8_t c)
+{
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') ||
+    (c >= 'A' && c <= 'Z') || c == '.' || c == '-';
+}
+
+/*
+ * Parse a MASTER_NEW body (after the type byte).  On success sets *magic,
+ * *magic_len and *name (NULL when no name; points into body otherwise,
+ * NUL-terminated there) and returns 0; -1 when malformed.
+ */
+static int rp_parse_master_new(const uint8_t *b, size_t len,
+			       const uint8_t **magic, uint8_t *magic_len,
+			       const char **name)
+{
+  size_t ml, nl, i;
+
+  *name = NULL;
+  if(len < 1 || (ml = b[0]) == 0 || len < 1 + ml)
+    return -1;
+  *magic = b + 1;
+  *magic_len = (uint8_t)ml;
+  if(len == 1 + ml || (nl = b[1 + ml]) == 0)
+    return 0;
+  if(len < 2 + ml + nl || b[1 + ml + nl] != '\0')
+    return -1;
+  for(i=0; i < nl - 1; i++)
+    if(rp_name_char_ok(b[2 + ml + i]) == 0)
+      return -1;
+  *name = (const char *)(b + 2 + ml);
+  return 0;
+}
+
+/* parse a MASTER_RES body: magic, then rcv_nxt, snd_una, snd_nxt */
+static int rp_parse_master_res(const uint8_t *b, size_t len,
+			       const uint8_t **magic, uint8_t *magic_len,
+			       uint32_t seqs[3])
+{
+  size_t ml;
+  if(len < 1 || (ml = b[0]) == 0 || len < 1 + ml + 12)
+    return -1;
+  *magic = b + 1;
+  *magic_len = (uint8_t)ml;
+  seqs[0] = bytes_ntohl(b + 1 + ml);
+  seqs[1] = bytes_ntohl(b + 5 + ml);
+  seqs[2] = bytes_ntohl(b + 9 + ml);
+  return 0;
+}
+
+static int vp_handle_master_new(vp_t *vp, const uint8_t *b, size_t len)
+{
+  const uint8_t *magic;
+  const char *name;
+  uint8_t ml;
+  char ms[32];
+
+  if(rp_parse_master_new(b, len, &magic, &ml, &name) != 0)
+    return vp_proto_error(vp, "malformed MASTER_NEW");
+  if((vp->magic = malloc(ml)) == NULL ||
+     (name != NULL && (vp->name = strdup(name)) == NULL))
+    return vp_proto_error(vp, "out of memory");
+  memcpy(vp->magic, magic, ml);
+  vp->magic_len = ml;
+#ifdef HAVE_OPENSSL
+  if(tls_check_name(vp) != 0)
+    return -1;
+#endif
+  if(splaytree_insert(&vp_by_magic, vp) != 0)
+    {
+      log_dbg("%s: duplicate magic %s", vp->peer,
+	      magic_str(magic, ml, ms, sizeof(ms)));
+      return vp_proto_error(vp, "duplicate magic in MASTER_NEW");
+    }
+  vp->in_magic_tree = 1;
+  log_dbg("%s: MASTER_NEW magic %s name %s", vp->peer,
+	  magic_str(magic, ml, ms, sizeof(ms)),
+	  vp->name != NULL ? vp->name : "(none)");
+  if(vp_set_state(vp, VP_GO, "MASTER_NEW") != 0)
+    return vp_proto_error(vp, "could not create the unix socket");
+  return 0;
+}
+
+/*
+ * MASTER_RES on a fresh connection t (PROTOCOL.md 2.6).  On acceptance the
+ * connection moves into the session m and t is freed; returns 1 then, so
+ * the caller hands the rest of its input to m.
+ */
+static int vp_handle_master_res(vp_t *t, const uint8_t *b, size_t len,
+				vp_t **moved)
+{
+  const uint8_t *magic;
+  uint32_t s[3], k;
+  uint8_t ml;
+  vp_t *m;
+  char ms[32];
+
+  if(rp_parse_master_res(b, len, &magic, &ml, s) != 0)
+    return vp_proto_error(t, "malformed MASTER_RES");
+  magic_str(magic, ml, ms, sizeof(ms));
+  if((m = vp_find_magic(magic, ml)) == NULL || m->dead)
+    return vp_reject(t, "MASTER_RES: unknown magic, rejected");
+  if(serial_cmp(s[0], m->snd_una) < 0 || serial_cmp(s[0], m->snd_nxt) > 0)
+    {
+      log_dbg("%s: resume of vp %u: rcv_nxt %u outside %u..%u", t->peer,
+	      m->id, s[0], m->snd_una, m->snd_nxt);
+      return vp_reject(t, "MASTER_RES: inconsistent rcv_nxt, rejected");
+    }
+  if(serial_cmp(s[1], m->rcv_nxt) > 0 || serial_cmp(m->rcv_nxt, s[2]) > 0)
+    {
+      log_dbg("%s: resume of vp %u: our rcv_nxt %u outside %u..%u",
+	      t->peer, m->id, m->rcv_nxt, s[1], s[2]);
+      return vp_reject(t, "MASTER_RES: inconsistent snd_una/snd_nxt, "
+		       "rejected");
+    }
+
+  /* scamper already has every frame before its rcv_nxt */
+  for(k = s[0] - m->snd_una; k > 0; k--)
+    {
+      uint8_t h[RP_HDRLEN];
+      buf_peek(&m->unacked, 0, h, RP_HDRLEN);
+      buf_drop(&m->unacked, RP_HDRLEN + (size_t)bytes_ntohs(h + 8));
+    }
+  m->snd_una = s[0];
+
+  if(m->state == VP_GO)
+    log_dbg("%s: vp %u: taken over by %s", m->peer, m->id, t->peer);
+  vp_conn_drop(m);
+  if(ev_move(&t->ev, &m->ev) != 0)
+    {
+      vp_close(t, "could not register the resumed connection");
+      vp_lost(m, "could not register the resumed connection");
+      return -1;
+    }
+#ifdef HAVE_OPENSSL
+  m->ssl = t->ssl;
+  t->ssl = NULL;
+#endif
+  m->family = t->family;
+  memcpy(m->addr, t->addr, sizeof(m->addr));
+  memcpy(m->peer, t->peer, sizeof(m->peer));
+  vp_close(t, "connection merged into a resumed session");
+  if(vp_set_state(m, VP_GO, "MASTER_RES") != 0)
+    {
+      /* no -U socket: leave it for scamper to retry */
+      m->state = VP_GO;
+      vp_lost(m, "could not create the unix socket after resume");
+      return -1;
+    }
+  *moved = m;
+  return 1;
+}
+
+static int vp_handle_ack(vp_t *vp, const uint8_t *b, size_t len)
+{
+  uint8_t h[RP_HDRLEN];
+  uint32_t seq;
+
+  if(len != 4)
+    return vp_proto_error(vp, "malformed ACK");
+  seq = bytes_ntohl(b);
+  if(vp->snd_una == vp->snd_nxt)
+    return vp_proto_error(vp, "ACK with nothing outstanding");
+  if(seq != vp->snd_una)
+    {
+      log_dbg("%s: ACK %u, expected %u", vp->peer, seq, vp->snd_una);
+      return vp_proto_error(vp, "ACK for the wrong seq");
+    }
+  buf_peek(&vp->unacked, 0, h, RP_HDRLEN);
+  buf_drop(&vp->unacked, RP_HDRLEN + (size_t)bytes_ntohs(h + 8));
+  vp->snd_una++;
+  return 0;
+}
+
+static int vp_handle_fin(vp_t *vp, uint32_t seq, const uint8_t *b, size_t len)
+{
+  chan_t *c;
+  uint32_t id;
+
+  if(len != 4)
+    return vp_proto_error(vp, "malformed CHANNEL_FIN");
+  vp_send_ack(vp, seq);
+  vp->rcv_nxt++;
+  id = bytes_ntohl(b);
+  if((c = vp_chan_find(vp, id)) == NULL)
+    {
+      log_dbg("%s: FIN for unknown channel %u", vp->peer, id);
+      return 0;
+    }
+  chan_on_fin(c);
+  return 0;
+}
+
+/* ---- receive path ---- */
+
+#define RP_NOMEM (-2)
+
+typedef struct rp_cb
+{
+  /* validate a header as soon as its 10 bytes are in; non-zero stops */
+  int (*hdr)(void *arg, uint32_t seq, uint32_t chan, uint16_t len);
+  /* a complete frame; non-zero stops */
+  int (*frame)(void *arg, uint32_t seq, uint32_t chan,
+	       const uint8_t *body, uint16_t len);
+} rp_cb_t;
+
+
+/*
+ * Reassemble remote frames from a byte stream.  Complete frames in p are
+ * handed to cb->frame in place (no copy); only a trailing partial frame
+ * is copied into rx->part, sized to the frame.  Returns 0 when every byte
+ * was consumed, the non-zero value of a callback that stopped the parse
+ * (*used then says how many bytes were consumed, including the frame
+ * that stopped it), or RP_NOMEM if memory ran out.
+ */
+static int rp_rx_feed(rp_rx_t *rx, const uint8_t *p, size_t len,
+		      const rp_cb_t *cb, void *arg, size_t *used)
+{
+  const uint8_t *start = p;
+  uint32_t want, n;
+  uint16_t blen;
+  uint8_t *np;
+  int rc;
+
+  *used = 0;
+  if(rx->have > 0)
+    {
+      if(rx->have < RP_HDRLEN)
+	{
+	  n = RP_HDRLEN - rx->have;
+	  if(n > len) n = (uint32_t)len;
+	  memcpy(rx->part + rx->have, p, n);
+	  rx->have += n; p += n; len -= n;
+	  if(rx->have < RP_HDRLEN)
+	    goto done;
+	}
+      blen = bytes_ntohs(rx->part + 8);
+      if(rx->checked == 0)
+	{
+	  rx->checked = 1;
+	  if((rc = cb->hdr(arg, bytes_ntohl(rx->part),
+			   bytes_ntohl(rx->part + 4), blen)) != 0)
+	    goto stop;
+	  if(blen > 0)
+	    {
+	      if((np = realloc(rx->part, RP_HDRLEN + (size_t)blen)) == NULL)
+		return RP_NOMEM;
+	      rx->part = np;
+	    }
+	}
+      want = RP_HDRLEN + (uint32_t)blen - rx->have;
+      n = want > len ? (uint32_t)len : want;
+      memcpy(rx->part + rx->have, p, n);
+      rx->have += n; p += n; len -= n;
+      if(n < want)
+	goto done;
+      np = rx->part;
+      rx->part = NULL;
+      rx->have = 0;
+      rx->checked = 0;
+      rc = cb->frame(arg, bytes_ntohl(np), bytes_ntohl(np + 4),
+		     np + RP_HDRLEN, blen);
+      free(np);
+      if(rc != 0)
+	goto stop;
+    }
+
+  while(len >= RP_HDRLEN)
+    {
+      blen = bytes_ntohs(p + 8);
+      if((rc = cb->hdr(arg, bytes_ntohl(p), bytes_ntohl(p + 4), blen)) != 0)
+	{
+	  p += len < (size_t)RP_HDRLEN + blen ? len : RP_HDRLEN + (size_t)blen;
+	  goto stop;
+	}
+      if(len < RP_HDRLEN + (size_t)blen)
+	{
+	  if((rx->part = malloc(RP_HDRLEN + (size_t)blen)) == NULL)
+	    return RP_NOMEM;
+	  memcpy(rx->part, p, len);
+	  rx->have = (uint32_t)len;
+	  rx->checked = 1;
+	  p += len; len = 0;
+	  goto done;
+	}
+      rc = cb->frame(arg, bytes_ntohl(p), bytes_ntohl(p + 4),
+		     p + RP_HDRLEN, blen);
+      p += RP_HDRLEN + (size_t)blen;
+      len -= RP_HDRLEN + (size_t)blen;
+      if(rc != 0)
+	goto stop;
+    }
+  if(len > 0)
+    {
+      if((rx->part = malloc(RP_HDRLEN)) == NULL)
+	return RP_NOMEM;
+      memcpy(rx->part, p, len);
+      rx->have = (uint32_t)len;
+      rx->checked = 0;
+      p += len;
+    }
+
+ done:
+  *used = (size_t)(p - start);
+  return 0;
+
+ stop:
+  *used = (size_t)(p - start);
+  return rc;
+}
+
+/* the VP whose frames are being parsed, and where input moves on resume */
+typedef struct vp_rx_ctx
+{
+  vp_t *vp;
+  vp_t *moved;
+} vp_rx_ctx_t;
+
+static int vp_rx_hdr(void *arg, uint32_t seq, uint32_t chan, uint16_t len)
+{
+  vp_t *vp = ((vp_rx_ctx_t *)arg)->vp;
+  switch(vp->state)
+    {
+    case VP_HANDSHAKE:
+      if(seq != 0)
+	return vp_proto_error(vp, "first frame with seq != 0");
+      if(chan != 0)
+	return vp_proto_error(vp, "data frame before the handshake");
+      break;
+    case VP_GO:
+      if(seq != vp->rcv_nxt)
+	{
+	  log_dbg("%s: seq %u, expected %u", vp->peer, seq, vp->rcv_nxt);
+	  return vp_proto_error(vp, "bad sequence number");
+	}
+      break;
+    default:
+      return -1; /* not reading in other states */
+    }
+  if(chan == 0 && len == 0)
+    return vp_proto_error(vp, "control frame with no type");
+  return 0;
+}
+
+static int vp_rx_frame(void *arg, uint32_t seq, uint32_t chan,
+		       const uint8_t *body, uint16_t len)
+{
+  vp_rx_ctx_t *ctx = arg;
+  vp_t *vp = ctx->vp;
+  chan_t *c;
+
+  if(vp->state == VP_HANDSHAKE)
+    {
+      switch(body[0])
+	{
+	case RP_MASTER_NEW:
+	  return vp_handle_master_new(vp, body + 1, (size_t)len - 1);
+	case RP_MASTER_RES:
+	  return vp_handle_master_res(vp, body + 1, (size_t)len - 1,
+				      &ctx->moved);
+	}
+      return vp_proto_error(vp, "unexpected message type in handshake");
+    }
+
+  if(chan != 0)
+    {
+      vp_send_ack(vp, seq);
+      vp->rcv_nxt++;
+      if((c = vp_chan_find(vp, chan)) == NULL)
+	{
+	  log_dbg("%s: data for unknown channel %u", vp->peer, chan);
+	  return 0;
+	}
+      chan_on_data(c, body, len);
+      return 0;
+    }
+
+  switch(body[0])
+    {
+    case RP_CHANNEL_FIN:
+      return vp_handle_fin(vp, seq, body + 1, (size_t)len - 1);
+    case RP_KEEPALIVE:
+      if(len != 1)
+	return vp_proto_error(vp, "KEEPALIVE with a body");
+      return 0;
+    case RP_ACK:
+      return vp_handle_ack(vp, body + 1, (size_t)len - 1);
+    }
+  log_dbg("%s: message type %u in go mode", vp->peer, body[0]);
+  return vp_proto_error(vp, "unexpected message type");
+}
+
+static const rp_cb_t vp_rx_cb = { vp_rx_hdr, vp_rx_frame };
+
+/*
+ * Process bytes read from vp's connection.  Returns 0 if vp is still
+ * readable afterwards, -1 if it was closed, became a zombie or was
+ * merged into another session (remaining bytes then go to that one).
+ */
+static int vp_input(vp_t *vp, const uint8_t *p, size_t len)
+{
+  vp_rx_ctx_t ctx;
+  size_t used;
+  int rc;
+
+  ctx.vp = vp;
+  ctx.moved = NULL;
+  if((rc = rp_rx_feed(&vp->rx, p, len, &vp_rx_cb, &ctx, &used)) == 0)
+    return 0;
+  if(rc == RP_NOMEM)
+    vp_close(vp, "out of memory reassembling a frame");
+  else if(rc == 1 && ctx.moved != NULL && used < len)
+    vp_input(ctx.moved, p + used, len - used);
+  return -1;
+}
+
+static void vp_read(vp_t *vp)
+{
+  ssize_t n;
+  int budget = 8;
+
+  for(;;)
+    {
+#ifdef HAVE_OPENSSL
+      if(budget <= 0 && (vp->ssl == NULL || SSL_pending(vp->ssl) <= 0))
+	return;
+#else
+      if(budget <= 0)
+	return;
+#endif
+      budget--;
+      n = vp_conn_read(vp, scratch, SCRATCH_SIZE);
+      if(n == CONN_AGAIN)
+	return;
+      if(n == 0)
+	{
+	  vp_lost(vp, "connection closed by peer");
+	  return;
+	}
+      if(n == CONN_PROTO)
+	{
+	  vp_close(vp, "TLS error");
+	  return;
+	}
+      if(n < 0)
+	{
+	  vp_lost(vp, "read error");
+	  return;
+	}
+      if(vp->state != VP_HANDSHAKE)
+	vp->last_rx = tw_tick;
+      if(vp_input(vp, scratch, (size_t)n) != 0)
+	return;
+      if(vp->dead || vp->ev.fd < 0 || vp->rd_blocked)
+	return;
+#ifdef HAVE_OPENSSL
+      if(vp->ssl == NULL && (size_t)n < SCRATCH_SIZE)
+	return;
+#else
+      if((size_t)n < SCRATCH_SIZE)
+	return;
+#endif
+    }
+}
+
+/* write queued output; closes a FLUSH session once MASTER_REJ is out */
+static void vp_flush(vp_t *vp)
+{
+  int rc;
+  if(vp->dead || vp->ev.fd < 0)
+    return;
+#ifdef HAVE_OPENSSL
+  if(vp->tls_accepting)
+    return;
+#endif
+  if((rc = vp_conn_write(vp)) != 0)
+    {
+      if(rc == CONN_PROTO)
+	vp_close(vp, "TLS error on write");
+      else
+	vp_lost(vp, "write error");
+      return;
+    }
+  if(buf_len(&vp->out) == 0)
+    {
+      if(vp->state == VP_FLUSH)
+	{
+	  vp_close(vp, "MASTER_REJ sent");
+	  return;
+	}
+#ifdef HAVE_OPENSSL
+      ev_want_write(&vp->ev, vp->tls_rd_want_wr);
+#else
+      ev_want_write(&vp->ev, 0);
+#endif
+      return;
+    }
+  if(ev_want_write(&vp->ev, 1) != 0)
+    vp_lost(vp, "could not watch for writability");
+  return;
+}
+
+#ifdef HAVE_OPENSSL
+static void vp_tls_accept(vp_t *vp);
+#endif
+
+static void vp_dispatch(vp_t *vp, int rd, int wr)
+{
+  if(vp->dead)
+    return;
+#ifdef HAVE_OPENSSL
+  if(vp->tls_accepting)
+    {
+      vp_tls_accept(vp);
+      return;
+    }
+  if(wr && vp->tls_rd_want_wr)
+    rd = 1;
+  if(rd && vp->tls_wr_want_rd)
+    wr = 1;
+#endif
+  if(wr)
+    {
+      vp_flush(vp);
+      if(vp->dead || vp->ev.fd < 0)
+	return;
+    }
+  if(rd && !vp->rd_blocked)
+    vp_read(vp);
+  return;
+}
+
+/* ---- accepting scamper connections ---- */
+
+static int      accept_paused = 0;
+static tw_timer_t accept_timer;
+
+static void accept_resume(tw_timer_t *t)
+{
+  int i;
+  (void)t;
+  accept_paused = 0;
+  for(i=0; i<tcp_lev_count; i++)
+    ev_want_read(&tcp_lev[i], 1);
+  if(mux_lev.fd >= 0)
+    ev_want_read(&mux_lev, 1);
+  return;
+}
+
+/*
+ * Out of fds: stop accepting for a second (one log line) instead of
+ * spinning on a listener that stays readable.
+ */
+static void accept_pause(const char *what)
+{
+  int i;
+  if(accept_paused)
+    return;
+  accept_paused = 1;
+  log_err("%s: out of file descriptors, pausing accepts for 1s", what);
+  for(i=0; i<tcp_lev_count; i++)
+    ev_want_read(&tcp_lev[i], 0);
+  if(mux_lev.fd >= 0)
+    ev_want_read(&mux_lev, 0);
+  tw_arm(&accept_timer, 1);
+  return;
+}
+
+#ifdef HAVE_OPENSSL
+static int vp_tls_start(vp_t *vp);
+#endif
+
+static void tcp_accept(fdev_t *lev)
+{
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  vp_t *vp;
+  int fd, i, on = 1;
+
+  for(i=0; i<64; i++)
+    {
+      sl = sizeof(ss);
+      if((fd = accept(lev->fd, (struct sockaddr *)&ss, &sl)) < 0)
+	{
+	  if(errno == EMFILE || errno == ENFILE)
+	    accept_pause("tcp_accept");
+	  else if(errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+		  errno != ECONNABORTED)
+	    log_err("accept failed: %s", strerror(errno));
+	  return;
+	}
+      if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
+	 (vp = vp_alloc(fd, (struct sockaddr *)&ss)) == NULL)
+	{
+	  log_err("could not take connection fd %d", fd);
+	  close(fd);
+	  continue;
+	}
+      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+      dlist_push_tail(&vp_list, &vp->list_node);
+      tw_arm(&vp->rx_timer, TIMEOUT_ACCEPT);
+      log_dbg("%s: accepted", vp->peer);
+      if(ev_set(&vp->ev, 1, 0) != 0)
+	{
+	  vp_close(vp, "could not register");
+	  continue;
+	}
+#ifdef HAVE_OPENSSL
+      if(tls_ctx != NULL && vp_tls_start(vp) != 0)
+	vp_close(vp, "could not start TLS");
+#endif
+    }
+  return;
+}
+
+/* ---------------------------------------------------------------------
+ * Channels (PROTOCOL.md 2.7)
+ *
+ * A chan_t joins a VP's remote channel to its consumer: a -U client or a
+ * mux client.  The VP's tree owns it; the consumer points at it.  A -U
+ * channel ends with its client; a mux channel record stays (after
+ * scamper's FIN, marked fin_rcvd) until its mux client or VP goes away,
+ * which is what keeps mux channel ids from being reused.
+ * --------------------------------------------------------------------- */
+
+static void uc_on_fin(uclient_t *uc);
+static void uc_close(uclient_t *uc, const char *why);
+static void mc_deliver(mclient_t *mc, uint32_t id, const uint8_t *data,
+		       size_t len);
+static void mc_send_channel_close(mclient_t *mc, uint32_t id);
+
+/*
+ * Open a channel on vp: allocate the next remote id (skipping 0 and ids
+ * in use), send CHANNEL_NEW (queued if the VP is a zombie).  Returns NULL
+ * if memory ran out (the VP may then have been closed).
+ */
+static chan_t *chan_open(vp_t *vp)
+{
+  chan_t *c;
+
+  if((c = calloc(1, sizeof(chan_t))) == NULL)
+    return NULL;
+  do
+    {
+      c->id = vp->chan_next++;
+      if(vp->chan_next == 0)
+	vp->chan_next = 1;
+    }
+  while(c->id == 0 || vp_chan_find(vp, c->id) != NULL);
+  c->vp = vp;
+  splaytree_insert(&vp->chans, c);
+  if(vp_send_chan_ctl(vp, RP_CHANNEL_NEW, c->id) != 0)
+    return NULL; /* vp_close freed the channel with the VP */
+  return c;
+}
+
+/* release a channel record: out of its VP's tree; memory freed later */
+static void chan_release(chan_t *c)
+{
+  if(c->vp != NULL)
+    splaytree_remove(&c->vp->chans, c);
+  c->vp = NULL;
+  c->uc = NULL;
+  c->mc = NULL;
+  slist_push_tail(&gc_chans, &c->gc_node);
+  return;
+}
+
+/*
+ * Tell scamper this side is done with the channel, unless a FIN already
+ * went either way.  Returns -1 if the VP was closed (out of memory).
+ */
+static int chan_send_fin(chan_t *c)
+{
+  if(c->vp == NULL || c->fin_sent || c->fin_rcvd)
+    return 0;
+  c->fin_sent = 1;
+  return vp_send_chan_ctl(c->vp, RP_CHANNEL_FIN, c->id);
+}
+
+static void chan_on_data(chan_t *c, const uint8_t *data, size_t len)
+{
+  if(c->uc != NULL)
+    {
+      uclient_t *uc = c->uc;
+      if(uc->ev.fd < 0)
+	return;
+      if(buf_append(&uc->out, data, len) != 0)
+	{
+	  uc_close(uc, "out of memory");
+	  return;
+	}
+      out_queue(&uc->ev);
+    }
+  else if(c->mc != NULL)
+    mc_deliver(c->mc, c->mc_id, data, len);
+  return;
+}
+
+/* scamper finished the channel and has already forgotten it */
+static void chan_on_fin(chan_t *c)
+{
+  c->fin_rcvd = 1;
+  if(c->uc != NULL)
+    uc_on_fin(c->uc);
+  else if(c->mc != NULL)
+    mc_send_channel_close(c->mc, c->mc_id);
+  return;
+}
+
+/*
+ * The VP is being freed: its -U clients are closed at once (unsent
+ * output discarded) and its mux channels dropped silently (PROTOCOL.md
+ * 2.9).  Called with c already out of the VP's tree.
+ */
+static void chan_vp_gone(chan_t *c)
+{
+  c->vp = NULL;
+  if(c->uc != NULL)
+    {
+      uclient_t *uc = c->uc;
+      buf_clear(&uc->out);
+      uc_close(uc, "vp freed");
+      return;
+    }
+  if(c->mc != NULL)
+    splaytree_remove(&c->mc->chans, c);
+  chan_release(c);
+  return;
+}
+
+/* ---------------------------------------------------------------------
+ * Per-VP unix sockets (PROTOCOL.md 4)
+ *
+ * A listener exists while its VP is in GO.  Each accepted client owns
+ * exactly one channel; uc_close() is its one teardown and decides, from
+ * the channel's FIN flags, whether scamper must be told.
+ * --------------------------------------------------------------------- */
+
+static mode_t unix_mode(void)
+{
+  mode_t mode = 0700;
+  if(opt_flags & OPT_ALLOWGROUP) mode |= 0070;
+  if(opt_flags & OPT_ALLOWOTHER) mode |= 0007;
+  return mode;
+}
+
+/*
+ * Create a listening unix socket at path with the configured mode.  The
+ * umask is set so the socket never exists with wider permissions, and
+ * the chmod makes the mode exact.  Returns the fd or -1 (errno set,
+ * error logged).
+ */
+static int unix_listen(const char *path)
+{
+  struct sockaddr_un sn;
+  mode_t mode = unix_mode(), old;
+  int fd, rc, err;
+
+  if(path == NULL)
+    return -1;
+  if(strlen(path) >= sizeof(sn.sun_path))
+    {
+      log_err("%s: path too long for a unix socket", path);
+      errno = ENAMETOOLONG;
+      return -1;
+    }
+  memset(&sn, 0, sizeof(sn));
+  sn.sun_family = AF_UNIX;
+  memcpy(sn.sun_path, path, strlen(path) + 1);
+  if((fd = socket(AF_UNIX, SOCK_STREAM, 0)) < 0)
+    {
+      log_err("%s: socket: %s", path, strerror(errno));
+      return -1;
+    }
+  old = umask((mode_t)(~mode & 0777));
+  rc = bind(fd, (struct sockaddr *)&sn, sizeof(sn));
+  err = errno;
+  umask(old);
+  if(rc != 0)
+    {
+      log_err("%s: bind: %s", path, strerror(err));
+      close(fd);
+      errno = err;
+      return -1;
+    }
+  if(chmod(path, mode) != 0 || listen(fd, SOMAXCONN) != 0 ||
+     fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 || !ev_fd_ok(fd))
+    {
+      err = errno;
+      log_err("%s: could not set up the socket: %s", path, strerror(err));
+      close(fd);
+      unlink(path);
+      errno = err;
+      return -1;
+    }
+  return fd;
+}
+
+/* create the VP's -U socket named after its monitor name and peer */
+static int vp_lev_open(vp_t *vp)
+{
+  size_t len;
+  char *path;
+  int fd;
+
+  if(opt_udir == NULL)
+    return 0;
+  len = strlen(opt_udir) + strlen(vp->peer) + 3 +
+    (vp->name != NULL ? strlen(vp->name) + 1 : 0);
+  if((path = malloc(len)) == NULL)
+    return -1;
+  if(vp->name != NULL)
+    snprintf(path, len, "%s/%s-%s", opt_udir, vp->name, vp->peer);
+  else
+    snprintf(path, len, "%s/%s", opt_udir, vp->peer);
+  if((fd = unix_listen(path)) < 0)
+    {
+      free(path);
+      return -1;
+    }
+  fdev_init(&vp->lev, fd, FD_VP_LISTEN, vp);
+  if(ev_set(&vp->lev, 1, 0) != 0)
+    {
+      close(fd);
+      unlink(path);
+      free(path);
+      vp->lev.fd = -1;
+      return -1;
+    }
+  vp->sockpath = path;
+  return 0;
+}
+
+static void vp_lev_close(vp_t *vp)
+{
+  if(vp->lev.fd >= 0)
+    ev_close(&vp->lev);
+  if(vp->sockpath != NULL)
+    {
+      unlink(vp->sockpath);
+      free(vp->sockpath);
+      vp->sockpath = NULL;
+    }
+  return;
+}
+
+static uclient_t *uc_alloc(vp_t *vp, int fd)
+{
+  uclient_t *uc;
+  if((uc = calloc(1, sizeof(uclient_t))) == NULL)
+    return NULL;
+  fdev_init(&uc->ev, fd, FD_UC, uc);
+  uc->vp = vp;
+  return uc;
+}
+
+/*
+ * The one teardown of a -U client.  If neither side has sent a FIN on its
+ * channel, scamper is sent one (client EOF, read or write error); the
+ * channel record is then released.
+ */
+static void uc_close(uclient_t *uc, const char *why)
+{
+  chan_t *c;
+  if(uc->dead)
+    return;
+  uc->dead = 1;
+  log_dbg("%s: local client closed: %s",
+	  uc->vp != NULL ? uc->vp->peer : "?", why);
+  if((c = uc->chan) != NULL)
+    {
+      uc->chan = NULL;
+      c->uc = NULL;
+      if(chan_send_fin(c) == 0)
+	chan_release(c);
+    }
+  ev_close(&uc->ev);
+  buf_clear(&uc->out);
+  slist_push_tail(&gc_ucs, &uc->gc_node);
+  return;
+}
+
+/* close once nothing is left to deliver, if scamper or the client ended */
+static void uc_check_done(uclient_t *uc)
+{
+  if(uc->dead || buf_len(&uc->out) > 0)
+    return;
+  if(uc->closing || (uc->chan != NULL && uc->chan->fin_rcvd))
+    uc_close(uc, uc->eof ? "client done and scamper finished"
+	     : "scamper finished the channel");
+  return;
+}
+
+/* scamper's FIN: stop reading, deliver what is queued, then close */
+static void uc_on_fin(uclient_t *uc)
+{
+  uc->closing = 1;
+  ev_want_read(&uc->ev, 0);
+  uc_check_done(uc);
+  return;
+}
+
+static void uc_read(uclient_t *uc)
+{
+  chan_t *c;
+  ssize_t n;
+  int i;
+
+  for(i=0; i<4; i++)
+    {
+      if((n = read(uc->ev.fd, scratch, UC_READ_MAX)) < 0)
+	{
+	  if(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+	    return;
+	  uc_close(uc, "read error");
+	  return;
+	}
+      c = uc->chan;
+      if(n == 0)
+	{
+	  /* EOF: tell scamper; keep delivering until its FIN */
+	  uc->eof = 1;
+	  ev_want_read(&uc->ev, 0);
+	  if(c == NULL || c->fin_rcvd)
+	    {
+	      uc->closing = 1;
+	      uc_check_done(uc);
+	      return;
+	    }
+	  if(chan_send_fin(c) != 0)
+	    return; /* the VP was closed, and this client with it */
+	  return;
+	}
+      if(c == NULL || c->vp == NULL || c->fin_rcvd || c->fin_sent)
+	continue; /* nowhere to go */
+      if(vp_send_data(c->vp, c->id, scratch, (size_t)n) != 0)
+	return;
+      if((size_t)n < UC_READ_MAX)
+	return;
+    }
+  return;
+}
+
+static void uc_flush(uclient_t *uc)
+{
+  if(uc->dead || uc->ev.fd < 0)
+    return;
+  if(buf_writev(&uc->out, uc->ev.fd) != 0)
+    {
+      buf_clear(&uc->out);
+      uc_close(uc, "write error");
+      return;
+    }
+  if(buf_len(&uc->out) > 0)
+    {
+      if(ev_want_write(&uc->ev, 1) != 0)
+	uc_close(uc, "could not watch for writability");
+      return;
+    }
+  ev_want_write(&uc->ev, 0);
+  uc_check_done(uc);
+  return;
+}
+
+static void uc_dispatch(uclient_t *uc, int rd, int wr)
+{
+  if(uc->dead)
+    return;
+  if(wr)
+    {
+      uc_flush(uc);
+      if(uc->dead)
+	return;
+    }
+  if(rd && uc->ev.rd)
+    uc_read(uc);
+  return;
+}
+
+/* accept local clients on a VP's socket; each gets a channel */
+static void vp_lev_accept(vp_t *vp)
+{
+  uclient_t *uc;
+  chan_t *c;
+  int fd, i;
+
+  for(i=0; i<16 && vp->lev.fd >= 0; i++)
+    {
+      if((fd = accept(vp->lev.fd, NULL, NULL)) < 0)
+	{
+	  if(errno == EMFILE || errno == ENFILE)
+	    log_err("%s: out of file descriptors", vp->sockpath);
+	  return;
+	}
+      if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
+	 (uc = uc_alloc(vp, fd)) == NULL)
+	{
+	  close(fd);
+	  continue;
+	}
+      if(ev_set(&uc->ev, 1, 0) != 0)
+	{
+	  close(fd);
+	  free(uc);
+	  continue;
+	}
+      if((c = chan_open(vp)) == NULL)
+	{
+	  uc->chan = NULL;
+	  uc_close(uc, "could not open a channel");
+	  return;
+	}
+      c->uc = uc;
+      uc->chan = c;
+      log_dbg("%s: local client on channel %u", vp->peer, c->id);
+    }
+  return;
+}
+
+/* ---------------------------------------------------------------------
+ * Mux protocol (PROTOCOL.md 5)
+ *
+ * One listening socket; each client gets the VP_UPDATE burst and GO, then
+ * broadcasts of arrivals and departures, and any number of channels on
+ * any VPs.  mux_rx_feed() is the parser of the client byte stream: data
+ * is passed through as it arrives, control messages only once complete.
+ * mc_close() is the one teardown of a client.
+ * --------------------------------------------------------------------- */
+
+typedef struct meta meta_t;
+static meta_t *meta_find(const char *name);
+static void meta_attrs(const meta_t *m,
+		       void (*fn)(void *arg, uint16_t attr, const char *val),
+		       void *arg);
+
+static uint8_t mux_enc[MUX_HDRLEN + MUX_UPDATE_MAX];
+
+static int chan_mc_cmp(const void *a, const void *b)
+{
+  const chan_t *x = a, *y = b;
+  if(x->mc_id < y->mc_id) return -1;
+  if(x->mc_id > y->mc_id) return 1;
+  return 0;
+}
+
+/* an encoder of VP_UPDATE attributes into mux_enc */
+typedef struct mux_upd
+{
+  size_t len;       /* payload bytes so far */
+  int    truncated;
+} mux_upd_t;
+
+static void mux_upd_attr(void *arg, uint16_t attr, const char *val)
+{
+  mux_upd_t *u = arg;
+  size_t vl = strlen(val) + 1;
+  if(u->len + 2 + vl > MUX_UPDATE_MAX)
+    {
+      u->truncated++;
+      return;
+    }
+  bytes_htons(mux_enc + MUX_HDRLEN + u->len, attr);
+  memcpy(mux_enc + MUX_HDRLEN + u->len + 2, val, vl);
+  u->len += 2 + vl;
+  return;
+}
+
+/*
+ * Encode VP_UPDATE for vp into mux_enc, attributes in the order of
+ * PROTOCOL.md 5.4.  Frames larger than upstream's 1024 bytes are sent
+ * (libscamperctrl accepts them); attributes that would push the payload
+ * past 64 KiB are left out with a log line.  Returns the frame length.
+ */
+static size_t mux_encode_vp_update(const vp_t *vp)
+{
+  mux_upd_t u;
+  char arrival[48];
+  const meta_t *m;
+
+  u.len = 0;
+  u.truncated = 0;
+  bytes_htons(mux_enc + MUX_HDRLEN, MUX_VP_UPDATE);
+  bytes_htonl(mux_enc + MUX_HDRLEN + 2, vp->id);
+  u.len = 6;
+  if(vp->name != NULL)
+    mux_upd_attr(&u, MUX_ATTR_NAME, vp->name);
+  snprintf(arrival, sizeof(arrival), "%ld.%06ld", (long)vp->arrival.tv_sec,
+	   (long)vp->arrival.tv_usec);
+  mux_upd_attr(&u, MUX_ATTR_ARRIVAL, arrival);
+  mux_upd_attr(&u, vp->family == AF_INET6 ? MUX_ATTR_IPV6 : MUX_ATTR_IPV4,
+	       vp->addr);
+  if(vp->name != NULL && (m = meta_find(vp->name)) != NULL)
+    meta_attrs(m, mux_upd_attr, &u);
+  if(u.truncated > 0)
+    log_err("vp %u %s: %d attributes left out of VP_UPDATE (over %d bytes)",
+	    vp->id, vp->name != NULL ? vp->name : "", u.truncated,
+	    MUX_UPDATE_MAX);
+  bytes_htonl(mux_enc, 0);
+  bytes_htonl(mux_enc + 4, (uint32_t)u.len);
+  return MUX_HDRLEN + u.len;
+}
+
+static void mc_out(mclient_t *mc, const uint8_t *data, size_t len);
+
+static void mc_send_ctl(mclient_t *mc, uint16_t type, uint32_t val,
+			int has_val)
+{
+  uint8_t f[MUX_HDRLEN + 6];
+  size_t len = has_val ? 6 : 2;
+  bytes_htonl(f, 0);
+  bytes_htonl(f + 4, (uint32_t)len);
+  bytes_htons(f + 8, type);
+  if(has_val)
+    bytes_htonl(f + 10, val);
+  mc_out(mc, f, MUX_HDRLEN + len);
+  return;
+}
+
+/*
+ * Announce vp to mux clients whose generation is above after_gen: 0 for
+ * every client (a new VP), or the generation at which the VP went zombie
+ * (a resume: only clients that connected meanwhile lack it).
+ */
+static void mux_announce_vp(vp_t *vp, uint64_t after_gen)
+{
+  dlist_node_t *n;
+  mclient_t *mc;
+  size_t len = 0;
+
+  for(n = mc_list.head; n != NULL; n = n->next)
+    {
+      mc = CONTAINER_OF(n, mclient_t, list_node);
+      if(mc->dead || mc->gen <= after_gen)
+	continue;
+      if(len == 0)
+	len = mux_encode_vp_update(vp);
+      mc_out(mc, mux_enc, len);
+    }
+  return;
+}
+
+static void mux_depart_vp(vp_t *vp)
+{
+  dlist_node_t *n;
+  mclient_t *mc;
+  for(n = mc_list.head; n != NULL; n = n->next)
+    {
+      mc = CONTAINER_OF(n, mclient_t, list_node);
+      if(!mc->dead)
+	mc_send_ctl(mc, MUX_VP_DEPART, vp->id, 1);
+    }
+  return;
+}
+
+static void mc_close(mclient_t *mc, const char *why);
+
+/* queue bytes for a mux client */
+static void mc_out(mclient_t *mc, const uint8_t *data, size_t len)
+{
+  if(mc->dead)
+    return;
+  if(buf_append(&mc->out, data, len) != 0)
+    {
+      mc_close(mc, "out of memory");
+      return;
+    }
+  out_queue(&mc->ev);
+  return;
+}
+
+/* scamper data on a mux channel: exactly one mux frame per remote frame */
+static void mc_deliver(mclient_t *mc, uint32_t id, const uint8_t *data,
+		       size_t len)
+{
+  uint8_t h[MUX_HDRLEN];
+  if(mc->dead)
+    return;
+  bytes_htonl(h, id);
+  bytes_htonl(h + 4, (uint32_t)len);
+  if(buf_append(&mc->out, h, MUX_HDRLEN) != 0 ||
+     buf_append(&mc->out, data, len) != 0)
+    {
+      mc_close(mc, "out of memory");
+      return;
+    }
+  out_queue(&mc->ev);
+  return;
+}
+
+static void mc_send_channel_close(mclient_t *mc, uint32_t id)
+{
+  mc_send_ctl(mc, MUX_CHANNEL_CLOSE, id, 1);
+  return;
+}
+
+/*
+ * The one teardown of a mux client: FIN to scamper for each of its
+ * channels that neither side has finished, then its channel records are
+ * released and the socket closed.
+ */
+static void mc_close(mclient_t *mc, const char *why)
+{
+  chan_t *c;
+  if(mc->dead)
+    return;
+  mc->dead = 1;
+  log_dbg("mux client %llu: closing: %s", (unsigned long long)mc->gen, why);
+  while((c = splaytree_pop_min(&mc->chans)) != NULL)
+    {
+      c->mc = NULL;
+      if(chan_send_fin(c) == 0)
+	chan_release(c);
+    }
+  free(mc->rx.ctl);
+  mc->rx.ctl = NULL;
+  ev_close(&mc->ev);
+  buf_clear(&mc->out);
+  dlist_remove(&mc_list, &mc->list_node);
+  slist_push_tail(&gc_mcs, &mc->gc_node);
+  return;
+}
+
+/* ---- client -> remoted ---- */
+
+typedef struct mux_cb
+{
+  /* a complete control message body (starting at the u16 type) */
+  int (*ctl)(void *arg, const uint8_t *body, uint32_t len);
+  /* part of a data frame's payload, in order */
+  int (*data)(void *arg, uint32_t chan, const uint8_t *data, size_t len);
+  /* the stream is malformed beyond repair */
+  int (*error)(void *arg, const char *why);
+} mux_cb_t;
+
+/*
+ * Parse the mux client byte stream incrementally.  Data frame payloads
+ * are passed to cb->data as they arrive, possibly in pieces; a control
+ * message is passed to cb->ctl only once all 8 + len bytes are in.  A
+ * control message shorter than 2 or longer than MUX_CTL_MAX is an error.
+ * Returns 0 when all bytes were consumed, or the non-zero return of the
+ * callback that stopped it.
+ */
+static int mux_rx_feed(mux_rx_t *rx, const uint8_t *p, size_t len,
+		       const mux_cb_t *cb, void *arg)
+{
+  size_t n;
+  int rc;
+
+  while(len > 0)
+    {
+      if(rx->hdr_have < MUX_HDRLEN)
+	{
+	  n = MUX_HDRLEN - rx->hdr_have;
+	  if(n > len) n = len;
+	  memcpy(rx->hdr + rx->hdr_have, p, n);
+	  rx->hdr_have += (uint8_t)n; p += n; len -= n;
+	  if(rx->hdr_have < MUX_HDRLEN)
+	    return 0;
+	  rx->chan = bytes_ntohl(rx->hdr);
+	  rx->left = bytes_ntohl(rx->hdr + 4);
+	  if(rx->chan == 0)
+	    {
+	      if(rx->left < 2)
+		return cb->error(arg, "control message shorter than 2 bytes");
+	      if(rx->left > MUX_CTL_MAX)
+		return cb->error(arg, "control message over 64 KiB");
+	      if((rx->ctl = malloc(rx->left)) == NULL)
+		return cb->error(arg, "out of memory");
+	      rx->ctl_have = 0;
+	    }
+	  else if(rx->left == 0)
+	    {
+	      rx->hdr_have = 0;
+	      continue;
+	    }
+	}
+      n = rx->left;
+      if(n > len) n = len;
+      if(rx->chan == 0)
+	{
+	  memcpy(rx->ctl + rx->ctl_have, p, n);
+	  rx->ctl_have += (uint32_t)n;
+	  rx->left -= (uint32_t)n;
+	  p += n; len -= n;
+	  if(rx->left == 0)
+	    {
+	      uint8_t *ctl = rx->ctl;
+	      rx->ctl = NULL;
+	      rx->hdr_have = 0;
+	      rc = cb->ctl(arg, ctl, rx->ctl_have);
+	      free(ctl);
+	      if(rc != 0)
+		return rc;
+	    }
+	  continue;
+	}
+      rx->left -= (uint32_t)n;
+      if(rx->left == 0)
+	rx->hdr_have = 0;
+      if((rc = cb->data(arg, rx->chan, p, n)) != 0)
+	return rc;
+      p += n; len -= n;
+    }
+  return 0;
+}
+
+static int mc_rx_error(void *arg, const char *why)
+{
+  mc_close(arg, why);
+  return -1;
+}
+
+/* CHANNEL_OPEN(vp_id, chan): any invalid request closes the client */
+static int mc_channel_open(mclient_t *mc, uint32_t vpid, uint32_t id)
+{
+  chan_t key, *c;
+  vp_t *vp;
+
+  key.mc_id = id;
+  if(id == 0)
+    return mc_rx_error(mc, "CHANNEL_OPEN with channel id 0");
+  if(vpid == 0)
+    return mc_rx_error(mc, "CHANNEL_OPEN with vp id 0");
+  if(splaytree_find(&mc->chans, &key) != NULL)
+    {
+      log_dbg("mux client %llu: channel %u reused",
+	      (unsigned long long)mc->gen, id);
+      return mc_rx_error(mc, "CHANNEL_OPEN with a channel id in use");
+    }
+  if((vp = vp_find_id(vpid)) == NULL || vp->dead)
+    {
+      log_dbg("mux client %llu: no vp %u", (unsigned long long)mc->gen,
+	      vpid);
+      return mc_rx_error(mc, "CHANNEL_OPEN for an unknown vp");
+    }
+  if((c = chan_open(vp)) == NULL)
+    return mc_rx_error(mc, "could not open a channel");
+  c->mc = mc;
+  c->mc_id = id;
+  splaytree_insert(&mc->chans, c);
+  log_dbg("mux client %llu: channel %u on vp %u is remote channel %u",
+	  (unsigned long long)mc->gen, id, vpid, c->id);
+  return 0;
+}
+
+static int mc_rx_ctl(void *arg, const uint8_t *b, uint32_t len)
+{
+  mclient_t *mc = arg;
+  uint16_t type = bytes_ntohs(b);
+
+  if(type == MUX_CHANNEL_OPEN)
+    {
+      if(len < 10)
+	return mc_rx_error(mc, "short CHANNEL_OPEN");
+      return mc_channel_open(mc, bytes_ntohl(b + 2), bytes_ntohl(b + 6));
+    }
+  log_dbg("mux client %llu: ignoring control type %u",
+	  (unsigned long long)mc->gen, type);
+  return 0;
+}
+
+static int mc_rx_data(void *arg, uint32_t id, const uint8_t *data,
+		      size_t len)
+{
+  mclient_t *mc = arg;
+  chan_t key, *c;
+
+  key.mc_id = id;
+  if((c = splaytree_find(&mc->chans, &key)) == NULL || c->vp == NULL ||
+     c->fin_rcvd || c->fin_sent)
+    return 0; /* unknown or finished channel: discarded */
+  vp_send_data(c->vp, c->id, data, len);
+  return mc->dead ? -1 : 0;
+}
+
+static const mux_cb_t mc_rx_cb = { mc_rx_ctl, mc_rx_data, mc_rx_error };
+
+static void mc_read(mclient_t *mc)
+{
+  ssize_t n;
+  int i;
+
+  for(i=0; i<4; i++)
+    {
+      if((n = read(mc->ev.fd, scratch, SCRATCH_SIZE)) < 0)
+	{
+	  if(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+	    return;
+	  mc_close(mc, "read error");
+	  return;
+	}
+      if(n == 0)
+	{
+	  mc_close(mc, "disconnected");
+	  return;
+	}
+      if(mux_rx_feed(&mc->rx, scratch, (size_t)n, &mc_rx_cb, mc) != 0 ||
+	 mc->dead)
+	return;
+      if((size_t)n < SCRATCH_SIZE)
+	return;
+    }
+  return;
+}
+
+static void mc_flush(mclient_t *mc)
+{
+  if(mc->dead || mc->ev.fd < 0)
+    return;
+  if(buf_writev(&mc->out, mc->ev.fd) != 0)
+    {
+      buf_clear(&mc->out);
+      mc_close(mc, "write error");
+      return;
+    }
+  if(ev_want_write(&mc->ev, buf_len(&mc->out) > 0) != 0)
+    mc_close(mc, "could not watch for writability");
+  return;
+}
+
+static void mc_dispatch(mclient_t *mc, int rd, int wr)
+{
+  if(mc->dead)
+    return;
+  if(wr)
+    {
+      mc_flush(mc);
+      if(mc->dead)
+	return;
+    }
+  if(rd)
+    mc_read(mc);
+  return;
+}
+
+/*
+ * A new mux client: queue VP_UPDATE for every VP in GO, in accept order,
+ * then GO, before any other event can interleave (PROTOCOL.md 5.5).
+ */
+static mclient_t *mc_open(int fd)
+{
+  dlist_node_t *n;
+  mclient_t *mc;
+  vp_t *vp;
+
+  if((mc = calloc(1, sizeof(mclient_t))) == NULL)
+    return NULL;
+  fdev_init(&mc->ev, fd, FD_MC, mc);
+  splaytree_init(&mc->chans, chan_mc_cmp, offsetof(chan_t, mc_node));
+  mc->gen = ++mc_gen;
+  dlist_node_init(&mc->list_node);
+  if(ev_set(&mc->ev, 1, 0) != 0)
+    {
+      free(mc);
+      return NULL;
+    }
+  dlist_push_tail(&mc_list, &mc->list_node);
+  for(n = vp_list.head; n != NULL && !mc->dead; n = n->next)
+    {
+      vp = CONTAINER_OF(n, vp_t, list_node);
+      if(vp->state == VP_GO && !vp->dead)
+	mc_out(mc, mux_enc, mux_encode_vp_update(vp));
+    }
+  mc_send_ctl(mc, MUX_GO, 0, 0);
+  log_dbg("mux client %llu: connected", (unsigned long long)mc->gen);
+  return mc;
+}
+
+static void mux_accept(void)
+{
+  int fd, i;
+  for(i=0; i<16; i++)
+    {
+      if((fd = accept(mux_lev.fd, NULL, NULL)) < 0)
+	{
+	  if(errno == EMFILE || errno == ENFILE)
+	    accept_pause("mux_accept");
+	  return;
+	}
+      if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
+	 mc_open(fd) == NULL)
+	{
+	  log_err("could not take mux client fd %d", fd);
+	  close(fd);
+	}
+    }
+  return;
+}
+
+/* ---------------------------------------------------------------------
+ * Metadata (PROTOCOL.md 6)
+ *
+ * meta_parse() turns the file's text into a table, or says which line is
+ * malformed; the table in use is replaced only by a complete new one.
+ * --------------------------------------------------------------------- */
+
+#define META_NFIELDS 8
+
+/* key names, in VP_UPDATE emission order (PROTOCOL.md 5.4) */
+static const struct { const char *key; uint16_t attr; }
+  meta_keys[META_NFIELDS] = {
+  {"asn4",      MUX_ATTR_IPV4_ASN},
+  {"asn6",      MUX_ATTR_IPV6_ASN},
+  {"latlong",   MUX_ATTR_LATLONG},
+  {"cc",        MUX_ATTR_CC},
+  {"st",        MUX_ATTR_ST},
+  {"place",     MUX_ATTR_PLACE},
+  {"shortname", MUX_ATTR_SHORTNAME},
+  {"iata",      MUX_ATTR_IATA},
+};
+
+struct meta
+{
+  splaytree_node_t node;
+  char            *name;
+  char            *val[META_NFIELDS];
+  char           **tags;
+  size_t           tagc;
+};
+
+typedef struct meta_table
+{
+  splaytree_t tree;
+} meta_table_t;
+
+static meta_table_t *meta_table = NULL;
+
+static int meta_cmp(const void *a, const void *b)
+{
+  return strcmp(((const meta_t *)a)->name, ((const meta_t *)b)->name);
+}
+
+static void meta_free(meta_t *m)
+{
+  size_t i;
+  for(i=0; i<META_NFIELDS; i++)
+    free(m->val[i]);
+  for(i=0; i<m->tagc; i++)
+    free(m->tags[i]);
+  free(m->tags);
+  free(m->name);
+  free(m);
+  return;
+}
+
+static void meta_table_free(meta_table_t *t)
+{
+  meta_t *m;
+  if(t == NULL)
+    return;
+  while((m = splaytree_pop_min(&t->tree)) != NULL)
+    meta_free(m);
+  free(t);
+  return;
+}
+
+static meta_t *meta_table_get(meta_table_t *t, const char *name, size_t len)
+{
+  meta_t key, *m;
+  char *n;
+  if((n = malloc(len + 1)) == NULL)
+    return NULL;
+  memcpy(n, name, len);
+  n[len] = '\0';
+  key.name = n;
+  if((m = splaytree_find(&t->tree, &key)) != NULL)
+    {
+      free(n);
+      return m;
+    }
+  if((m = calloc(1, sizeof(meta_t))) == NULL)
+    {
+      free(n);
+      return NULL;
+    }
+  m->name = n;
+  splaytree_insert(&t->tree, m);
+  return m;
+}
+
+/* store one key/value; unknown keys are reported through *unknown */
+static int meta_set(meta_t *m, const char *key, size_t klen,
+		    const char *val, size_t vlen, int *unknown)
+{
+  char *v, **tags;
+  size_t i;
+
+  if((v = malloc(vlen + 1)) == NULL)
+    return -1;
+  memcpy(v, val, vlen);
+  v[vlen] = '\0';
+  if(klen == 3 && ascii_strncasecmp(key, "tag", 3) == 0)
+    {
+      if((tags = realloc(m->tags, (m->tagc + 1) * sizeof(char *))) == NULL)
+	{
+	  free(v);
+	  return -1;
+	}
+      m->tags = tags;
+      m->tags[m->tagc++] = v;
+      return 0;
+    }
+  for(i=0; i<META_NFIELDS; i++)
+    {
+      if(strlen(meta_keys[i].key) == klen &&
+	 ascii_strncasecmp(key, meta_keys[i].key, klen) == 0)
+	{
+	  free(m->val[i]); /* last one wins */
+	  m->val[i] = v;
+	  return 0;
+	}
+    }
+  free(v);
+  *unknown = 1;
+  return 0;
+}
+
+static int meta_isspace(char c)
+{
+  return isspace((unsigned char)c);
+}
+
+/* the first whitespace character in [p, end), or end */
+static const char *strpbrk_ws(const char *p, const char *end)
+{
+  while(p < end && !meta_isspace(*p))
+    p++;
+  return p;
+}
+
+/*
+ * Parse metadata text: lines of NAME <ws> KEY <ws> VALUE, split on '\n'
+ * only; empty lines and lines starting with '#' are skipped.  Returns a
+ * new table (caller frees with meta_table_free), or NULL with *errline
+ * (1-based; 0 for out of memory) and *errmsg set.  Unknown keys are logged
+ * at debug level and otherwise ignored.
+ */
+static meta_table_t *meta_parse(const char *text, size_t len,
+				size_t *errline, const char **errmsg)
+{
+  meta_table_t *t;
+  const char *next = text, *ls, *end, *p, *key;
+  size_t lineno = 0, klen;
+  meta_t *m;
+  int unknown;
+
+  *errline = 0;
+  *errmsg = "out of memory";
+  if((t = calloc(1, sizeof(meta_table_t))) == NULL)
+    return NULL;
+  splaytree_init(&t->tree, meta_cmp, offsetof(meta_t, node));
+
+  while(next < text + len)
+    {
+      lineno++;
+      ls = next;
+      if((end = memchr(ls, '\n', (size_t)(text + len - ls))) == NULL)
+	end = text + len;
+      next = end + 1;
+      if(ls == end || *ls == '#')
+	continue;
+
+      *errline = lineno;
+      for(p = ls; p < end && !meta_isspace(*p); p++)
+	;
+      if(p == end)
+	{ *errmsg = "expected NAME KEY VALUE, found only a name"; goto err; }
+      for(key = p; key < end && meta_isspace(*key); key++)
+	;
+      for(klen = 0; key + klen < end && !meta_isspace(key[klen]); klen++)
+	;
+      if(klen == 0)
+	{ *errmsg = "missing key"; goto err; }
+      for(p = key + klen; p < end && meta_isspace(*p); p++)
+	;
+      if(p == end)
+	{ *errmsg = "missing value"; goto err; }
+      unknown = 0;
+      if((m = meta_table_get(t, ls, (size_t)(strpbrk_ws(ls, end) - ls)))
+	 == NULL ||
+	 meta_set(m, key, klen, p, (size_t)(end - p), &unknown) != 0)
+	{ *errmsg = "out of memory"; goto err; }
+      if(unknown)
+	log_dbg("line %zu: unknown key %.*s ignored", lineno, (int)klen, key);
+    }
+  *errline = 0;
+  *errmsg = NULL;
+  return t;
+
+ err:
+  meta_table_free(t);
+  return NULL;
+}
+
+static meta_t *meta_find(const char *name)
+{
+  meta_t key;
+  if(meta_table == NULL)
+    return NULL;
+  key.name = (char *)name;
+  return splaytree_find(&meta_table->tree, &key);
+}
+
+/* pass m's attributes to fn in emission order: fields, then tags */
+static void meta_attrs(const meta_t *m,
+		       void (*fn)(void *arg, uint16_t attr, const char *val),
+		       void *arg)
+{
+  size_t i;
+  for(i=0; i<META_NFIELDS; i++)
+    if(m->val[i] != NULL)
+      fn(arg, meta_keys[i].attr, m->val[i]);
+  for(i=0; i<m->tagc; i++)
+    fn(arg, MUX_ATTR_TAG, m->tags[i]);
+  return;
+}
+
+/*
+ * (Re)load the -m file.  On any failure the table in use is kept and the
+ * reason is logged with the file name (and line); returns 0 or -1.
+ */
+static int meta_load(void)
+{
+  meta_table_t *t;
+  const char *msg;
+  size_t len, line;
+  char *text;
+
+  if(opt_metafile == NULL)
+    return 0;
+  if(file_read_all(opt_metafile, &text, &len) != 0)
+    {
+      log_err("%s: could not read metadata: %s", opt_metafile,
+	      strerror(errno));
+      return -1;
+    }
+  t = meta_parse(text, len, &line, &msg);
+  free(text);
+  if(t == NULL)
+    {
+      if(line > 0)
+	log_err("%s: line %zu: %s", opt_metafile, line, msg);
+      else
+	log_err("%s: %s", opt_metafile, msg);
+      return -1;
+    }
+  meta_table_free(meta_table);
+  meta_table = t;
+  log_dbg("%s: loaded %zu entries", opt_metafile,
+	  splaytree_count(&t->tree));
+  return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * TLS context and name matching (PROTOCOL.md 2.10)
+ *
+ * The context is built from -c/-p/-C at startup and rebuilt on SIGHUP;
+ * each session holds a reference to the context it started with, so a
+ * rebuild never disturbs it, and a failed rebuild keeps the old one.  An
+ * encrypted key's passphrase is read once, before daemonising, and kept
+ * (wiped on exit) for reloads.
+ * --------------------------------------------------------------------- */
+
+#ifdef HAVE_OPENSSL
+static char   *tls_pass = NULL;
+static size_t  tls_pass_len = 0;
+static int     tls_pass_asked = 0;
+
+static int tls_pass_cb(char *buf, int size, int rwflag, void *u)
+{
+  int n;
+  (void)rwflag; (void)u;
+  tls_pass_asked = 1;
+  if(tls_pass == NULL || size <= 0)
+    return -1;
+  n = tls_pass_len > (size_t)size ? size : (int)tls_pass_len;
+  memcpy(buf, tls_pass, (size_t)n);
+  return n;
+}
+
+/* does the private key file need a passphrase? (no prompt is shown) */
+static int tls_key_needs_pass(const char *path)
+{
+  EVP_PKEY *pkey;
+  BIO *bio;
+  if((bio = BIO_new_file(path, "r")) == NULL)
+    return 0; /* reported when the context is built */
+  tls_pass_asked = 0;
+  pkey = PEM_read_bio_PrivateKey(bio, NULL, tls_pass_cb, NULL);
+  BIO_free(bio);
+  ERR_clear_error();
+  if(pkey != NULL)
+    {
+      EVP_PKEY_free(pkey);
+      return 0;
+    }
+  return tls_pass_asked;
+}
+
+/*
+ * Read the passphrase: from the terminal with echo off when stdin is one,
+ * otherwise the first line of stdin (so it can come from a file or a
+ * service manager).  Returns 0 or -1.
+ */
+static int tls_read_pass(void)
+{
+  struct termios tio, old;
+  char buf[1024];
+  size_t len = 0;
+  int tty = isatty(STDIN_FILENO), noecho = 0;
+  ssize_t n;
+  char c;
+
+  if(tty)
+    {
+      fprintf(stderr, "Enter passphrase for %s: ", opt_privfile);
+      fflush(stderr);
+      if(tcgetattr(STDIN_FILENO, &old) == 0)
+	{
+	  tio = old;
+	  tio.c_lflag &= ~(tcflag_t)ECHO;
+	  noecho = tcsetattr(STDIN_FILENO, TCSAFLUSH, &tio) == 0;
+	}
+    }
+  while(len < sizeof(buf) - 1)
+    {
+      if((n = read(STDIN_FILENO, &c, 1)) < 0 && errno == EINTR)
+	continue;
+      if(n <= 0 || c == '\n')
+	break;
+      buf[len++] = c;
+    }
+  if(noecho)
+    tcsetattr(STDIN_FILENO, TCSAFLUSH, &old);
+  if(tty)
+    fprintf(stderr, "\n");
+  if(len > 0 && buf[len-1] == '\r')
+    len--;
+  if((tls_pass = malloc(len + 1)) == NULL)
+    return -1;
+  memcpy(tls_pass, buf, len);
+  tls_pass[len] = '\0';
+  tls_pass_len = len;
+  OPENSSL_cleanse(buf, sizeof(buf));
+  return 0;
+}
+
+static void tls_pass_wipe(void)
+{
+  if(tls_pass == NULL)
+    return;
+  OPENSSL_cleanse(tls_pass, tls_pass_len);
+  free(tls_pass);
+  tls_pass = NULL;
+  tls_pass_len = 0;
+  return;
+}
+
+/* build a server context from the files; NULL (error logged) on failure */
+static SSL_CTX *tls_ctx_build(void)
+{
+  STACK_OF(X509_NAME) *cas;
+  SSL_CTX *ctx;
+
+  if((ctx = SSL_CTX_new(TLS_server_method())) == NULL)
+    {
+      log_err("could not create TLS context: %s", tls_errstr());
+      return NULL;
+    }
+  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+  SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
+		   SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+		   SSL_MODE_RELEASE_BUFFERS);
+#ifdef SSL_OP_NO_RENEGOTIATION
+  SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION);
+#endif
+  SSL_CTX_set_default_passwd_cb(ctx, tls_pass_cb);
+  if(SSL_CTX_use_certificate_chain_file(ctx, opt_certfile) != 1)
+    {
+      log_err("%s: could not load certificate: %s", opt_certfile,
+	      tls_errstr());
+      goto err;
+    }
+  if(SSL_CTX_use_PrivateKey_file(ctx, opt_privfile, SSL_FILETYPE_PEM) != 1)
+    {
+      log_err("%s: could not load private key%s: %s", opt_privfile,
+	      tls_pass != NULL ? " (wrong passphrase?)" : "", tls_errstr());
+      goto err;
+    }
+  if(SSL_CTX_check_private_key(ctx) != 1)
+    {
+      log_err("%s: private key does not match %s: %s", opt_privfile,
+	      opt_certfile, tls_errstr());
+      goto err;
+    }
+  if(opt_cafile != NULL)
+    {
+      if(SSL_CTX_load_verify_locations(ctx, opt_cafile, NULL) != 1 ||
+	 (cas = SSL_load_client_CA_file(opt_cafile)) == NULL)
+	{
+	  log_err("%s: could not load CA: %s", opt_cafile, tls_errstr());
+	  goto err;
+	}
+      SSL_CTX_set_client_CA_list(ctx, cas);
+      /* a missing certificate is refused after the handshake */
+      SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    }
+  return ctx;
+
+ err:
+  SSL_CTX_free(ctx);
+  return NULL;
+}
+
+/* startup: get the passphrase if the key needs one, build the context */
+static int tls_init(void)
+{
+  if(opt_certfile == NULL)
+    return 0;
+  if(tls_key_needs_pass(opt_privfile) && tls_read_pass() != 0)
+    return -1;
+  if((tls_ctx = tls_ctx_build()) == NULL)
+    return -1;
+  return 0;
+}
+
+/* SIGHUP: new connections get a context built from the files now */
+static void tls_reload(void)
+{
+  SSL_CTX *ctx;
+  if(tls_ctx == NULL)
+    return;
+  if((ctx = tls_ctx_build()) == NULL)
+    {
+      log_err("TLS reload failed; keeping the previous certificate");
+      return;
+    }
+  SSL_CTX_free(tls_ctx); /* sessions keep their own reference */
+  tls_ctx = ctx;
+  log_dbg("TLS context reloaded");
+  return;
+}
+
+/*
+ * Does certificate name pat (len bytes) match name?  Case-insensitive;
+ * "*.suffix" matches exactly one label followed by .suffix, and a name
+ * starting with '.' never matches a wildcard.
+ */
+static int tls_name_match(const char *pat, size_t plen, const char *name)
+{
+  size_t nlen = strlen(name), slen;
+  const char *suffix;
+
+  if(plen >= 2 && pat[0] == '*' && pat[1] == '.')
+    {
+      suffix = pat + 1;
+      slen = plen - 1;
+      if(name[0] == '.' || slen >= nlen ||
+	 ascii_strncasecmp(name + nlen - slen, suffix, slen) != 0)
+	return 0;
+      return strchr(name, '.') == name + nlen - slen;
+    }
+  return plen == nlen && ascii_strncasecmp(pat, name, nlen) == 0;
+}
+
+static int tls_asn1_match(const ASN1_STRING *s, const char *name)
+{
+  const char *d = (const char *)ASN1_STRING_get0_data(s);
+  int len = ASN1_STRING_length(s);
+  if(d == NULL || len <= 0 || memchr(d, '\0', (size_t)len) != NULL)
+    return 0;
+  return tls_name_match(d, (size_t)len, name);
+}
+
+/* SAN DNS entries first; the subject CN only if none of them matches */
+static int tls_cert_match(X509 *cert, const char *name)
+{
+  GENERAL_NAMES *sans;
+  X509_NAME *subj;
+  int i, n, rc = 0;
+
+  if((sans = X509_get_ext_d2i(cert, NID_subject_alt_name, NULL, NULL))
+     != NULL)
+    {
+      n = sk_GENERAL_NAME_num(sans);
+      for(i=0; i<n && rc == 0; i++)
+	{
+	  const GENERAL_NAME *gn = sk_GENERAL_NAME_value(sans, i);
+	  if(gn->type == GEN_DNS && tls_asn1_match(gn->d.dNSName, name))
+	    rc = 1;
+	}
+      GENERAL_NAMES_free(sans);
+      if(rc)
+	return 1;
+    }
+  if((subj = X509_get_subject_name(cert)) == NULL)
+    return 0;
+  for(i = X509_NAME_get_index_by_NID(subj, NID_commonName, -1); i >= 0;
+      i = X509_NAME_get_index_by_NID(subj, NID_commonName, i))
+    {
+      X509_NAME_ENTRY *e = X509_NAME_get_entry(subj, i);
+      if(tls_asn1_match(X509_NAME_ENTRY_get_data(e), name))
+	return 1;
+    }
+  return 0;
+}
+
+static X509 *tls_peer_cert(SSL *ssl)
+{
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+  return SSL_get1_peer_certificate(ssl);
+#else
+  return SSL_get_peer_certificate(ssl);
+#endif
+}
+
+/* with -C: the MASTER_NEW monitor name must match the client certificate */
+static int tls_check_name(vp_t *vp)
+{
+  X509 *cert;
+  int ok;
+  if(vp->ssl == NULL || opt_cafile == NULL ||
+     (opt_flags & OPT_SKIPNAMEVERIFY))
+    return 0;
+  if(vp->name == NULL)
+    return vp_proto_error(vp, "no monitor name to check against the "
+			  "client certificate");
+  if((cert = tls_peer_cert(vp->ssl)) == NULL)
+    return vp_proto_error(vp, "no client certificate");
+  ok = tls_cert_match(cert, vp->name);
+  X509_free(cert);
+  if(!ok)
+    {
+      log_dbg("%s: monitor name %s not in the client certificate",
+	      vp->peer, vp->name);
+      return vp_proto_error(vp, "monitor name does not match the client "
+			    "certificate");
+    }
+  return 0;
+}
+
+static int vp_tls_start(vp_t *vp)
+{
+  if((vp->ssl = SSL_new(tls_ctx)) == NULL ||
+     SSL_set_fd(vp->ssl, vp->ev.fd) != 1)
+    {
+      log_err("%s: could not create TLS session: %s", vp->peer,
+	      tls_errstr());
+      return -1;
+    }
+  SSL_set_accept_state(vp->ssl);
+  vp->tls_accepting = 1;
+  return 0;
+}
+
+/* drive the non-blocking TLS handshake; with -C, check the client cert */
+static void vp_tls_accept(vp_t *vp)
+{
+  X509 *cert;
+  long vr;
+  int rc, err;
+
+  ERR_clear_error();
+  if((rc = SSL_accept(vp->ssl)) != 1)
+    {
+      err = SSL_get_error(vp->ssl, rc);
+      if(err == SSL_ERROR_WANT_READ)
+	{
+	  if(ev_set(&vp->ev, 1, 0) != 0)
+	    vp_close(vp, "could not register");
+	  return;
+	}
+      if(err == SSL_ERROR_WANT_WRITE)
+	{
+	  if(ev_set(&vp->ev, 1, 1) != 0)
+	    vp_close(vp, "could not register");
+	  return;
+	}
+      log_dbg("%s: TLS handshake failed: %s", vp->peer,
+	      err == SSL_ERROR_SSL ? tls_errstr() : "connection error");
+      vp_close(vp, "TLS handshake failed");
+      return;
+    }
+  vp->tls_accepting = 0;
+  if(opt_cafile != NULL)
+    {
+      if((cert = tls_peer_cert(vp->ssl)) == NULL)
+	{
+	  vp_close(vp, "no client certificate");
+	  return;
+	}
+      X509_free(cert);
+      if((vr = SSL_get_verify_result(vp->ssl)) != X509_V_OK)
+	{
+	  log_dbg("%s: client certificate: %s", vp->peer,
+		  X509_verify_cert_error_string(vr));
+	  vp_close(vp, "client certificate did not verify");
+	  return;
+	}
+    }
+  log_dbg("%s: TLS established, %s", vp->peer, SSL_get_version(vp->ssl));
+  if(ev_set(&vp->ev, 1, buf_len(&vp->out) > 0) != 0)
+    {
+      vp_close(vp, "could not register");
+      return;
+    }
+  vp_read(vp);
+  return;
+}
+#endif /* HAVE_OPENSSL */
+
+/* ---------------------------------------------------------------------
+ * Signals
+ *
+ * Handlers only write the signal number to a self-pipe; the loop reads it
+ * and does the work (reload on SIGHUP, clean exit on SIGINT/SIGTERM).
+ * --------------------------------------------------------------------- */
+
+static void sig_handler(int sig)
+{
+  int saved = errno;
+  uint8_t b = (uint8_t)sig;
+  if(write(sig_pipe[1], &b, 1) < 0)
+    { /* the pipe is full: a signal is already pending */ }
+  errno = saved;
+  return;
+}
+
+static void reload(void)
+{
+  log_dbg("SIGHUP: reloading");
+  meta_load();
+#ifdef HAVE_OPENSSL
+  tls_reload();
+#endif
+  return;
+}
+
+static void sig_drain(void)
+{
+  uint8_t b[64];
+  ssize_t n, i;
+  while((n = read(sig_pipe[0], b, sizeof(b))) > 0)
+    {
+      for(i=0; i<n; i++)
+	{
+	  if(b[i] == SIGHUP)
+	    reload();
+	  else if(b[i] == SIGINT || b[i] == SIGTERM)
+	    loop_stop = 1;
+	}
+    }
+  return;
+}
+
+static int sig_init(void)
+{
+  struct sigaction sa;
+  if(pipe(sig_pipe) != 0 || fd_nonblock(sig_pipe[0]) != 0 ||
+     fd_nonblock(sig_pipe[1]) != 0 || fd_cloexec(sig_pipe[0]) != 0 ||
+     fd_cloexec(sig_pipe[1]) != 0)
+    {
+      log_err("could not create the signal pipe: %s", strerror(errno));
+      return -1;
+    }
+  fdev_init(&sig_ev, sig_pipe[0], FD_SIGNAL, NULL);
+  if(ev_set(&sig_ev, 1, 0) != 0)
+    return -1;
+  memset(&sa, 0, sizeof(sa));
+  sigemptyset(&sa.sa_mask);
+  sa.sa_handler = SIG_IGN;
+  sigaction(SIGPIPE, &sa, NULL);
+  sa.sa_handler = sig_handler;
+  sa.sa_flags = 0; /* no SA_RESTART: the wait returns */
+  if(sigaction(SIGHUP, &sa, NULL) != 0 || sigaction(SIGINT, &sa, NULL) != 0 ||
+     sigaction(SIGTERM, &sa, NULL) != 0)
+    {
+      log_err("could not install signal handlers: %s", strerror(errno));
+      return -1;
+    }
+  return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * Main: option validation, startup in the order of PROTOCOL.md 8, the
+ * loop, and clean shutdown.
+ * --------------------------------------------------------------------- */
+
+static int pidfile_fd = -1;
+
+static void gc_collect(void)
+{
+  slist_node_t *n;
+  while((n = slist_pop_head(&gc_chans)) != NULL)
+    free(CONTAINER_OF(n, chan_t, gc_node));
+  while((n = slist_pop_head(&gc_ucs)) != NULL)
+    free(CONTAINER_OF(n, uclient_t, gc_node));
+  while((n = slist_pop_head(&gc_mcs)) != NULL)
+    free(CONTAINER_OF(n, mclient_t, gc_node));
+  while((n = slist_pop_head(&gc_vps)) != NULL)
+    vp_free(CONTAINER_OF(n, vp_t, gc_node));
+  return;
+}
+
+static int tcp_listen_one(const struct sockaddr *sa, socklen_t sl)
+{
+  char addr[INET6_ADDRSTRLEN];
+  int fd, on = 1;
+
+  if(sockaddr_tostr(sa, addr, sizeof(addr)) == NULL)
+    snprintf(addr, sizeof(addr), "?");
+  if((fd = socket(sa->sa_family, SOCK_STREAM, 0)) < 0)
+    {
+      log_err("could not create %s socket: %s",
+	      sa->sa_family == AF_INET6 ? "IPv6" : "IPv4", strerror(errno));
+      return -1;
+    }
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
+  if(sa->sa_family == AF_INET6)
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof(on));
+  if(bind(fd, sa, sl) != 0 || listen(fd, SOMAXCONN) != 0 ||
+     fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0)
+    {
+      log_err("could not listen on %s port %d: %s", addr, listen_port,
+	      strerror(errno));
+      close(fd);
+      return -1;
+    }
+  fdev_init(&tcp_lev[tcp_lev_count++], fd, FD_TCP_LISTEN, NULL);
+  return 0;
+}
+
+static int tcp_listen(void)
+{
+  struct sockaddr_storage ss;
+  socklen_t sl;
+
+  if(listen_sslen != 0)
+    return tcp_listen_one((struct sockaddr *)&listen_ss, listen_sslen);
+  if(opt_family != AF_INET6)
+    {
+      sockaddr_fromstr("0.0.0.0", listen_port, &ss, &sl);
+      if(tcp_listen_one((struct sockaddr *)&ss, sl) != 0)
+	return -1;
+    }
+  if(opt_family != AF_INET)
+    {
+      sockaddr_fromstr("::", listen_port, &ss, &sl);
+      if(tcp_listen_one((struct sockaddr *)&ss, sl) != 0)
+	return -1;
+    }
+  return 0;
+}
+
+static int mux_listen(void)
+{
+  int fd;
+  fdev_init(&mux_lev, -1, FD_MUX_LISTEN, NULL);
+  if(opt_muxpath == NULL)
+    return 0;
+  if((fd = unix_listen(opt_muxpath)) < 0)
+    return -1;
+  mux_lev.fd = fd;
+  return 0;
+}
+
+/* open the pid file before daemonising so a failure can be reported */
+static int pidfile_open(void)
+{
+  if(opt_pidfile == NULL)
+    return 0;
+  if((pidfile_fd = open(opt_pidfile, O_WRONLY | O_CREAT | O_TRUNC |
+			O_NOFOLLOW | O_CLOEXEC, 0644)) < 0)
+    {
+      log_err("%s: could not open pid file: %s", opt_pidfile,
+	      strerror(errno));
+      return -1;
+    }
+  fchmod(pidfile_fd, 0644);
+  return 0;
+}
+
+static int pidfile_write(void)
+{
+  char buf[32];
+  int len;
+  if(pidfile_fd < 0)
+    return 0;
+  len = snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
+  if(write(pidfile_fd, buf, (size_t)len) != len)
+    {
+      log_err("%s: could not write pid file: %s", opt_pidfile,
+	      strerror(errno));
+      return -1;
+    }
+  close(pidfile_fd);
+  pidfile_fd = -1;
+  return 0;
+}
+
+static void raise_nofile(void)
+{
+  struct rlimit rl;
+  if(getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max)
+    {
+      rl.rlim_cur = rl.rlim_max;
+      setrlimit(RLIMIT_NOFILE, &rl);
+    }
+  return;
+}
+
+static int become_daemon(void)
+{
+#ifdef HAVE_DAEMON
+  if(daemon(1, 0) != 0)
+    {
+      log_err("could not daemonise: %s", strerror(errno));
+      return -1;
+    }
+#else
+  pid_t pid;
+  int fd;
+  if((pid = fork()) < 0)
+    return -1;
+  if(pid > 0)
+    _exit(0);
+  setsid();
+  if((fd = open("/dev/null", O_RDWR)) >= 0)
+    {
+      dup2(fd, 0); dup2(fd, 1); dup2(fd, 2);
+      if(fd > 2) close(fd);
+    }
+#endif
+  return 0;
+}
+
+/* parse and validate the command line; 0 to run, else the exit status */
+static int check_options(int argc, char *argv[])
+{
+  struct stat sb;
+  long lo;
+  int ch;
+  const char *opts = "?46DvP:U:M:O:e:m:Z:"
+#ifdef HAVE_OPENSSL
+    "c:p:C:"
+#endif
+    ;
+
+  while((ch = getopt(argc, argv, opts)) != -1)
+    {
+      switch(ch)
+	{
+	case '4':
+	case '6':
+	  if(opt_family != AF_UNSPEC &&
+	     opt_family != (ch == '4' ? AF_INET : AF_INET6))
+	    {
+	      usage(USAGE_46);
+	      return 255;
+	    }
+	  opt_family = ch == '4' ? AF_INET : AF_INET6;
+	  break;
+	case 'D': opt_daemon = 1; break;
+	case 'v':
+	  printf("sc_remoted version %s\n", PACKAGE_VERSION);
+	  return 1;
+	case 'P': opt_port_arg = optarg; break;
+	case 'U': opt_udir = optarg; break;
+	case 'M': opt_muxpath = optarg; break;
+	case 'e': opt_pidfile = optarg; break;
+	case 'm': opt_metafile = optarg; break;
+#ifdef HAVE_OPENSSL
+	case 'c': opt_certfile = optarg; break;
+	case 'p': opt_privfile = optarg; break;
+	case 'C': opt_cafile = optarg; break;
+#endif
+	case 'O':
+	  if(parse_O(optarg) != 0)
+	    {
+	      usage(USAGE_ALL);
+	      return 255;
+	    }
+	  break;
+	case 'Z':
+	  if(string_tolong(optarg, &lo) != 0 || lo < 0 || lo > ZOMBIE_MAX)
+	    {
+	      usage(USAGE_Z);
+	      return 255;
+	    }
+	  opt_zombie = lo;
+	  break;
+	case '?':
+	default:
+	  usage(USAGE_ALL);
+	  return 255;
+	}
+    }
+
+  if(optind != argc)
+    {
+      fprintf(stderr, "sc_remoted: unexpected argument %s\n", argv[optind]);
+      usage(USAGE_ALL);
+      return 255;
+    }
+  if(opt_port_arg == NULL || parse_P(opt_port_arg) != 0)
+    {
+      usage(USAGE_P);
+      return 255;
+    }
+  if(listen_sslen != 0 && opt_family != AF_UNSPEC &&
+     listen_ss.ss_family != opt_family)
+    {
+      usage(USAGE_P | USAGE_46);
+      return 255;
+    }
+  if(opt_udir == NULL && opt_muxpath == NULL)
+    {
+      usage(USAGE_U | USAGE_M);
+      return 255;
+    }
+#ifdef HAVE_OPENSSL
+  if((opt_certfile == NULL) != (opt_privfile == NULL) ||
+     (opt_cafile != NULL && opt_certfile == NULL))
+    {
+      usage(USAGE_TLS);
+      return 255;
+    }
+#endif
+  if(opt_udir != NULL &&
+     (stat(opt_udir, &sb) != 0 || !S_ISDIR(sb.st_mode)))
+    {
+      fprintf(stderr, "sc_remoted: %s: not a directory\n", opt_udir);
+      usage(USAGE_U);
+      return 255;
+    }
+  return 0;
+}
+
+/* close everything with no protocol goodbye; unlink sockets and pid file */
+static void shutdown_all(void)
+{
+  dlist_node_t *n;
+  int i;
+
+  while((n = mc_list.head) != NULL)
+    mc_close(CONTAINER_OF(n, mclient_t, list_node), "shutting down");
+  while((n = vp_list.head) != NULL)
+    vp_close(CONTAINER_OF(n, vp_t, list_node), "shutting down");
+  gc_collect();
+  for(i=0; i<tcp_lev_count; i++)
+    ev_close(&tcp_lev[i]);
+  if(mux_lev.fd >= 0)
+    {
+      ev_close(&mux_lev);
+      unlink(opt_muxpath);
+    }
+  if(sig_ev.fd >= 0)
+    ev_close(&sig_ev);
+  if(sig_pipe[1] >= 0)
+    close(sig_pipe[1]);
+  if(ev_fd >= 0)
+    close(ev_fd);
+  if(opt_pidfile != NULL && pidfile_fd < 0)
+    unlink(opt_pidfile);
+  meta_table_free(meta_table);
+  meta_table = NULL;
+#ifdef HAVE_OPENSSL
+  if(tls_ctx != NULL)
+    SSL_CTX_free(tls_ctx);
+  tls_ctx = NULL;
+  tls_pass_wipe();
+#endif
+  chunk_freelist_clear();
+  free(scratch);
+  scratch = NULL;
+  return;
+}
+
+static void loop_run(void)
+{
+  log_loop_started = 1;
+  while(!loop_stop)
+    {
+      if(ev_poll(tw_timeout_ms()) != 0)
+	{
+	  log_err("wait failed: %s", strerror(errno));
+	  break;
+	}
+      tw_advance(tw_clock());
+      flush_pending();
+      gc_collect();
+    }
+  return;
+}
+
+#ifndef SC_REMOTED_NO_MAIN
+int main(int argc, char *argv[])
+{
+  int i, rc;
+
+  if(getuid() != geteuid() && seteuid(getuid()) != 0)
+    return 255;
+  if((rc = check_options(argc, argv)) != 0)
+    return rc == 1 ? 0 : rc;
+
+  dlist_init(&vp_list);
+  dlist_init(&mc_list);
+  splaytree_init(&vp_by_id, vp_id_cmp, offsetof(vp_t, id_node));
+  splaytree_init(&vp_by_magic, vp_magic_cmp, offsetof(vp_t, magic_node));
+  slist_init(&gc_vps); slist_init(&gc_chans);
+  slist_init(&gc_ucs); slist_init(&gc_mcs);
+  fdev_init(&mux_lev, -1, FD_MUX_LISTEN, NULL);
+  fdev_init(&sig_ev, -1, FD_SIGNAL, NULL);
+  tw_init();
+  tw_timer_init(&accept_timer, accept_resume);
+  raise_nofile();
+  if((scratch = malloc(SCRATCH_SIZE)) == NULL)
+    return 255;
+
+#ifdef HAVE_OPENSSL
+  SSL_library_init();
+  SSL_load_error_strings();
+  if(tls_init() != 0)
+    goto fail;
+#endif
+  if(tcp_listen() != 0 || mux_listen() != 0 || meta_load() != 0 ||
+     pidfile_open() != 0)
+    goto fail;
+  if(opt_daemon && become_daemon() != 0)
+    goto fail;
+  if(pidfile_write() != 0 || ev_init() != 0 || sig_init() != 0)
+    goto fail;
+  for(i=0; i<tcp_lev_count; i++)
+    if(ev_set(&tcp_lev[i], 1, 0) != 0)
+      goto fail;
+  if(mux_lev.fd >= 0 && ev_set(&mux_lev, 1, 0) != 0)
+    goto fail;
+  if(getuid() == 0 && !opt_daemon)
+    log_dbg("running as root");
+
+  loop_run();
+  shutdown_all();
+  return 0;
+
+ fail:
+  if(pidfile_fd >= 0)
+    {
+      close(pidfile_fd);
+      pidfile_fd = -1;
+    }
+  shutdown_all();
+  return 255;
+}
+#endif

@@ -1,0 +1,397 @@
+/*
+ * test_utils.c: unit tests for utils.c.
+ */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <netinet/in.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "utils.h"
+#include "unit.h"
+
+static void test_bytes(void)
+{
+  static const uint16_t v16[] = {0, 1, 0x1234, 0x8000, 0xffff};
+  static const uint32_t v32[] = {0, 1, 0x12345678, 0x80000000, 0xffffffff,
+				 0xdeadbeef};
+  uint8_t b[4];
+  size_t i;
+
+  bytes_htons(b, 0x1234);
+  CHECK(b[0] == 0x12 && b[1] == 0x34);
+  bytes_htonl(b, 0xdeadbeef);
+  CHECK(b[0] == 0xde && b[1] == 0xad && b[2] == 0xbe && b[3] == 0xef);
+
+  for(i = 0; i < sizeof(v16) / sizeof(v16[0]); i++)
+    {
+      bytes_htons(b, v16[i]);
+      CHECK(bytes_ntohs(b) == v16[i]);
+    }
+  for(i = 0; i < sizeof(v32) / sizeof(v32[0]); i++)
+    {
+      bytes_htonl(b, v32[i]);
+      CHECK(bytes_ntohl(b) == v32[i]);
+    }
+
+  b[0] = 0x00; b[1] = 0x00; b[2] = 0x7a; b[3] = 0x69;
+  CHECK(bytes_ntohl(b) == 31337);
+  CHECK(bytes_ntohs(b + 2) == 31337);
+}
+
+static void test_serial_cmp(void)
+{
+  CHECK(serial_cmp(5, 5) == 0);
+  CHECK(serial_cmp(0, 0) == 0);
+  CHECK(serial_cmp(0xffffffffU, 0xffffffffU) == 0);
+  CHECK(serial_cmp(1, 0) > 0);
+  CHECK(serial_cmp(0, 1) < 0);
+  /* wrap: 0 comes after 0xffffffff */
+  CHECK(serial_cmp(0, 0xffffffffU) > 0);
+  CHECK(serial_cmp(0xffffffffU, 0) < 0);
+  CHECK(serial_cmp(0x10, 0xfffffff0U) > 0);
+  CHECK(serial_cmp(0xfffffff0U, 0x10) < 0);
+  /* the largest forward distance */
+  CHECK(serial_cmp(0x7fffffffU, 0) > 0);
+  CHECK(serial_cmp(0, 0x7fffffffU) < 0);
+  CHECK(serial_cmp(0x80000005U, 6) > 0);
+  /* exactly 2^31 apart: (int32)(a-b) is INT32_MIN either way */
+  CHECK(serial_cmp(0x80000000U, 0) < 0);
+  CHECK(serial_cmp(0, 0x80000000U) < 0);
+  CHECK(serial_cmp(0x80000001U, 0) < 0);
+}
+
+static void test_string_tolong(void)
+{
+  char buf[64];
+  long v;
+
+  v = -1; CHECK(string_tolong("0x10", &v) == 0 && v == 16);
+  v = -1; CHECK(string_tolong("0X1f", &v) == 0 && v == 31);
+  v = -1; CHECK(string_tolong("010", &v) == 0 && v == 8);
+  v = -1; CHECK(string_tolong("08", &v) == 0 && v == 0); /* '8' is junk */
+  v = -1; CHECK(string_tolong("12junk", &v) == 0 && v == 12);
+  v = -1; CHECK(string_tolong("31337", &v) == 0 && v == 31337);
+  v = -1; CHECK(string_tolong("0", &v) == 0 && v == 0);
+  v = 0;  CHECK(string_tolong("  -42", &v) == 0 && v == -42);
+  v = 0;  CHECK(string_tolong("+7", &v) == 0 && v == 7);
+  v = 0;  CHECK(string_tolong("65535:x", &v) == 0 && v == 65535);
+
+  v = 99; CHECK(string_tolong("abc", &v) == -1 && v == 99);
+  v = 99; CHECK(string_tolong("", &v) == -1 && v == 99);
+  v = 99; CHECK(string_tolong("   ", &v) == -1 && v == 99);
+  v = 99; CHECK(string_tolong("-", &v) == -1 && v == 99);
+  v = 99; CHECK(string_tolong(NULL, &v) == -1 && v == 99);
+
+  /* overflow either way */
+  v = 99;
+  CHECK(string_tolong("99999999999999999999999999", &v) == -1 && v == 99);
+  CHECK(string_tolong("-99999999999999999999999999", &v) == -1 && v == 99);
+  CHECK(string_tolong("0x1ffffffffffffffffffffffff", &v) == -1);
+
+  /* the extremes themselves are fine */
+  snprintf(buf, sizeof(buf), "%ld", LONG_MAX);
+  CHECK(string_tolong(buf, &v) == 0 && v == LONG_MAX);
+  snprintf(buf, sizeof(buf), "%ld", LONG_MIN);
+  CHECK(string_tolong(buf, &v) == 0 && v == LONG_MIN);
+
+  /* a stale errno must not leak into the result */
+  errno = ERANGE;
+  CHECK(string_tolong("5", &v) == 0 && v == 5);
+}
+
+static void test_string_isdigits(void)
+{
+  CHECK(string_isdigits("0") == 1);
+  CHECK(string_isdigits("31337") == 1);
+  CHECK(string_isdigits("") == 0);
+  CHECK(string_isdigits(NULL) == 0);
+  CHECK(string_isdigits("12a") == 0);
+  CHECK(string_isdigits("-1") == 0);
+  CHECK(string_isdigits(" 1") == 0);
+  CHECK(string_isdigits("1 ") == 0);
+  CHECK(string_isdigits("0x10") == 0);
+  CHECK(string_isdigits("1.2.3.4:80") == 0);
+}
+
+static void test_ascii_strncasecmp(void)
+{
+  CHECK(ascii_strncasecmp("DEBUG", "debug", 5) == 0);
+  CHECK(ascii_strncasecmp("SkipNameVerification",
+			  "skipnameverification", 100) == 0);
+  CHECK(ascii_strncasecmp("abc", "abd", 3) < 0);
+  CHECK(ascii_strncasecmp("abd", "ABC", 3) > 0);
+  CHECK(ascii_strncasecmp("abc", "abd", 2) == 0);
+  CHECK(ascii_strncasecmp("abc", "ab", 3) > 0);
+  CHECK(ascii_strncasecmp("ab", "abc", 3) < 0);
+  CHECK(ascii_strncasecmp("x", "y", 0) == 0);
+  CHECK(ascii_strncasecmp("", "", 10) == 0);
+  /* stops at the NUL: bytes after it are not compared */
+  CHECK(ascii_strncasecmp("Hi\0X", "HI\0Y", 4) == 0);
+  /* only ASCII letters fold: '@' (0x40) and '`' (0x60) differ */
+  CHECK(ascii_strncasecmp("@", "`", 1) != 0);
+  CHECK(ascii_strncasecmp("[", "{", 1) != 0);
+  /* high bytes compare as unsigned */
+  CHECK(ascii_strncasecmp("\xe9", "a", 1) > 0);
+}
+
+static void test_fd_flags(void)
+{
+  int p[2], flags;
+
+  if(!CHECK(pipe(p) == 0))
+    return;
+  CHECK((fcntl(p[0], F_GETFL) & O_NONBLOCK) == 0);
+  CHECK(fd_nonblock(p[0]) == 0);
+  CHECK((flags = fcntl(p[0], F_GETFL)) != -1 && (flags & O_NONBLOCK));
+  CHECK(fd_nonblock(p[0]) == 0); /* idempotent */
+  CHECK(read(p[0], &flags, 1) == -1 && errno == EAGAIN);
+
+  CHECK((fcntl(p[1], F_GETFD) & FD_CLOEXEC) == 0);
+  CHECK(fd_cloexec(p[1]) == 0);
+  CHECK((flags = fcntl(p[1], F_GETFD)) != -1 && (flags & FD_CLOEXEC));
+  CHECK(fd_cloexec(p[1]) == 0);
+
+  close(p[0]);
+  close(p[1]);
+  /* closed descriptors fail with EBADF */
+  errno = 0;
+  CHECK(fd_nonblock(p[0]) == -1 && errno == EBADF);
+  errno = 0;
+  CHECK(fd_cloexec(p[1]) == -1 && errno == EBADF);
+}
+
+static void test_time(void)
+{
+  struct timeval a, b;
+
+  time_wall(&a);
+  CHECK(a.tv_sec > 1500000000);      /* after 2017 */
+  CHECK(a.tv_usec >= 0 && a.tv_usec < 1000000);
+  time_mono(&a);
+  time_mono(&b);
+  CHECK(b.tv_usec >= 0 && b.tv_usec < 1000000);
+  CHECK(timeval_diff_ms(&b, &a) >= 0);
+
+  a.tv_sec = 5; a.tv_usec = 500000;
+  b.tv_sec = 3; b.tv_usec = 0;
+  CHECK(timeval_diff_ms(&a, &b) == 2500);
+  CHECK(timeval_diff_ms(&b, &a) == -2500);
+  CHECK(timeval_diff_ms(&a, &a) == 0);
+
+  a.tv_sec = 2; a.tv_usec = 1000;
+  b.tv_sec = 1; b.tv_usec = 999000;
+  CHECK(timeval_diff_ms(&a, &b) == 2);
+  CHECK(timeval_diff_ms(&b, &a) == -2);
+
+  /* sub-millisecond differences truncate toward zero both ways */
+  a.tv_sec = 2; a.tv_usec = 0;
+  b.tv_sec = 1; b.tv_usec = 999999;
+  CHECK(timeval_diff_ms(&a, &b) == 0);
+  CHECK(timeval_diff_ms(&b, &a) == 0);
+
+  /* large spans do not overflow */
+  a.tv_sec = 2000000000; a.tv_usec = 0;
+  b.tv_sec = 0; b.tv_usec = 0;
+  CHECK(timeval_diff_ms(&a, &b) == INT64_C(2000000000000));
+}
+
+/* parse addr:port, check family and length, then print it back */
+static int addr_roundtrip(const char *addr, int port, int af,
+			  const char *want)
+{
+  struct sockaddr_storage ss;
+  socklen_t sl = 0;
+  char buf[64];
+  const char *s;
+
+  if(sockaddr_fromstr(addr, port, &ss, &sl) != af || ss.ss_family != af)
+    return 0;
+  if(af == AF_INET && sl != sizeof(struct sockaddr_in))
+    return 0;
+  if(af == AF_INET6 && sl != sizeof(struct sockaddr_in6))
+    return 0;
+  if(sockaddr_port((struct sockaddr *)&ss) != port)
+    return 0;
+  s = sockaddr_tostr((struct sockaddr *)&ss, buf, sizeof(buf));
+  return s == buf && strcmp(buf, want) == 0;
+}
+
+static void test_sockaddr_v4(void)
+{
+  struct sockaddr_storage ss;
+  char buf[16];
+
+  CHECK(addr_roundtrip("192.0.2.1", 31337, AF_INET, "192.0.2.1"));
+  CHECK(addr_roundtrip("127.0.0.1", 1, AF_INET, "127.0.0.1"));
+  CHECK(addr_roundtrip("0.0.0.0", 65535, AF_INET, "0.0.0.0"));
+  CHECK(addr_roundtrip("255.255.255.255", 0, AF_INET, "255.255.255.255"));
+
+  /* the buffer must hold the text and its NUL */
+  CHECK(sockaddr_fromstr("192.0.2.1", 80, &ss, NULL) == AF_INET);
+  CHECK(sockaddr_tostr((struct sockaddr *)&ss, buf, 10) == buf);
+  CHECK(strcmp(buf, "192.0.2.1") == 0);
+  CHECK(sockaddr_tostr((struct sockaddr *)&ss, buf, 9) == NULL);
+  CHECK(sockaddr_tostr((struct sockaddr *)&ss, buf, 0) == NULL);
+
+  CHECK(sockaddr_fromstr("192.0.2.256", 80, &ss, NULL) == -1);
+  CHECK(sockaddr_fromstr("1.2.3", 80, &ss, NULL) == -1);
+  CHECK(sockaddr_fromstr("localhost", 80, &ss, NULL) == -1);
+  CHECK(sockaddr_fromstr("host.example", 80, &ss, NULL) == -1);
+  CHECK(sockaddr_fromstr("", 80, &ss, NULL) == -1);
+  CHECK(sockaddr_fromstr(" 192.0.2.1", 80, &ss, NULL) == -1);
+  CHECK(sockaddr_fromstr("192.0.2.1:80", 80, &ss, NULL) == -1);
+  CHECK(sockaddr_fromstr(NULL, 80, &ss, NULL) == -1);
+  CHECK(sockaddr_fromstr("192.0.2.1", -1, &ss, NULL) == -1);
+  CHECK(sockaddr_fromstr("192.0.2.1", 65536, &ss, NULL) == -1);
+}
+
+static void test_sockaddr_v6(void)
+{
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  char buf[INET6_ADDRSTRLEN];
+
+  CHECK(addr_roundtrip("2001:db8::1", 31337, AF_INET6, "2001:db8::1"));
+  CHECK(addr_roundtrip("::1", 443, AF_INET6, "::1"));
+  CHECK(addr_roundtrip("::", 65535, AF_INET6, "::"));
+  CHECK(addr_roundtrip("2001:DB8:0:0:0:0:0:2", 1, AF_INET6, "2001:db8::2"));
+  CHECK(addr_roundtrip("::ffff:192.0.2.1", 80, AF_INET6,
+		       "::ffff:192.0.2.1"));
+
+  CHECK(sockaddr_fromstr("[::1]", 80, &ss, &sl) == -1);
+  CHECK(sockaddr_fromstr("2001:db8::1::2", 80, &ss, &sl) == -1);
+  CHECK(sockaddr_fromstr("2001:db8::g", 80, &ss, &sl) == -1);
+  CHECK(sockaddr_fromstr(":", 80, &ss, &sl) == -1);
+  CHECK(sockaddr_fromstr("::1", 70000, &ss, &sl) == -1);
+
+  CHECK(sockaddr_fromstr("2001:db8::1", 80, &ss, NULL) == AF_INET6);
+  CHECK(sockaddr_tostr((struct sockaddr *)&ss, buf, 12) == buf);
+  CHECK(sockaddr_tostr((struct sockaddr *)&ss, buf, 11) == NULL);
+}
+
+static void test_sockaddr_other(void)
+{
+  struct sockaddr_un su;
+  char buf[64];
+
+  memset(&su, 0, sizeof(su));
+  su.sun_family = AF_UNIX;
+  CHECK(sockaddr_tostr((struct sockaddr *)&su, buf, sizeof(buf)) == NULL);
+  CHECK(sockaddr_port((struct sockaddr *)&su) == -1);
+}
+
+/* write len bytes to a fresh temp file; its path goes in path[] */
+static int temp_file(char *path, size_t pathlen, const char *data,
+		     size_t len)
+{
+  const char *dir = getenv("TMPDIR");
+  int fd;
+
+  if(dir == NULL || *dir == '\0')
+    dir = "/tmp";
+  snprintf(path, pathlen, "%s/test_utils.XXXXXX", dir);
+  if((fd = mkstemp(path)) == -1)
+    return -1;
+  if(len > 0 && write(fd, data, len) != (ssize_t)len)
+    {
+      close(fd);
+      unlink(path);
+      return -1;
+    }
+  close(fd);
+  return 0;
+}
+
+static void test_file_read_all(void)
+{
+  enum { BIG = 100000 };
+  char path[512], *data, *buf = NULL;
+  size_t len = 0, i;
+  int ok;
+
+  if(!CHECK((data = malloc(BIG)) != NULL))
+    return;
+  for(i = 0; i < BIG; i++)
+    data[i] = (char)(i * 7 + 3);   /* includes NUL bytes */
+
+  /* a file larger than any initial buffer, with embedded NULs */
+  if(CHECK(temp_file(path, sizeof(path), data, BIG) == 0))
+    {
+      CHECK(file_read_all(path, &buf, &len) == 0);
+      CHECK(len == BIG);
+      CHECK(buf != NULL && memcmp(buf, data, BIG) == 0 && buf[BIG] == '\0');
+      free(buf); buf = NULL;
+      unlink(path);
+    }
+
+  /* a short text file */
+  if(CHECK(temp_file(path, sizeof(path), "vp1 key=value\n", 14) == 0))
+    {
+      CHECK(file_read_all(path, &buf, &len) == 0);
+      CHECK(len == 14 && buf != NULL && strcmp(buf, "vp1 key=value\n") == 0);
+      free(buf); buf = NULL;
+      unlink(path);
+    }
+
+  /* an empty file: a valid empty string */
+  if(CHECK(temp_file(path, sizeof(path), NULL, 0) == 0))
+    {
+      len = 99;
+      CHECK(file_read_all(path, &buf, &len) == 0);
+      CHECK(len == 0 && buf != NULL && buf[0] == '\0');
+      free(buf); buf = NULL;
+      unlink(path);
+    }
+
+  /* missing file: -1, ENOENT, outputs untouched */
+  len = 99;
+  errno = 0;
+  ok = file_read_all("/nonexistent/dir/test_utils.missing", &buf, &len);
+  CHECK(ok == -1 && errno == ENOENT);
+  CHECK(buf == NULL && len == 99);
+
+  /* a directory cannot be read as a file */
+  errno = 0;
+  CHECK(file_read_all("/", &buf, &len) == -1 && errno != 0);
+  CHECK(buf == NULL);
+
+  /* a file whose stat size is 0 but has content (Linux /proc) */
+  if(access("/proc/self/status", R_OK) == 0)
+    {
+      CHECK(file_read_all("/proc/self/status", &buf, &len) == 0);
+      CHECK(len > 0 && buf != NULL && strlen(buf) == len);
+      free(buf); buf = NULL;
+    }
+  free(data);
+}
+
+int main(void)
+{
+  UNIT_RUN(test_bytes);
+  UNIT_RUN(test_serial_cmp);
+  UNIT_RUN(test_string_tolong);
+  UNIT_RUN(test_string_isdigits);
+  UNIT_RUN(test_ascii_strncasecmp);
+  UNIT_RUN(test_fd_flags);
+  UNIT_RUN(test_time);
+  UNIT_RUN(test_sockaddr_v4);
+  UNIT_RUN(test_sockaddr_v6);
+  UNIT_RUN(test_sockaddr_other);
+  UNIT_RUN(test_file_read_all);
+  return unit_exit();
+}

@@ -1,0 +1,382 @@
+/*
+ * utils.c: small helpers shared by sc_remoted and its tests.
+ *
+ * See utils.h.  Nothing here knows about sc_remoted's objects or
+ * protocols, and nothing here logs: failures are reported through return
+ * values and errno.
+ */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "utils.h"
+
+#ifndef O_CLOEXEC
+#define O_CLOEXEC 0
+#endif
+
+/* ---- byte order ---- */
+
+void bytes_htons(uint8_t *b, uint16_t v)
+{
+  b[0] = (uint8_t)(v >> 8);
+  b[1] = (uint8_t)v;
+}
+
+void bytes_htonl(uint8_t *b, uint32_t v)
+{
+  b[0] = (uint8_t)(v >> 24);
+  b[1] = (uint8_t)(v >> 16);
+  b[2] = (uint8_t)(v >> 8);
+  b[3] = (uint8_t)v;
+}
+
+uint16_t bytes_ntohs(const uint8_t *b)
+{
+  return (uint16_t)(((uint16_t)b[0] << 8) | b[1]);
+}
+
+uint32_t bytes_ntohl(const uint8_t *b)
+{
+  return ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16) |
+    ((uint32_t)b[2] << 8) | (uint32_t)b[3];
+}
+
+/*
+ * Serial-number order (RFC 1982 style) of two u32 counters: the sign of
+ * (int32_t)(a - b), computed without relying on implementation-defined
+ * unsigned-to-signed conversion.  Returns -1, 0 or 1.  A difference of
+ * exactly 2^31 counts as "a before b", as the int32 cast would.
+ */
+int serial_cmp(uint32_t a, uint32_t b)
+{
+  uint32_t d = a - b;
+
+  if(d == 0)
+    return 0;
+  return d < UINT32_C(0x80000000) ? 1 : -1;
+}
+
+/* ---- strings ---- */
+
+/*
+ * strtol(s, &end, 0) with the error cases folded into the return value:
+ * 0 and *out set when at least one digit was consumed without overflow,
+ * -1 (and *out untouched) for NULL, no digits, or ERANGE.
+ */
+int string_tolong(const char *s, long *out)
+{
+  char *end;
+  long v;
+
+  if(s == NULL || out == NULL)
+    return -1;
+  errno = 0;
+  v = strtol(s, &end, 0);
+  if(end == s || errno == ERANGE)
+    return -1;
+  *out = v;
+  return 0;
+}
+
+int string_isdigits(const char *s)
+{
+  if(s == NULL || *s == '\0')
+    return 0;
+  for(; *s != '\0'; s++)
+    if(*s < '0' || *s > '9')
+      return 0;
+  return 1;
+}
+
+/* tolower for ASCII letters only, whatever the locale */
+static int ascii_tolower(unsigned char c)
+{
+  return (c >= 'A' && c <= 'Z') ? c - 'A' + 'a' : c;
+}
+
+/*
+ * Compare at most n bytes of a and b, folding ASCII case, stopping at the
+ * first NUL.  Returns <0, 0 or >0 like strncasecmp in the C locale.
+ */
+int ascii_strncasecmp(const char *a, const char *b, size_t n)
+{
+  const unsigned char *x = (const unsigned char *)a;
+  const unsigned char *y = (const unsigned char *)b;
+  int d;
+  size_t i;
+
+  for(i = 0; i < n; i++)
+    {
+      if((d = ascii_tolower(x[i]) - ascii_tolower(y[i])) != 0)
+	return d;
+      if(x[i] == '\0')
+	break;
+    }
+  return 0;
+}
+
+/* ---- file descriptors ---- */
+
+/* set O_NONBLOCK on fd; 0 on success, -1 with errno set */
+int fd_nonblock(int fd)
+{
+  int flags;
+
+  if((flags = fcntl(fd, F_GETFL)) == -1)
+    return -1;
+  if((flags & O_NONBLOCK) != 0)
+    return 0;
+  return fcntl(fd, F_SETFL, flags | O_NONBLOCK) == -1 ? -1 : 0;
+}
+
+/* set FD_CLOEXEC on fd; 0 on success, -1 with errno set */
+int fd_cloexec(int fd)
+{
+  int flags;
+
+  if((flags = fcntl(fd, F_GETFD)) == -1)
+    return -1;
+  if((flags & FD_CLOEXEC) != 0)
+    return 0;
+  return fcntl(fd, F_SETFD, flags | FD_CLOEXEC) == -1 ? -1 : 0;
+}
+
+/* ---- time ---- */
+
+void time_wall(struct timeval *tv)
+{
+  gettimeofday(tv, NULL);
+}
+
+/*
+ * Monotonic time as a timeval.  Falls back to the wall clock only if the
+ * system has no working CLOCK_MONOTONIC.
+ */
+void time_mono(struct timeval *tv)
+{
+  struct timespec ts;
+
+  if(clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+    {
+      gettimeofday(tv, NULL);
+      return;
+    }
+  tv->tv_sec = ts.tv_sec;
+  tv->tv_usec = (suseconds_t)(ts.tv_nsec / 1000);
+}
+
+/*
+ * a - b in whole milliseconds, truncated toward zero, so that
+ * timeval_diff_ms(a, b) == -timeval_diff_ms(b, a).
+ */
+int64_t timeval_diff_ms(const struct timeval *a, const struct timeval *b)
+{
+  int64_t us;
+
+  us = ((int64_t)a->tv_sec - (int64_t)b->tv_sec) * 1000000;
+  us += (int64_t)a->tv_usec - (int64_t)b->tv_usec;
+  return us / 1000;
+}
+
+/* ---- socket addresses ---- */
+
+/*
+ * inet_ntop of an AF_INET or AF_INET6 address, without the port.
+ * Returns buf, or NULL for any other family or when len is too small.
+ */
+const char *sockaddr_tostr(const struct sockaddr *sa, char *buf, size_t len)
+{
+  const struct sockaddr_in *sin;
+  const struct sockaddr_in6 *sin6;
+
+  if(sa == NULL || buf == NULL || len > (size_t)INT_MAX)
+    return NULL;
+  if(sa->sa_family == AF_INET)
+    {
+      sin = (const struct sockaddr_in *)(const void *)sa;
+      return inet_ntop(AF_INET, &sin->sin_addr, buf, (socklen_t)len);
+    }
+  if(sa->sa_family == AF_INET6)
+    {
+      sin6 = (const struct sockaddr_in6 *)(const void *)sa;
+      return inet_ntop(AF_INET6, &sin6->sin6_addr, buf, (socklen_t)len);
+    }
+  return NULL;
+}
+
+/* the host-order port of an AF_INET or AF_INET6 sockaddr, or -1 */
+int sockaddr_port(const struct sockaddr *sa)
+{
+  const struct sockaddr_in *sin;
+  const struct sockaddr_in6 *sin6;
+
+  if(sa == NULL)
+    return -1;
+  if(sa->sa_family == AF_INET)
+    {
+      sin = (const struct sockaddr_in *)(const void *)sa;
+      return ntohs(sin->sin_port);
+    }
+  if(sa->sa_family == AF_INET6)
+    {
+      sin6 = (const struct sockaddr_in6 *)(const void *)sa;
+      return ntohs(sin6->sin6_port);
+    }
+  return -1;
+}
+
+/* fill ss as an AF_INET sockaddr if addr is an IPv4 literal */
+static int sockaddr_fromstr4(const char *addr, int port,
+			     struct sockaddr_storage *ss, socklen_t *sslen)
+{
+  struct sockaddr_in *sin = (struct sockaddr_in *)(void *)ss;
+
+  if(inet_pton(AF_INET, addr, &sin->sin_addr) != 1)
+    return -1;
+  sin->sin_family = AF_INET;
+  sin->sin_port = htons((uint16_t)port);
+#ifdef HAVE_STRUCT_SOCKADDR_IN_SIN_LEN
+  sin->sin_len = sizeof(*sin);
+#endif
+  if(sslen != NULL)
+    *sslen = sizeof(*sin);
+  return AF_INET;
+}
+
+/* fill ss as an AF_INET6 sockaddr if addr is an IPv6 literal */
+static int sockaddr_fromstr6(const char *addr, int port,
+			     struct sockaddr_storage *ss, socklen_t *sslen)
+{
+  struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)(void *)ss;
+
+  if(inet_pton(AF_INET6, addr, &sin6->sin6_addr) != 1)
+    return -1;
+  sin6->sin6_family = AF_INET6;
+  sin6->sin6_port = htons((uint16_t)port);
+#ifdef HAVE_STRUCT_SOCKADDR_IN6_SIN6_LEN
+  sin6->sin6_len = sizeof(*sin6);
+#endif
+  if(sslen != NULL)
+    *sslen = sizeof(*sin6);
+  return AF_INET6;
+}
+
+/*
+ * Parse an IPv4 or IPv6 literal (no names, brackets or scope ids) into a
+ * zeroed ss with the given port.  Returns AF_INET or AF_INET6, or -1 if
+ * addr is not a literal or port is outside 0..65535.  sslen may be NULL.
+ */
+int sockaddr_fromstr(const char *addr, int port,
+		     struct sockaddr_storage *ss, socklen_t *sslen)
+{
+  if(addr == NULL || ss == NULL || port < 0 || port > 65535)
+    return -1;
+  memset(ss, 0, sizeof(*ss));
+  if(strchr(addr, ':') == NULL)
+    return sockaddr_fromstr4(addr, port, ss, sslen);
+  return sockaddr_fromstr6(addr, port, ss, sslen);
+}
+
+/* ---- files ---- */
+
+/*
+ * Make room for at least one more byte plus the NUL in *buf, doubling
+ * its capacity *cap when needed.  0 on success, -1 with errno set.
+ */
+static int file_grow(char **buf, size_t *cap, size_t len)
+{
+  size_t ncap;
+  char *nbuf;
+
+  if(len + 1 < *cap)
+    return 0;
+  if(*cap > SIZE_MAX / 2)
+    {
+      errno = ENOMEM;
+      return -1;
+    }
+  ncap = *cap * 2;
+  if((nbuf = realloc(*buf, ncap)) == NULL)
+    return -1;
+  *buf = nbuf;
+  *cap = ncap;
+  return 0;
+}
+
+/*
+ * Read fd to end of file into a NUL-terminated heap buffer, starting
+ * with a capacity of hint + 1 bytes (hint may be 0, as for /proc files).
+ */
+static int fd_read_all(int fd, size_t hint, char **out, size_t *outlen)
+{
+  size_t cap = hint < 4096 ? 4096 : hint + 2, len = 0;
+  char *buf;
+  ssize_t rc;
+
+  if((buf = malloc(cap)) == NULL)
+    return -1;
+  for(;;)
+    {
+      if(file_grow(&buf, &cap, len) != 0)
+	break;
+      rc = read(fd, buf + len, cap - len - 1);
+      if(rc > 0)
+	len += (size_t)rc;
+      else if(rc == 0)
+	{
+	  buf[len] = '\0';
+	  *out = buf;
+	  *outlen = len;
+	  return 0;
+	}
+      else if(errno != EINTR)
+	break;
+    }
+  free(buf);
+  return -1;
+}
+
+/*
+ * Read the whole of path into a NUL-terminated heap buffer.  Returns 0
+ * with *buf (caller frees) and *len (excluding the NUL) set, or -1 with
+ * errno set and *buf and *len untouched.
+ */
+int file_read_all(const char *path, char **buf, size_t *len)
+{
+  struct stat sb;
+  size_t hint = 0;
+  int fd, rc, err;
+
+  if(path == NULL || buf == NULL || len == NULL)
+    {
+      errno = EINVAL;
+      return -1;
+    }
+  if((fd = open(path, O_RDONLY | O_CLOEXEC)) == -1)
+    return -1;
+  if(fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size > 0 &&
+     (uintmax_t)sb.st_size < (uintmax_t)SIZE_MAX / 2)
+    hint = (size_t)sb.st_size;
+  rc = fd_read_all(fd, hint, buf, len);
+  err = errno;
+  close(fd);
+  errno = err;
+  return rc;
+}
