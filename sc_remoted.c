@@ -159,6 +159,16 @@ static char         *opt_pidfile   = NULL;  /* -e */
 static long          opt_zombie    = ZOMBIE_DEFAULT; /* -Z */
 static int           opt_family    = AF_UNSPEC;      /* -4 / -6 */
 static int           opt_daemon    = 0;              /* -D */
+#ifdef HAVE_CHROOT
+static char         *opt_chroot    = NULL;  /* -R */
+#endif
+
+/* resource limits (-O name=value) */
+static size_t        opt_buf_high  = 4 * 1024 * 1024; /* stop feeding */
+static size_t        opt_buf_low   = 1024 * 1024;     /* resume feeding */
+static long          opt_stall     = 60;     /* secs over high, no progress */
+static size_t        opt_unacked_max = 16 * 1024 * 1024;
+static long          opt_handshake_max = 1024;
 #ifdef HAVE_OPENSSL
 static char         *opt_certfile  = NULL;  /* -c */
 static char         *opt_privfile  = NULL;  /* -p */
@@ -180,6 +190,7 @@ static int           listen_port   = 0;
 #define USAGE_TLS  0x0040
 #define USAGE_E    0x0080
 #define USAGE_MF   0x0100
+#define USAGE_R    0x0200
 
 static void usage(unsigned int which)
 {
@@ -189,7 +200,8 @@ static void usage(unsigned int which)
 #ifdef HAVE_OPENSSL
 	  "                  [-C CA-file] [-c cert-file] [-p priv-file]\n"
 #endif
-	  "                  [-e pid-file] [-m meta-file] [-Z zombie-time]\n");
+	  "                  [-R chroot-dir] [-e pid-file] [-m meta-file]"
+	  " [-Z zombie-time]\n");
   if(which == 0)
     return;
   fprintf(stderr, "\n");
@@ -212,7 +224,12 @@ static void usage(unsigned int which)
 #ifdef HAVE_OPENSSL
 	    " skipnameverification,"
 #endif
-	    " notimes\n");
+	    " notimes\n"
+	    "        buffer-high=BYTES, buffer-low=BYTES (local client output"
+	    " watermarks)\n"
+	    "        stall-timeout=SECS, unacked-max=BYTES, handshake-max=N\n");
+  if(which & USAGE_R)
+    fprintf(stderr, "     -R chroot into this directory after startup\n");
 #ifdef HAVE_OPENSSL
   if(which & USAGE_TLS)
     fprintf(stderr, "     -c server certificate file (PEM), with -p\n"
@@ -229,6 +246,59 @@ static void usage(unsigned int which)
   return;
 }
 
+/* a byte count with an optional k, m or g suffix */
+static int parse_bytes(const char *s, size_t *out)
+{
+  unsigned long long v;
+  char *end;
+  if(*s < '0' || *s > '9')
+    return -1;
+  errno = 0;
+  v = strtoull(s, &end, 10);
+  if(errno != 0)
+    return -1;
+  switch(*end)
+    {
+    case 'k': case 'K': v *= 1024ULL; end++; break;
+    case 'm': case 'M': v *= 1024ULL * 1024; end++; break;
+    case 'g': case 'G': v *= 1024ULL * 1024 * 1024; end++; break;
+    }
+  if(*end != '\0' || v == 0 || v > (unsigned long long)SIZE_MAX / 2)
+    return -1;
+  *out = (size_t)v;
+  return 0;
+}
+
+/* -O name=value: the resource limits */
+static int parse_O_value(const char *opt)
+{
+  const char *eq = strchr(opt, '=');
+  size_t nl = (size_t)(eq - opt), v;
+  const char *val = eq + 1;
+
+  if(nl == 11 && strncasecmp(opt, "buffer-high", nl) == 0)
+    return parse_bytes(val, &opt_buf_high);
+  if(nl == 10 && strncasecmp(opt, "buffer-low", nl) == 0)
+    return parse_bytes(val, &opt_buf_low);
+  if(nl == 11 && strncasecmp(opt, "unacked-max", nl) == 0)
+    return parse_bytes(val, &opt_unacked_max);
+  if(nl == 13 && strncasecmp(opt, "stall-timeout", nl) == 0)
+    {
+      if(parse_bytes(val, &v) != 0 || v > 86400)
+	return -1;
+      opt_stall = (long)v;
+      return 0;
+    }
+  if(nl == 13 && strncasecmp(opt, "handshake-max", nl) == 0)
+    {
+      if(parse_bytes(val, &v) != 0 || v > 10000000)
+	return -1;
+      opt_handshake_max = (long)v;
+      return 0;
+    }
+  return -1;
+}
+
 static int parse_O(const char *opt)
 {
   static const struct { const char *name; unsigned int flag; } opts[] = {
@@ -242,6 +312,8 @@ static int parse_O(const char *opt)
     {"notimes",    OPT_NOTIMES},
   };
   size_t i;
+  if(strchr(opt, '=') != NULL)
+    return parse_O_value(opt);
   for(i=0; i<sizeof(opts)/sizeof(opts[0]); i++)
     {
       if(strcasecmp(opt, opts[i].name) == 0)
@@ -668,6 +740,20 @@ typedef struct rp_rx
   uint8_t       checked;   /* header of the held frame was validated */
 } rp_rx_t;
 
+/*
+ * The output side of a local consumer (-U or mux client).  Above
+ * opt_buf_high the consumer is "full": the VPs feeding it stop being read
+ * until it drains below opt_buf_low.  A consumer full for opt_stall
+ * seconds without writing anything is disconnected.
+ */
+typedef struct sink
+{
+  buf_t         out;
+  uint8_t       full;
+  uint64_t      last_progress;  /* tick of the last successful write */
+  tw_timer_t    stall_timer;
+} sink_t;
+
 typedef struct chan chan_t;
 typedef struct vp vp_t;
 typedef struct uclient uclient_t;
@@ -685,6 +771,8 @@ struct vp
   vpstate_t     state;
   uint8_t       dead;
   uint8_t       rd_blocked;     /* reads stopped (FLUSH) */
+  uint8_t       paused;         /* reads stopped: a consumer is full */
+  uint8_t       in_handshake;   /* counted in handshake_count */
   uint32_t      id;             /* VP id; 0 until MASTER_NEW accepted */
   uint8_t       magic_len;
   uint8_t      *magic;
@@ -714,6 +802,8 @@ struct vp
   dlist_node_t  list_node;      /* accept order */
   uint64_t      zombie_gen;     /* mux client generation when it went zombie */
   uint8_t       was_zombie;
+  uint8_t       again_queued;
+  dlist_node_t  again_node;
   slist_node_t  gc_node;
 };
 
@@ -737,10 +827,12 @@ struct uclient
   fdev_t        ev;
   vp_t         *vp;
   chan_t       *chan;           /* NULL once detached */
-  buf_t         out;
+  sink_t        sink;
   uint8_t       dead;
   uint8_t       eof;            /* client half-closed */
   uint8_t       closing;        /* close once out is drained */
+  uint8_t       in_paused;      /* not read: its VP's unacked is full */
+  dlist_node_t  paused_node;
   slist_node_t  gc_node;
 };
 
@@ -758,11 +850,14 @@ typedef struct mux_rx
 struct mclient
 {
   fdev_t        ev;
-  buf_t         out;
+  sink_t        sink;
   mux_rx_t      rx;
   splaytree_t   chans;          /* chan_t by client channel id */
   uint64_t      gen;            /* connection order */
   uint8_t       dead;
+  uint8_t       in_paused;      /* not read: a VP's unacked is full */
+  uint8_t       in_pause_req;   /* pause after this read */
+  dlist_node_t  paused_node;
   dlist_node_t  list_node;
   slist_node_t  gc_node;
 };
@@ -775,6 +870,10 @@ static uint32_t     vp_id_next = 1;
 static dlist_t      mc_list;                /* all mux clients */
 static uint64_t     mc_gen = 0;
 static slist_t      gc_vps, gc_chans, gc_ucs, gc_mcs;
+static dlist_t      vp_again;               /* VPs with TLS data to read */
+static dlist_t      uc_in_paused;           /* -U clients not read (unacked) */
+static dlist_t      mc_in_paused;           /* mux clients not read */
+static long         handshake_count = 0;
 
 static fdev_t       tcp_lev[2];             /* -P listeners */
 static int          tcp_lev_count = 0;
@@ -1299,6 +1398,15 @@ static ssize_t vp_conn_read(vp_t *vp, uint8_t *buf, size_t len)
 	    return CONN_AGAIN;
 	  return errno == 0 ? 0 : CONN_ERROR;
 	default:
+#ifdef SSL_R_UNEXPECTED_EOF_WHILE_READING
+	  /* the peer vanished without close_notify: a lost connection */
+	  if(ERR_GET_REASON(ERR_peek_error()) ==
+	     SSL_R_UNEXPECTED_EOF_WHILE_READING)
+	    {
+	      ERR_clear_error();
+	      return CONN_ERROR;
+	    }
+#endif
 	  log_dbg("%s: TLS read: %s", vp->peer, tls_errstr());
 	  return CONN_PROTO;
 	}
@@ -1370,6 +1478,154 @@ static void vp_conn_close(vp_t *vp)
   buf_clear(&vp->out);
   return;
 }
+
+/* ---------------------------------------------------------------------
+ * Backpressure
+ *
+ * Output toward a local consumer is bounded: past opt_buf_high the VPs
+ * feeding it are paused (not read; TCP pushes back to scamper, which
+ * buffers on its side) until it drains below opt_buf_low.  A paused VP
+ * keeps sending keepalives and its rx_abort is suspended.  Input from a
+ * local client is bounded by its VP's unacked queue (opt_unacked_max),
+ * which matters most while the VP is a zombie.
+ * --------------------------------------------------------------------- */
+
+static void vp_read(vp_t *vp);
+
+static void sink_init(sink_t *s, void (*stall_fn)(tw_timer_t *))
+{
+  memset(&s->out, 0, sizeof(s->out));
+  s->full = 0;
+  s->last_progress = tw_tick;
+  tw_timer_init(&s->stall_timer, stall_fn);
+  return;
+}
+
+static void sink_fini(sink_t *s)
+{
+  tw_cancel(&s->stall_timer);
+  buf_clear(&s->out);
+  s->full = 0;
+  return;
+}
+
+/* stop reading vp until every consumer it feeds has drained */
+static void vp_pause(vp_t *vp)
+{
+  if(vp->paused || vp->dead)
+    return;
+  vp->paused = 1;
+  if(vp->ev.fd >= 0)
+    ev_want_read(&vp->ev, 0);
+  return;
+}
+
+/* bytes were queued on s by feeder (NULL: by the daemon itself) */
+static void sink_appended(sink_t *s, vp_t *feeder)
+{
+  if(!s->full && buf_len(&s->out) > opt_buf_high)
+    {
+      s->full = 1;
+      s->last_progress = tw_tick;
+      tw_arm(&s->stall_timer, (unsigned int)opt_stall);
+    }
+  if(s->full && feeder != NULL)
+    vp_pause(feeder);
+  return;
+}
+
+/*
+ * A write to the consumer's socket left `before` - len(out) bytes less
+ * queued.  Returns 1 when the sink just dropped below the low mark (the
+ * caller then wakes the VPs that feed it).
+ */
+static int sink_written(sink_t *s, size_t before)
+{
+  if(buf_len(&s->out) < before)
+    s->last_progress = tw_tick;
+  if(s->full && buf_len(&s->out) <= opt_buf_low)
+    {
+      s->full = 0;
+      tw_cancel(&s->stall_timer);
+      return 1;
+    }
+  return 0;
+}
+
+/* the stall timer fired: 1 if the consumer must go, else re-armed */
+static int sink_stalled(sink_t *s)
+{
+  if(!s->full)
+    return 0;
+  if(tw_tick >= s->last_progress + (uint64_t)opt_stall)
+    return 1;
+  tw_arm_at(&s->stall_timer, s->last_progress + (uint64_t)opt_stall);
+  return 0;
+}
+
+static int chan_sink_full(void *item, void *param)
+{
+  chan_t *c = item;
+  (void)param;
+  if(c->uc != NULL && c->uc->sink.full)
+    return 1;
+  if(c->mc != NULL && c->mc->sink.full)
+    return 1;
+  return 0;
+}
+
+#ifdef HAVE_OPENSSL
+/* read vp again (next iteration): TLS may hold decrypted bytes */
+static void vp_again_queue(vp_t *vp)
+{
+  if(vp->again_queued || vp->dead)
+    return;
+  vp->again_queued = 1;
+  dlist_push_tail(&vp_again, &vp->again_node);
+  return;
+}
+#endif
+
+/* resume reading vp if none of the consumers it feeds is full */
+static void vp_try_unpause(vp_t *vp)
+{
+  if(vp == NULL || !vp->paused || vp->dead)
+    return;
+  if(splaytree_inorder(&vp->chans, chan_sink_full, NULL) != 0)
+    return;
+  vp->paused = 0;
+  vp->last_rx = tw_tick; /* a full rx_abort window from now */
+  if(vp->ev.fd < 0 || vp->rd_blocked)
+    return;
+  ev_want_read(&vp->ev, 1);
+#ifdef HAVE_OPENSSL
+  if(vp->ssl != NULL && SSL_pending(vp->ssl) > 0)
+    vp_again_queue(vp);
+#endif
+  return;
+}
+
+/* read the VPs queued by vp_again_queue; returns how many were read */
+static void vp_again_run(void)
+{
+  dlist_node_t *n;
+  vp_t *vp;
+  while((n = dlist_pop_head(&vp_again)) != NULL)
+    {
+      vp = CONTAINER_OF(n, vp_t, again_node);
+      vp->again_queued = 0;
+      if(!vp->dead && !vp->paused && vp->ev.fd >= 0 && !vp->rd_blocked)
+	vp_read(vp);
+    }
+  return;
+}
+
+static int vp_unacked_full(const vp_t *vp)
+{
+  return vp != NULL && buf_len(&vp->unacked) > opt_unacked_max;
+}
+
+static void in_paused_recheck(void);
 
 /* ---------------------------------------------------------------------
  * Remote protocol (PROTOCOL.md 2)
@@ -1609,6 +1865,7 @@ static vp_t *vp_alloc(int fd, const struct sockaddr *sa)
   tw_timer_init(&vp->rx_timer, vp_timer_rx);
   tw_timer_init(&vp->ka_timer, vp_timer_ka);
   dlist_node_init(&vp->list_node);
+  dlist_node_init(&vp->again_node);
   vp->last_rx = vp->last_tx = tw_tick;
   return vp;
 }
@@ -1638,6 +1895,7 @@ static void vp_conn_drop(vp_t *vp)
   vp_conn_close(vp);
   rp_rx_reset(&vp->rx);
   vp->rd_blocked = 0;
+  vp->paused = 0;
   vp_lev_close(vp);
   tw_cancel(&vp->ka_timer);
   return;
@@ -1674,8 +1932,20 @@ static void vp_close(vp_t *vp, const char *why)
     splaytree_remove(&vp_by_magic, vp);
   vp->in_id_tree = vp->in_magic_tree = 0;
   dlist_remove(&vp_list, &vp->list_node);
+  if(vp->again_queued)
+    {
+      dlist_remove(&vp_again, &vp->again_node);
+      vp->again_queued = 0;
+    }
+  if(vp->in_handshake)
+    {
+      vp->in_handshake = 0;
+      handshake_count--;
+    }
   buf_clear(&vp->unacked);
   slist_push_tail(&gc_vps, &vp->gc_node);
+  if(uc_in_paused.count > 0 || mc_in_paused.count > 0)
+    in_paused_recheck();
   return;
 }
 
@@ -1701,6 +1971,11 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
       if(vp_lev_open(vp) != 0)
 	return -1;
       vp->state = VP_GO;
+      if(vp->in_handshake)
+	{
+	  vp->in_handshake = 0;
+	  handshake_count--;
+	}
       vp->last_rx = vp->last_tx = tw_tick;
       tw_arm(&vp->rx_timer, TIMEOUT_RX_ABORT);
       tw_arm(&vp->ka_timer, TIMEOUT_KEEPALIVE);
@@ -1801,7 +2076,9 @@ static void vp_timer_rx(tw_timer_t *t)
       vp_close(vp, "accept timeout");
       break;
     case VP_GO:
-      if(tw_tick >= vp->last_rx + TIMEOUT_RX_ABORT)
+      if(vp->paused)
+	tw_arm(t, TIMEOUT_RX_ABORT); /* not reading: not its silence */
+      else if(tw_tick >= vp->last_rx + TIMEOUT_RX_ABORT)
 	vp_lost(vp, "rx_abort: nothing received for 60s");
       else
 	tw_arm_at(t, vp->last_rx + TIMEOUT_RX_ABORT);
@@ -1983,6 +2260,7 @@ static int vp_handle_ack(vp_t *vp, const uint8_t *b, size_t len)
 {
   uint8_t h[RP_HDRLEN];
   uint32_t seq;
+  size_t before;
 
   if(len != 4)
     return vp_proto_error(vp, "malformed ACK");
@@ -1994,9 +2272,13 @@ static int vp_handle_ack(vp_t *vp, const uint8_t *b, size_t len)
       log_dbg("%s: ACK %u, expected %u", vp->peer, seq, vp->snd_una);
       return vp_proto_error(vp, "ACK for the wrong seq");
     }
+  before = buf_len(&vp->unacked);
   buf_peek(&vp->unacked, 0, h, RP_HDRLEN);
   buf_drop(&vp->unacked, RP_HDRLEN + (size_t)bytes_ntohs(h + 8));
   vp->snd_una++;
+  if(before > opt_unacked_max / 2 &&
+     buf_len(&vp->unacked) <= opt_unacked_max / 2)
+    in_paused_recheck();
   return 0;
 }
 
@@ -2249,13 +2531,17 @@ static void vp_read(vp_t *vp)
 
   for(;;)
     {
-#ifdef HAVE_OPENSSL
-      if(budget <= 0 && (vp->ssl == NULL || SSL_pending(vp->ssl) <= 0))
+      if(vp->paused)
 	return;
-#else
       if(budget <= 0)
-	return;
+	{
+#ifdef HAVE_OPENSSL
+	  /* decrypted bytes raise no fd event: read them next iteration */
+	  if(vp->ssl != NULL && SSL_pending(vp->ssl) > 0)
+	    vp_again_queue(vp);
 #endif
+	  return;
+	}
       budget--;
       n = vp_conn_read(vp, scratch, SCRATCH_SIZE);
       if(n == CONN_AGAIN)
@@ -2398,6 +2684,8 @@ static void accept_pause(const char *what)
 static int vp_tls_start(vp_t *vp);
 #endif
 
+static uint64_t hs_cap_logged = UINT64_MAX;
+
 static void tcp_accept(fdev_t *lev)
 {
   struct sockaddr_storage ss;
@@ -2417,6 +2705,15 @@ static void tcp_accept(fdev_t *lev)
 	    log_err("accept failed: %s", strerror(errno));
 	  return;
 	}
+      if(handshake_count >= opt_handshake_max)
+	{
+	  if(hs_cap_logged != tw_tick)
+	    log_err("%ld connections in handshake: refusing new ones",
+		    handshake_count);
+	  hs_cap_logged = tw_tick;
+	  close(fd);
+	  continue;
+	}
       if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
 	 (vp = vp_alloc(fd, (struct sockaddr *)&ss)) == NULL)
 	{
@@ -2424,6 +2721,8 @@ static void tcp_accept(fdev_t *lev)
 	  close(fd);
 	  continue;
 	}
+      vp->in_handshake = 1;
+      handshake_count++;
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
       dlist_push_tail(&vp_list, &vp->list_node);
       tw_arm(&vp->rx_timer, TIMEOUT_ACCEPT);
@@ -2453,8 +2752,8 @@ static void tcp_accept(fdev_t *lev)
 
 static void uc_on_fin(uclient_t *uc);
 static void uc_close(uclient_t *uc, const char *why);
-static void mc_deliver(mclient_t *mc, uint32_t id, const uint8_t *data,
-		       size_t len);
+static void mc_deliver(mclient_t *mc, vp_t *feeder, uint32_t id,
+		       const uint8_t *data, size_t len);
 static void mc_send_channel_close(mclient_t *mc, uint32_t id);
 
 /*
@@ -2513,15 +2812,16 @@ static void chan_on_data(chan_t *c, const uint8_t *data, size_t len)
       uclient_t *uc = c->uc;
       if(uc->ev.fd < 0)
 	return;
-      if(buf_append(&uc->out, data, len) != 0)
+      if(buf_append(&uc->sink.out, data, len) != 0)
 	{
 	  uc_close(uc, "out of memory");
 	  return;
 	}
       out_queue(&uc->ev);
+      sink_appended(&uc->sink, c->vp);
     }
   else if(c->mc != NULL)
-    mc_deliver(c->mc, c->mc_id, data, len);
+    mc_deliver(c->mc, c->vp, c->mc_id, data, len);
   return;
 }
 
@@ -2547,7 +2847,7 @@ static void chan_vp_gone(chan_t *c)
   if(c->uc != NULL)
     {
       uclient_t *uc = c->uc;
-      buf_clear(&uc->out);
+      buf_clear(&uc->sink.out);
       uc_close(uc, "vp freed");
       return;
     }
@@ -2556,6 +2856,7 @@ static void chan_vp_gone(chan_t *c)
   chan_release(c);
   return;
 }
+
 
 /* ---------------------------------------------------------------------
  * Per-VP unix sockets (PROTOCOL.md 4)
@@ -2673,12 +2974,16 @@ static void vp_lev_close(vp_t *vp)
   return;
 }
 
+static void uc_stall(tw_timer_t *t);
+
 static uclient_t *uc_alloc(vp_t *vp, int fd)
 {
   uclient_t *uc;
   if((uc = calloc(1, sizeof(uclient_t))) == NULL)
     return NULL;
   fdev_init(&uc->ev, fd, FD_UC, uc);
+  sink_init(&uc->sink, uc_stall);
+  dlist_node_init(&uc->paused_node);
   uc->vp = vp;
   return uc;
 }
@@ -2690,29 +2995,63 @@ static uclient_t *uc_alloc(vp_t *vp, int fd)
  */
 static void uc_close(uclient_t *uc, const char *why)
 {
+  vp_t *feeder = NULL;
   chan_t *c;
   if(uc->dead)
     return;
   uc->dead = 1;
   log_dbg("%s: local client closed: %s",
 	  uc->vp != NULL ? uc->vp->peer : "?", why);
+  if(uc->in_paused)
+    {
+      dlist_remove(&uc_in_paused, &uc->paused_node);
+      uc->in_paused = 0;
+    }
+  ev_close(&uc->ev);
+  sink_fini(&uc->sink);
   if((c = uc->chan) != NULL)
     {
       uc->chan = NULL;
       c->uc = NULL;
+      feeder = c->vp;
       if(chan_send_fin(c) == 0)
-	chan_release(c);
+	{
+	  chan_release(c);
+	  vp_try_unpause(feeder);
+	}
     }
-  ev_close(&uc->ev);
-  buf_clear(&uc->out);
   slist_push_tail(&gc_ucs, &uc->gc_node);
+  return;
+}
+
+static void uc_stall(tw_timer_t *t)
+{
+  uclient_t *uc = CONTAINER_OF(t, uclient_t, sink.stall_timer);
+  if(sink_stalled(&uc->sink))
+    {
+      log_err("%s: local client stalled: %zu bytes unread for %lds",
+	      uc->vp != NULL ? uc->vp->peer : "?", buf_len(&uc->sink.out),
+	      opt_stall);
+      uc_close(uc, "stalled");
+    }
+  return;
+}
+
+/* stop reading the client while its VP's unacked queue is full */
+static void uc_in_pause(uclient_t *uc)
+{
+  if(uc->in_paused)
+    return;
+  uc->in_paused = 1;
+  dlist_push_tail(&uc_in_paused, &uc->paused_node);
+  ev_want_read(&uc->ev, 0);
   return;
 }
 
 /* close once nothing is left to deliver, if scamper or the client ended */
 static void uc_check_done(uclient_t *uc)
 {
-  if(uc->dead || buf_len(&uc->out) > 0)
+  if(uc->dead || buf_len(&uc->sink.out) > 0)
     return;
   if(uc->closing || (uc->chan != NULL && uc->chan->fin_rcvd))
     uc_close(uc, uc->eof ? "client done and scamper finished"
@@ -2737,6 +3076,11 @@ static void uc_read(uclient_t *uc)
 
   for(i=0; i<4; i++)
     {
+      if(uc->chan != NULL && vp_unacked_full(uc->chan->vp))
+	{
+	  uc_in_pause(uc);
+	  return;
+	}
       if((n = read(uc->ev.fd, scratch, UC_READ_MAX)) < 0)
 	{
 	  if(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
@@ -2772,15 +3116,18 @@ static void uc_read(uclient_t *uc)
 
 static void uc_flush(uclient_t *uc)
 {
+  size_t before = buf_len(&uc->sink.out);
   if(uc->dead || uc->ev.fd < 0)
     return;
-  if(buf_writev(&uc->out, uc->ev.fd) != 0)
+  if(buf_writev(&uc->sink.out, uc->ev.fd) != 0)
     {
-      buf_clear(&uc->out);
+      buf_clear(&uc->sink.out);
       uc_close(uc, "write error");
       return;
     }
-  if(buf_len(&uc->out) > 0)
+  if(sink_written(&uc->sink, before) && uc->chan != NULL)
+    vp_try_unpause(uc->chan->vp);
+  if(buf_len(&uc->sink.out) > 0)
     {
       if(ev_want_write(&uc->ev, 1) != 0)
 	uc_close(uc, "could not watch for writability");
@@ -2988,31 +3335,33 @@ static void mc_out(mclient_t *mc, const uint8_t *data, size_t len)
 {
   if(mc->dead)
     return;
-  if(buf_append(&mc->out, data, len) != 0)
+  if(buf_append(&mc->sink.out, data, len) != 0)
     {
       mc_close(mc, "out of memory");
       return;
     }
   out_queue(&mc->ev);
+  sink_appended(&mc->sink, NULL);
   return;
 }
 
 /* scamper data on a mux channel: exactly one mux frame per remote frame */
-static void mc_deliver(mclient_t *mc, uint32_t id, const uint8_t *data,
-		       size_t len)
+static void mc_deliver(mclient_t *mc, vp_t *feeder, uint32_t id,
+		       const uint8_t *data, size_t len)
 {
   uint8_t h[MUX_HDRLEN];
   if(mc->dead)
     return;
   bytes_htonl(h, id);
   bytes_htonl(h + 4, (uint32_t)len);
-  if(buf_append(&mc->out, h, MUX_HDRLEN) != 0 ||
-     buf_append(&mc->out, data, len) != 0)
+  if(buf_append(&mc->sink.out, h, MUX_HDRLEN) != 0 ||
+     buf_append(&mc->sink.out, data, len) != 0)
     {
       mc_close(mc, "out of memory");
       return;
     }
   out_queue(&mc->ev);
+  sink_appended(&mc->sink, feeder);
   return;
 }
 
@@ -3034,16 +3383,25 @@ static void mc_close(mclient_t *mc, const char *why)
     return;
   mc->dead = 1;
   log_dbg("mux client %llu: closing: %s", (unsigned long long)mc->gen, why);
+  if(mc->in_paused)
+    {
+      dlist_remove(&mc_in_paused, &mc->paused_node);
+      mc->in_paused = 0;
+    }
+  ev_close(&mc->ev);
+  sink_fini(&mc->sink);
   while((c = splaytree_pop_min(&mc->chans)) != NULL)
     {
+      vp_t *feeder = c->vp;
       c->mc = NULL;
       if(chan_send_fin(c) == 0)
-	chan_release(c);
+	{
+	  chan_release(c);
+	  vp_try_unpause(feeder);
+	}
     }
   free(mc->rx.ctl);
   mc->rx.ctl = NULL;
-  ev_close(&mc->ev);
-  buf_clear(&mc->out);
   dlist_remove(&mc_list, &mc->list_node);
   slist_push_tail(&gc_mcs, &mc->gc_node);
   return;
@@ -3198,8 +3556,80 @@ static int mc_rx_data(void *arg, uint32_t id, const uint8_t *data,
   if((c = splaytree_find(&mc->chans, &key)) == NULL || c->vp == NULL ||
      c->fin_rcvd || c->fin_sent)
     return 0; /* unknown or finished channel: discarded */
-  vp_send_data(c->vp, c->id, data, len);
+  if(vp_send_data(c->vp, c->id, data, len) != 0)
+    return mc->dead ? -1 : 0;
+  if(vp_unacked_full(c->vp))
+    mc->in_pause_req = 1;
   return mc->dead ? -1 : 0;
+}
+
+static void mc_stall(tw_timer_t *t)
+{
+  mclient_t *mc = CONTAINER_OF(t, mclient_t, sink.stall_timer);
+  if(sink_stalled(&mc->sink))
+    {
+      log_err("mux client %llu stalled: %zu bytes unread for %lds",
+	      (unsigned long long)mc->gen, buf_len(&mc->sink.out), opt_stall);
+      mc_close(mc, "stalled");
+    }
+  return;
+}
+
+static int chan_unacked_full(void *item, void *param)
+{
+  (void)param;
+  return vp_unacked_full(((chan_t *)item)->vp);
+}
+
+/* would writing to any of mc's channels grow a full unacked queue? */
+static int mc_targets_full(mclient_t *mc)
+{
+  return splaytree_inorder(&mc->chans, chan_unacked_full, NULL) != 0;
+}
+
+static void mc_in_pause(mclient_t *mc)
+{
+  mc->in_pause_req = 0;
+  if(mc->in_paused)
+    return;
+  mc->in_paused = 1;
+  dlist_push_tail(&mc_in_paused, &mc->paused_node);
+  ev_want_read(&mc->ev, 0);
+  return;
+}
+
+/*
+ * A VP's unacked queue shrank (or the VP went away): resume reading the
+ * clients paused for it whose targets all have room again.
+ */
+static void in_paused_recheck(void)
+{
+  dlist_node_t *n, *next;
+  uclient_t *uc;
+  mclient_t *mc;
+
+  for(n = uc_in_paused.head; n != NULL; n = next)
+    {
+      next = n->next;
+      uc = CONTAINER_OF(n, uclient_t, paused_node);
+      if(uc->chan != NULL && vp_unacked_full(uc->chan->vp))
+	continue;
+      dlist_remove(&uc_in_paused, n);
+      uc->in_paused = 0;
+      if(!uc->eof && !uc->closing)
+	ev_want_read(&uc->ev, 1);
+    }
+  for(n = mc_in_paused.head; n != NULL; n = next)
+    {
+      next = n->next;
+      mc = CONTAINER_OF(n, mclient_t, paused_node);
+      if(mc_targets_full(mc))
+	continue;
+      dlist_remove(&mc_in_paused, n);
+      mc->in_paused = 0;
+      ev_want_read(&mc->ev, 1);
+    }
+  return;
 }
 
 static const mux_cb_t mc_rx_cb = { mc_rx_ctl, mc_rx_data, mc_rx_error };
@@ -3211,6 +3641,11 @@ static void mc_read(mclient_t *mc)
 
   for(i=0; i<4; i++)
     {
+      if(mc->in_pause_req || mc_targets_full(mc))
+	{
+	  mc_in_pause(mc);
+	  return;
+	}
       if((n = read(mc->ev.fd, scratch, SCRATCH_SIZE)) < 0)
 	{
 	  if(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
@@ -3232,17 +3667,27 @@ static void mc_read(mclient_t *mc)
   return;
 }
 
+static int chan_wake_vp(void *item, void *param)
+{
+  (void)param;
+  vp_try_unpause(((chan_t *)item)->vp);
+  return 0;
+}
+
 static void mc_flush(mclient_t *mc)
 {
+  size_t before = buf_len(&mc->sink.out);
   if(mc->dead || mc->ev.fd < 0)
     return;
-  if(buf_writev(&mc->out, mc->ev.fd) != 0)
+  if(buf_writev(&mc->sink.out, mc->ev.fd) != 0)
     {
-      buf_clear(&mc->out);
+      buf_clear(&mc->sink.out);
       mc_close(mc, "write error");
       return;
     }
-  if(ev_want_write(&mc->ev, buf_len(&mc->out) > 0) != 0)
+  if(sink_written(&mc->sink, before))
+    splaytree_inorder(&mc->chans, chan_wake_vp, NULL);
+  if(ev_want_write(&mc->ev, buf_len(&mc->sink.out) > 0) != 0)
     mc_close(mc, "could not watch for writability");
   return;
 }
@@ -3275,6 +3720,8 @@ static mclient_t *mc_open(int fd)
   if((mc = calloc(1, sizeof(mclient_t))) == NULL)
     return NULL;
   fdev_init(&mc->ev, fd, FD_MC, mc);
+  sink_init(&mc->sink, mc_stall);
+  dlist_node_init(&mc->paused_node);
   splaytree_init(&mc->chans, chan_mc_cmp, offsetof(chan_t, mc_node));
   mc->gen = ++mc_gen;
   dlist_node_init(&mc->list_node);
@@ -4016,6 +4463,7 @@ static int sig_init(void)
  * --------------------------------------------------------------------- */
 
 static int pidfile_fd = -1;
+static int pidfile_created = 0;   /* ours to unlink on exit */
 
 static void gc_collect(void)
 {
@@ -4106,6 +4554,7 @@ static int pidfile_open(void)
       return -1;
     }
   fchmod(pidfile_fd, 0644);
+  pidfile_created = 1;
   return 0;
 }
 
@@ -4166,12 +4615,17 @@ static int become_daemon(void)
 /* parse and validate the command line; 0 to run, else the exit status */
 static int check_options(int argc, char *argv[])
 {
+#ifdef HAVE_CHROOT
   struct stat sb;
+#endif
   long lo;
   int ch;
   const char *opts = "?46DvP:U:M:O:e:m:Z:"
 #ifdef HAVE_OPENSSL
     "c:p:C:"
+#endif
+#ifdef HAVE_CHROOT
+    "R:"
 #endif
     ;
 
@@ -4202,6 +4656,9 @@ static int check_options(int argc, char *argv[])
 	case 'c': opt_certfile = optarg; break;
 	case 'p': opt_privfile = optarg; break;
 	case 'C': opt_cafile = optarg; break;
+#endif
+#ifdef HAVE_CHROOT
+	case 'R': opt_chroot = optarg; break;
 #endif
 	case 'O':
 	  if(parse_O(optarg) != 0)
@@ -4255,13 +4712,72 @@ static int check_options(int argc, char *argv[])
       return 255;
     }
 #endif
+#ifdef HAVE_CHROOT
+  if(opt_chroot != NULL &&
+     (stat(opt_chroot, &sb) != 0 || !S_ISDIR(sb.st_mode)))
+    {
+      fprintf(stderr, "sc_remoted: -R %s: not a directory\n", opt_chroot);
+      usage(USAGE_R);
+      return 255;
+    }
+#endif
+  if(opt_buf_low >= opt_buf_high)
+    {
+      fprintf(stderr, "sc_remoted: buffer-low must be below buffer-high\n");
+      usage(USAGE_O);
+      return 255;
+    }
+  return 0;
+}
+
+/* -U must name a directory; checked after chroot, inside it */
+static int check_udir(void)
+{
+  struct stat sb;
   if(opt_udir != NULL &&
      (stat(opt_udir, &sb) != 0 || !S_ISDIR(sb.st_mode)))
     {
-      fprintf(stderr, "sc_remoted: %s: not a directory\n", opt_udir);
+      fprintf(stderr, "sc_remoted: -U %s: not a directory\n", opt_udir);
       usage(USAGE_U);
       return 255;
     }
+  return 0;
+}
+
+/*
+ * Enter the -R chroot (regaining a setuid euid just for the call), then
+ * drop a setuid binary's privileges for good.  Returns 0 or -1.
+ */
+static int privileges_settle(uid_t ruid, uid_t euid)
+{
+#ifdef HAVE_CHROOT
+  if(opt_chroot != NULL)
+    {
+      if(ruid != euid && seteuid(euid) != 0)
+	{
+	  log_err("could not regain privileges: %s", strerror(errno));
+	  return -1;
+	}
+      if(chroot(opt_chroot) != 0 || chdir("/") != 0)
+	{
+	  log_err("chroot %s: %s", opt_chroot, strerror(errno));
+	  return -1;
+	}
+    }
+#endif
+  if(ruid != euid && (seteuid(ruid) != 0 || setuid(ruid) != 0))
+    {
+      log_err("could not drop privileges: %s", strerror(errno));
+      return -1;
+    }
+  /* -D is silent unless startup fails */
+#ifdef HAVE_CHROOT
+  if(ruid == 0 && opt_chroot == NULL && !opt_daemon)
+    log_err("warning: running as root without -R");
+#else
+  if(ruid == 0 && !opt_daemon)
+    log_err("warning: running as root");
+#endif
   return 0;
 }
 
@@ -4283,14 +4799,19 @@ static void shutdown_all(void)
       ev_close(&mux_lev);
       unlink(opt_muxpath);
     }
+  tcp_lev_count = 0;
   if(sig_ev.fd >= 0)
     ev_close(&sig_ev);
   if(sig_pipe[1] >= 0)
     close(sig_pipe[1]);
+  sig_pipe[0] = sig_pipe[1] = -1;
+  tw_cancel(&accept_timer);
   if(ev_fd >= 0)
     close(ev_fd);
-  if(opt_pidfile != NULL && pidfile_fd < 0)
+  ev_fd = -1;
+  if(pidfile_created)
     unlink(opt_pidfile);
+  pidfile_created = 0;
   meta_table_free(meta_table);
   meta_table = NULL;
 #ifdef HAVE_OPENSSL
@@ -4305,16 +4826,39 @@ static void shutdown_all(void)
   return;
 }
 
+/* the daemon's empty state; shutdown_all() returns to it */
+static int globals_init(void)
+{
+  dlist_init(&vp_list);
+  dlist_init(&mc_list);
+  splaytree_init(&vp_by_id, vp_id_cmp, offsetof(vp_t, id_node));
+  splaytree_init(&vp_by_magic, vp_magic_cmp, offsetof(vp_t, magic_node));
+  slist_init(&gc_vps); slist_init(&gc_chans);
+  slist_init(&gc_ucs); slist_init(&gc_mcs);
+  dlist_init(&vp_again);
+  dlist_init(&uc_in_paused);
+  dlist_init(&mc_in_paused);
+  handshake_count = 0;
+  fdev_init(&mux_lev, -1, FD_MUX_LISTEN, NULL);
+  fdev_init(&sig_ev, -1, FD_SIGNAL, NULL);
+  tw_init();
+  tw_timer_init(&accept_timer, accept_resume);
+  if(scratch == NULL && (scratch = malloc(SCRATCH_SIZE)) == NULL)
+    return -1;
+  return 0;
+}
+
 static void loop_run(void)
 {
   log_loop_started = 1;
   while(!loop_stop)
     {
-      if(ev_poll(tw_timeout_ms()) != 0)
+      if(ev_poll(vp_again.count > 0 ? 0 : tw_timeout_ms()) != 0)
 	{
 	  log_err("wait failed: %s", strerror(errno));
 	  break;
 	}
+      vp_again_run();
       tw_advance(tw_clock());
       flush_pending();
       gc_collect();
@@ -4325,26 +4869,22 @@ static void loop_run(void)
 #ifndef SC_REMOTED_NO_MAIN
 int main(int argc, char *argv[])
 {
+  uid_t ruid = getuid(), euid = geteuid();
   int i, rc;
 
-  if(getuid() != geteuid() && seteuid(getuid()) != 0)
+  /* a setuid binary runs as the invoking user until it needs more */
+  if(ruid != euid && seteuid(ruid) != 0)
     return 255;
   if((rc = check_options(argc, argv)) != 0)
     return rc == 1 ? 0 : rc;
-
-  dlist_init(&vp_list);
-  dlist_init(&mc_list);
-  splaytree_init(&vp_by_id, vp_id_cmp, offsetof(vp_t, id_node));
-  splaytree_init(&vp_by_magic, vp_magic_cmp, offsetof(vp_t, magic_node));
-  slist_init(&gc_vps); slist_init(&gc_chans);
-  slist_init(&gc_ucs); slist_init(&gc_mcs);
-  fdev_init(&mux_lev, -1, FD_MUX_LISTEN, NULL);
-  fdev_init(&sig_ev, -1, FD_SIGNAL, NULL);
-  tw_init();
-  tw_timer_init(&accept_timer, accept_resume);
-  raise_nofile();
-  if((scratch = malloc(SCRATCH_SIZE)) == NULL)
+  if(privileges_settle(ruid, euid) != 0)
     return 255;
+  if((rc = check_udir()) != 0)
+    return rc;
+
+  if(globals_init() != 0)
+    return 255;
+  raise_nofile();
 
 #ifdef HAVE_OPENSSL
   SSL_library_init();
@@ -4364,8 +4904,6 @@ int main(int argc, char *argv[])
       goto fail;
   if(mux_lev.fd >= 0 && ev_set(&mux_lev, 1, 0) != 0)
     goto fail;
-  if(getuid() == 0 && !opt_daemon)
-    log_dbg("running as root");
 
   loop_run();
   shutdown_all();

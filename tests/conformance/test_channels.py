@@ -224,8 +224,9 @@ class ChannelTest(unittest.TestCase):
         # everything, then FIN, while the client is not reading
         fs.send_data(ch, data, chunk=8192)
         fs.send_fin(ch)
-        fs.wait_acked(10)
+        time.sleep(0.5)
         got = c.recv_until_eof(30)
+        fs.wait_acked(10)
         self.assertEqual(len(got), len(data))
         self.assertTrue(got == data, 'data before FIN differs')
         # no FIN comes back from remoted

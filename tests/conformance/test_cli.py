@@ -210,6 +210,26 @@ class CliTest(unittest.TestCase):
         d.wait_socket('*')
         self.assertEqual(d.list_sockets(), ['::1.%d' % fs.sport])
 
+    def test_select_backend(self):
+        d = self.daemon(extra_args=['-O', 'select'])
+        d.wait_listening()
+        fs = d.fake(name='sel')
+        self.addCleanup(fs.close)
+        fs.handshake()
+        c = UnixClient(d.wait_socket(fs.expected_socket_name()))
+        self.addCleanup(c.close)
+        ch = fs.wait_channel_new(5)
+        c.send(b'ping\n')
+        self.assertEqual(fs.recv_channel_data(ch, 5), b'ping\n')
+        fs.close()
+        d.wait_socket_gone(fs.expected_socket_name())
+        c.send(b'zombie\n')
+        fs.resume()
+        self.assertEqual(fs.recv_channel_data(ch, 7), b'zombie\n')
+        fs.send_data(ch, b'OK\n')
+        self.assertEqual(c.recv_exact(3), b'OK\n')
+        fs.wait_acked(5)
+
     # -- -U / -M / -R / -m ------------------------------------------------------------
 
     def test_u_missing_dir(self):

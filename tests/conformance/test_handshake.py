@@ -2,6 +2,7 @@
 """Conformance: new-session handshake (PROTOCOL.md 2.4, 2.5, 4.1, 4.2, 11)."""
 
 import os
+import socket
 import struct
 import sys
 import time
@@ -151,6 +152,46 @@ class HandshakeTest(unittest.TestCase):
         fs.expect_control(MASTER_ID, 5, strict=True)
         d.wait_socket('*')
         self.assertEqual(d.list_sockets(), ['ab9-127.0.0.1:%d' % fs.sport])
+
+    def test_socket_path_too_long(self):
+        d = self.daemon()
+        name = 'n' * (120 - len(d.udir))
+        fs = self.fake(d, name=name)
+        fs.connect()
+        self.assertGreater(len(os.path.join(d.udir, fs.expected_socket_name())),
+                           107)
+        fs.send_new()
+        self.assertEqual(fs.expect_closed(5), b'')
+        self.assertEqual(d.list_sockets(), [])
+        # the magic is not left registered
+        self.assertEqual(probe_res(d.port, fs.magic), 'REJ')
+        fs2 = self.fake(d, name='short')
+        fs2.handshake()
+        d.wait_socket(fs2.expected_socket_name())
+
+    def test_socket_name_exists(self):
+        d = self.daemon()
+        port = scr.free_port()
+
+        def factory():
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(('127.0.0.1', port))
+            s.settimeout(5)
+            s.connect(('127.0.0.1', d.port))
+            return s
+        fs = self.fake(d, name='clash', sock_factory=factory)
+        blocker = os.path.join(d.udir, 'clash-127.0.0.1:%d' % port)
+        with open(blocker, 'w') as f:
+            f.write('x')
+        fs.connect()
+        self.assertEqual(fs.expected_socket_name(), os.path.basename(blocker))
+        fs.send_new()
+        self.assertEqual(fs.expect_closed(5), b'')
+        # the existing file is left alone
+        with open(blocker) as f:
+            self.assertEqual(f.read(), 'x')
+        self.assertEqual(probe_res(d.port, fs.magic), 'REJ')
 
     def test_two_vps_distinct_sockets(self):
         d = self.daemon()

@@ -11,6 +11,8 @@ import threading
 import time
 import unittest
 
+MIB = 1 << 20
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 '..', 'lib'))
 import scr  # noqa: E402
@@ -289,41 +291,109 @@ class RobustnessTest(unittest.TestCase):
         self.assertEqual(len(self.d.list_sockets()), 61)
         self.roundtrip()
 
+    # -- slow consumers -------------------------------------------------------------
+
+    def test_stalled_client_does_not_block_others(self):
+        # VP A's local client does not read while A's scamper sends 8 MiB;
+        # VP B keeps working, and A's data all arrives once the client reads
+        size = 8 * MIB
+        data = random.Random(14).randbytes(size)
+        a = self.fake(name='stalled')
+        a.handshake()
+        ca = UnixClient(self.d.wait_socket(a.expected_socket_name()))
+        self.addCleanup(ca.close)
+        cha = a.wait_channel_new(5)
+        err = []
+
+        def send():
+            try:
+                a.sock.settimeout(60)
+                a.send_data(cha, data, chunk=8192)
+            except Exception as e:
+                err.append(e)
+        th = threading.Thread(target=send, daemon=True)
+        th.start()
+        time.sleep(1)
+        for i in range(3):
+            self.roundtrip()
+        got = []
+        rd = threading.Thread(target=lambda: got.append(
+            ca.recv_exact(size, 60)), daemon=True)
+        rd.start()
+        th.join(60)
+        self.assertFalse(th.is_alive(), 'sender blocked')
+        self.assertEqual(err, [])
+        a.wait_acked(60)
+        rd.join(60)
+        self.assertTrue(got and got[0] == data, 'data to stalled client differs')
+        self.roundtrip()
+
+    def test_stalled_scamper_does_not_block_others(self):
+        # VP A's scamper does not read while its local client sends 8 MiB
+        size = 8 * MIB
+        data = random.Random(15).randbytes(size)
+        a = self.fake(name='deaf')
+        a.handshake()
+        ca = UnixClient(self.d.wait_socket(a.expected_socket_name()))
+        self.addCleanup(ca.close)
+        cha = a.wait_channel_new(5)
+        err = []
+
+        def send():
+            try:
+                ca.sock.settimeout(60)
+                ca.sock.sendall(data)
+            except Exception as e:
+                err.append(e)
+        th = threading.Thread(target=send, daemon=True)
+        th.start()
+        time.sleep(1)
+        for i in range(3):
+            self.roundtrip()
+        self.assertEqual(a.recv_channel_data(cha, size, 60), data)
+        th.join(10)
+        self.assertEqual(err, [])
+        self.roundtrip()
+
     # -- timeouts -------------------------------------------------------------------
 
     @scr.slow
     def test_silent_connection_closed_after_30s(self):
         silent = self.tcp()
+        # a connection that sent half a header: its bytes re-armed rx_abort
+        # to 60 s (2.8), so it must outlive the silent one
         partial = self.tcp()
-        partial.sendall(b'\x00\x00\x00\x00\x00')     # half a header
+        partial.sendall(b'\x00\x00\x00\x00\x00')
         t0 = time.monotonic()
-        results = {}
+        result = []
 
-        def watch(name, s):
+        def watch():
             try:
-                wait_closed(s, 40)
-                results[name] = time.monotonic() - t0
+                wait_closed(silent, 40)
+                result.append(time.monotonic() - t0)
             except AssertionError as e:
-                results[name] = e
+                result.append(e)
 
-        ths = [threading.Thread(target=watch, args=a, daemon=True)
-               for a in (('silent', silent), ('partial', partial))]
-        for t in ths:
-            t.start()
+        th = threading.Thread(target=watch, daemon=True)
+        th.start()
         # meanwhile the good pair keeps working
-        while any(t.is_alive() for t in ths) and \
-                time.monotonic() - t0 < 42:
+        while th.is_alive() and time.monotonic() - t0 < 42:
             self.roundtrip()
-            time.sleep(1)
-        for t in ths:
-            t.join(1)
-        for name in ('silent', 'partial'):
-            dt = results.get(name)
-            self.assertIsInstance(dt, float, '%s: %r' % (name, dt))
-            self.assertGreaterEqual(dt, 27, '%s closed too early: %.1fs'
-                                    % (name, dt))
-            self.assertLessEqual(dt, 36, '%s closed too late: %.1fs'
-                                 % (name, dt))
+            th.join(1)
+        th.join(1)
+        self.assertTrue(result, 'watcher did not finish')
+        dt = result[0]
+        self.assertIsInstance(dt, float, 'silent connection: %r' % (dt,))
+        self.assertGreaterEqual(dt, 27, 'closed too early: %.1fs' % dt)
+        self.assertLessEqual(dt, 36, 'closed too late: %.1fs' % dt)
+        partial.settimeout(0.5)
+        try:
+            d = partial.recv(10)
+            self.fail('connection with 5 bytes received closed at %.1fs '
+                      '(rx_abort is 60 s after the last read): %r'
+                      % (time.monotonic() - t0, d))
+        except socket.timeout:
+            pass
         self.roundtrip()
 
 

@@ -272,18 +272,31 @@ class SeqAckTest(unittest.TestCase):
     # -- keepalive from remoted ----------------------------------------------
 
     @scr.slow
-    def test_keepalive_after_idle(self):
+    def test_idle_keepalive_then_rx_abort(self):
         fs, path = self.vp()
         t0 = time.monotonic()
         # stay quiet; remoted must send KEEPALIVE about 30 s after its last
-        # send (MASTER_ID) and must not drop us
+        # send (MASTER_ID) and must not drop us before 60 s
         f = fs.recv_frame(40)
         dt = time.monotonic() - t0
         self.assertEqual(f.raw(), pack_frame(0, 0, bytes([KEEPALIVE])))
         self.assertGreaterEqual(dt, 27, 'keepalive too early: %.1fs' % dt)
         self.assertLessEqual(dt, 33, 'keepalive too late: %.1fs' % dt)
-        self.assertTrue(self.d.alive())
         self.assertIn(fs.expected_socket_name(), self.d.list_sockets())
+        # no inbound bytes for 60 s: rx_abort turns the session into a
+        # zombie (another KEEPALIVE may come first)
+        while True:
+            try:
+                f = fs.recv_frame(75 - (time.monotonic() - t0))
+            except EOFError:
+                break
+            self.assertEqual(f.type, KEEPALIVE)
+        dt = time.monotonic() - t0
+        self.assertGreaterEqual(dt, 57, 'rx_abort too early: %.1fs' % dt)
+        self.assertLessEqual(dt, 66, 'rx_abort too late: %.1fs' % dt)
+        self.d.wait_socket_gone(path, 2)
+        self.assertEqual(fs.resume(), 0)
+        self.d.wait_socket(fs.expected_socket_name())
 
 
 if __name__ == '__main__':

@@ -846,7 +846,10 @@ class FakeScamper:
         """ACK(seq), carrying our current snd_nxt (unreliable)."""
         self.send_ctl(ACK, struct.pack('>I', seq & U32))
 
-    ack = send_ack
+    def ack(self, seq, chan=None):
+        """ACK a reliable frame from remoted (chan is accepted for
+        readability only; ACKs are per-session, not per-channel)."""
+        self.send_ack(seq)
 
     def send_keepalive(self):
         self.send_ctl(KEEPALIVE)

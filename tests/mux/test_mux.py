@@ -254,6 +254,20 @@ class BurstTest(MuxTestBase):
         self.assertLessEqual(float(vps[0]['arrival']),
                              float(vps[1]['arrival']))
 
+    def test_arrival_usec_zero_padded(self):
+        # handshake early in a wall-clock second so that usec < 100000
+        d = self.daemon()
+        mc, _ = self.burst(d)
+        deadline = time.monotonic() + 3
+        while not 0.005 <= time.time() % 1 <= 0.04:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.002)
+        v1 = self.vp(d, name='early')
+        raw = self.raw_next(mc)
+        self.assert_update(raw, 1, v1, name='early')
+        if int(v1.t0) == int(v1.t1) and v1.t1 % 1 < 0.09:
+            self.assertRegex(arrival_of(raw), r'^[0-9]+\.0[0-9]{5}$')
+
     def test_client_before_any_vp_gets_only_go(self):
         d = self.daemon()
         mc = self.mux(d)
@@ -371,6 +385,8 @@ class MetadataTest(MuxTestBase):
                       'meta_full.txt lost its trailing whitespace')
         self.assertIn(b'\nmeta.vp\tASN6\tAS64501\n', data,
                       'meta_full.txt lost its tabs')
+        self.assertIn(b'\n  cc leading whitespace', data,
+                      'meta_full.txt lost its leading whitespace')
 
     def test_every_key_exact_update(self):
         d = self.daemon(meta=META_FULL)
@@ -389,7 +405,7 @@ class MetadataTest(MuxTestBase):
         d = self.daemon(meta=META_FULL)
         v_upper = self.vp(d, name='Meta.VP')
         v_mixed = self.vp(d, name='meta.VP')
-        v_none = self.vp(d)
+        v_none = self.vp(d)     # must not match the NAME "" line
         v_other = self.vp(d, name='other.vp')
         v_prefix = self.vp(d, name='meta.vpx')
         mc = self.mux(d)
@@ -594,6 +610,14 @@ class ChannelTest(MuxTestBase):
         fs.pump(0.5)
         self.assertNotIn(rid, fs.fins, 'remoted answered FIN with FIN')
         self.expect_quiet(mc, 0.1, 'after CHANNEL_CLOSE')
+        # scamper has forgotten the channel: client data for it is dropped
+        # (scamper treats data for an unknown channel as fatal)
+        start = len(fs.log)
+        mc.send(3, b'ping -c 1 192.0.2.1\n')
+        fs.pump(0.3)
+        self.assertEqual([f for f in fs.log[start:] if f.chan != 0], [],
+                         'data forwarded on a channel scamper closed')
+        self.expect_quiet(mc, 0.1, 'after data on a closed channel')
         # disconnecting afterwards sends no FIN for that channel either
         mc.close()
         fs.pump(0.5)
@@ -749,7 +773,7 @@ class ErrorTest(MuxTestBase):
                                  new_channels=0):
         """bad(victim) misbehaves; the victim must be closed while a
         bystander mux client and a -U client keep working."""
-        d = self.daemon(udir=True)
+        d = self.d = self.daemon(udir=True)
         fs = self.vp(d, name='err.vp')
         fs2 = self.vp(d, name='err.two')
         uc = self.uclient(d.wait_socket('err.vp-*'))
@@ -789,7 +813,22 @@ class ErrorTest(MuxTestBase):
         self.check_closes_only_victim(lambda mc: mc.open(9999, 1))
 
     def test_open_vp_zero(self):
-        self.check_closes_only_victim(lambda mc: mc.open(0, 1))
+        # upstream could match a session still in its handshake (id 0)
+        def bad(mc):
+            pending = socket.create_connection((self.d.connect_host,
+                                                self.d.port), timeout=5)
+            self.addCleanup(pending.close)
+            time.sleep(0.1)
+            mc.open(0, 1)
+            self.pending = pending
+        self.check_closes_only_victim(bad)
+        # the pending connection was not sent anything
+        self.pending.settimeout(0.2)
+        try:
+            got = self.pending.recv(100)
+        except socket.timeout:
+            got = None
+        self.assertIsNone(got, 'handshake connection got %r' % (got,))
 
     def test_open_channel_zero(self):
         self.check_closes_only_victim(lambda mc: mc.open(1, 0))

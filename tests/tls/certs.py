@@ -22,6 +22,7 @@ check it with `openssl verify`.
 """
 
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -253,13 +254,16 @@ class CertSet:
         return out
 
 
+_PEM_BEGIN = '-----BEGIN CERTIFICATE-----'
+_PEM_END = '-----END CERTIFICATE-----'
+
+
 def cert_der(pem_path):
     """DER bytes of the (first) certificate in a PEM file."""
-    import ssl
     with open(pem_path) as f:
         text = f.read()
-    begin = text.index('-----BEGIN CERTIFICATE-----')
-    end = text.index('-----END CERTIFICATE-----') + len('-----END CERTIFICATE-----')
+    begin = text.index(_PEM_BEGIN)
+    end = text.index(_PEM_END) + len(_PEM_END)
     return ssl.PEM_cert_to_DER_cert(text[begin:end])
 
 
@@ -272,12 +276,14 @@ def _selfcheck():
             nonlocal ok
             p = subprocess.run(['openssl', 'verify', '-purpose', purpose,
                                 '-CAfile', ca, cert],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
             text = p.stdout.decode(errors='replace')
             good = (p.returncode == 0) == expect_ok
             if expect_text and expect_text not in text:
                 good = False
-            print('%-4s %s' % ('ok' if good else 'FAIL', text.strip().replace('\n', ' | ')))
+            print('%-4s %s' % ('ok' if good else 'FAIL',
+                               text.strip().replace('\n', ' | ')))
             ok = ok and good
 
         verify(c.server_cert, c.ca_cert, 'sslserver', True)

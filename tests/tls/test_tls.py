@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """TLS tests for sc_remoted (-c cert -p key [-C ca] [-O skipnameverification]).
 
-Run:  SC_REMOTED=./sc_remoted PYTHONPATH=tests/lib python3 tests/tls/test_tls.py -v
+Run:  SC_REMOTED=./sc_remoted PYTHONPATH=tests/lib \\
+          python3 tests/tls/test_tls.py -v
 
 Exit status 77 (skip) if the binary was built without OpenSSL.
 Certificates are generated at test time by certs.py with the openssl CLI.
@@ -9,15 +10,19 @@ The client never sends SNI, like the real scamper.
 Set SC_TESTS_QUICK=1 to skip the 30-second accept-timeout test.
 """
 
+import fcntl
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 import unittest
@@ -29,7 +34,7 @@ sys.path.insert(1, os.path.join(os.path.dirname(_HERE), 'lib'))
 
 import scr  # noqa: E402
 from scr import (Daemon, FakeScamper, UnixClient, MASTER_ID,  # noqa: E402
-                 MASTER_OK, MASTER_REJ, free_port, run_cli, slow)
+                 MASTER_REJ, free_port, run_cli, slow)
 import certs as certmod  # noqa: E402
 
 CERTS = None           # certmod.CertSet, created in setUpModule
@@ -43,7 +48,10 @@ T = 5                  # default bound for one expected event
 # ---------------------------------------------------------------------------
 
 def tls_support():
-    """(True, '') if SC_REMOTED accepts -c/-p, else (False, reason)."""
+    """(True, '') if SC_REMOTED accepts -c/-p, (False, reason) if it was
+    built without OpenSSL, (None, reason) if it cannot be run."""
+    if os.environ.get('SC_HAVE_OPENSSL') == '0':
+        return False, 'built without OpenSSL (SC_HAVE_OPENSSL=0)'
     if not os.path.exists(scr.SC_REMOTED):
         return None, 'sc_remoted binary %r not found' % scr.SC_REMOTED
     try:
@@ -289,6 +297,22 @@ def local_legacy_capable(version):
     return ok
 
 
+def start_without_tty(d):
+    """Start a scr.Daemon in a new session, without a controlling
+    terminal, so that a daemon that would prompt on /dev/tty for a key
+    passphrase cannot block on the developer's terminal."""
+    orig = subprocess.Popen
+
+    def popen(*args, **kw):
+        kw.setdefault('start_new_session', True)
+        return orig(*args, **kw)
+    scr.subprocess.Popen = popen
+    try:
+        d.start()
+    finally:
+        scr.subprocess.Popen = orig
+
+
 # ---------------------------------------------------------------------------
 # base class
 # ---------------------------------------------------------------------------
@@ -307,8 +331,9 @@ class TLSTestCase(unittest.TestCase):
                'key': key or CERTS.server_key}
         if client_ca:
             tls['ca'] = CERTS.ca_cert
-        d = Daemon(tls=tls, extra_args=extra_args, **kw)
+        d = Daemon(tls=tls, extra_args=extra_args, start=False, **kw)
         self.addCleanup(d.__exit__, None, None, None)
+        start_without_tty(d)
         d.wait_listening()
         return d
 
@@ -610,9 +635,23 @@ class TestClientCertificates(TLSTestCase):
 
 class TestResume(TLSTestCase):
 
-    def _disconnect_and_queue(self, d, fs, uc, chan):
-        """Drop fs's connection, wait for ZOMBIE, queue data both ways."""
+    def _disconnect_and_queue(self, d, fs, uc, chan, how='abrupt'):
+        """Drop fs's connection, wait for ZOMBIE, queue data both ways.
+
+        how: 'abrupt' (close the fd, no close_notify: a crashed or timed
+        out scamper), 'close_notify' (TLS shutdown first) or 'reset'
+        (TCP RST)."""
         old_sock = os.path.join(d.udir, fs.expected_socket_name())
+        if how == 'close_notify':
+            fs.sock.settimeout(2)
+            try:
+                fs.sock.unwrap().close()
+                fs.sock = None
+            except (ssl.SSLError, OSError):
+                pass
+        elif how == 'reset':
+            fs.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                               struct.pack('ii', 1, 0))
         fs.close()
         d.wait_socket_gone(old_sock, T)
         self.assert_alive(d)
@@ -625,25 +664,31 @@ class TestResume(TLSTestCase):
         return up, down, delivered
 
     def test_resume_over_tls(self):
-        """A new TLS connection with MASTER_RES gets MASTER_OK and the
-        queued data is retransmitted in both directions."""
+        """After the TLS connection drops (without close_notify, with
+        close_notify, or by RST), a new TLS connection with MASTER_RES gets
+        MASTER_OK and the queued data is retransmitted both ways."""
         d = self.daemon(client_ca=True)
-        fs = self.session(d, 'vp1', 'vp1.example.org')
-        vp_id_sock = fs.expected_socket_name()
-        uc, chan = open_channel(self, d, fs)
-        relay_both_ways(self, d, fs, uc, chan, 16384)
-        up, down, delivered = self._disconnect_and_queue(d, fs, uc, chan)
+        for how in ('abrupt', 'close_notify', 'reset'):
+            with self.subTest(disconnect=how):
+                fs = self.session(d, 'vp1', 'vp1.example.org')
+                first_sock = fs.expected_socket_name()
+                uc, chan = open_channel(self, d, fs)
+                relay_both_ways(self, d, fs, uc, chan, 16384)
+                up, down, delivered = self._disconnect_and_queue(
+                    d, fs, uc, chan, how)
 
-        ok = fs.resume()
-        self.assertEqual(ok, delivered, 'MASTER_OK rcv_nxt')
-        self.assertIsInstance(fs.sock, ssl.SSLSocket)
-        self.assertEqual(fs.recv_channel_data(chan, len(up), T), up)
-        self.assertEqual(uc.recv_exact(len(down), T), down)
-        fs.wait_acked(T)
-        # new -U socket under the new source port; local client survived
-        d.wait_socket(fs.expected_socket_name(), T)
-        self.assertNotEqual(fs.expected_socket_name(), vp_id_sock)
-        relay_both_ways(self, d, fs, uc, chan, BIG)
+                ok = fs.resume()
+                self.assertEqual(ok, delivered, 'MASTER_OK rcv_nxt')
+                self.assertIsInstance(fs.sock, ssl.SSLSocket)
+                self.assertEqual(fs.recv_channel_data(chan, len(up), T), up)
+                self.assertEqual(uc.recv_exact(len(down), T), down)
+                fs.wait_acked(T)
+                # new -U socket for the new source port; the local client
+                # connected before the disconnect is still relayed
+                d.wait_socket(fs.expected_socket_name(), T)
+                self.assertNotEqual(fs.expected_socket_name(), first_sock)
+                relay_both_ways(self, d, fs, uc, chan, BIG)
+                fs.close()
         self.assert_alive(d)
 
     def test_resume_name_not_rechecked(self):
@@ -811,6 +856,52 @@ class TestReload(TLSTestCase):
         self.assert_alive(d)
 
 
+    def test_sighup_reloads_client_ca(self):
+        """-C is reloaded too; a broken CA file keeps the old context with
+        client verification still in force."""
+        tmp = self.tmpdir()
+        ca = os.path.join(tmp, 'ca.pem')
+        shutil.copy(CERTS.ca_cert, ca)
+        d = Daemon(tls={'cert': CERTS.server_cert, 'key': CERTS.server_key,
+                        'ca': ca}, start=False, debug=False)
+        self.addCleanup(d.__exit__, None, None, None)
+        start_without_tty(d)
+        d.wait_listening()
+        fs = self.session(d, 'vp1', 'vp1.example.org')
+        uc, chan = open_channel(self, d, fs)
+
+        with open(ca, 'wb') as f:
+            f.write(b'garbage instead of a CA\n')
+        pos = len(d.log())
+        d.signal(signal.SIGHUP)
+        scr.wait_until(lambda: d.log()[pos:].strip() or not d.alive(), T,
+                       what='error log line')
+        self.assert_alive(d)
+        self.assertRegex(d.log()[pos:], ERROR_RX)
+        self.assert_accepted(d, 'vp1', 'vp1.example.org')
+        self.assert_refused(d, None, 'vp1.example.org')
+        self.assert_refused(d, 'rogue', 'vp1.example.org')
+        relay_both_ways(self, d, fs, uc, chan, 16384)
+
+        # now trust the other CA instead
+        shutil.copy(CERTS.rogue_ca_cert, ca)
+        d.signal(signal.SIGHUP)
+
+        def switched():
+            out, _ = try_session(d, 'rogue', 'vp1.example.org')
+            return out == Outcome.ACCEPTED
+        try:
+            scr.wait_until(switched, T, interval=0.1, what='CA reload')
+        except TimeoutError:
+            self.fail('certificate from the new CA not accepted after '
+                      'SIGHUP; log:\n%s' % d.log()[-2000:])
+        self.assert_refused(d, 'vp1', 'vp1.example.org')
+        self.assert_refused(d, None, 'vp1.example.org')
+        # the session verified against the old CA is not disturbed
+        relay_both_ways(self, d, fs, uc, chan, BIG)
+        self.assert_alive(d)
+
+
 # ---------------------------------------------------------------------------
 # private key passphrase and startup errors
 # ---------------------------------------------------------------------------
@@ -908,7 +999,8 @@ class TestPassphrase(TLSTestCase):
                 rc = r.wait_exit(T)
                 self.assertEqual(rc, 255, 'exit status %r; log:\n%s'
                                  % (rc, r.log()))
-                self.assertTrue(r.log().strip(), 'no error message')
+                self.assertRegex(r.log(), r'(?i)(pass|key|decrypt|pem)',
+                                 'no clear error message')
                 self.assertFalse(r.listening())
 
     def test_sighup_reuses_startup_passphrase(self):
@@ -942,6 +1034,81 @@ class TestPassphrase(TLSTestCase):
                       % r.log())
         self.assertIsNone(r.proc.poll(), 'daemon exited: %s' % r.log())
         self.serve_check(r, cert=CERTS.server2_cert, name='enc.after')
+
+    def test_passphrase_from_terminal(self):
+        """With a terminal on stdin (also the controlling terminal) the
+        passphrase is read from it, and not echoed."""
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        tmp = self.tmpdir()
+        udir = os.path.join(tmp, 'u')
+        os.mkdir(udir)
+        errpath = os.path.join(tmp, 'stderr')
+        port = free_port()
+
+        def ctty():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        with open(errpath, 'wb') as err:
+            proc = subprocess.Popen(
+                [scr.SC_REMOTED, '-P', '127.0.0.1:%d' % port, '-U', udir,
+                 '-O', 'notimes', '-c', CERTS.server_cert,
+                 '-p', CERTS.server_key_enc],
+                stdin=slave, stdout=err, stderr=err, preexec_fn=ctty)
+        os.close(slave)
+
+        def cleanup():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        self.addCleanup(cleanup)
+
+        def read_master():
+            out = b''
+            while select.select([master], [], [], 0)[0]:
+                try:
+                    d = os.read(master, 4096)
+                except OSError:
+                    break
+                if not d:
+                    break
+                out += d
+            return out
+
+        # wait for the prompt (on stderr or on the terminal) before typing,
+        # so that the daemon has had the chance to turn echo off
+        seen = bytearray()
+
+        def prompted():
+            seen.extend(read_master())
+            with open(errpath, 'rb') as f:
+                text = f.read() + bytes(seen)
+            return re.search(rb'(?i)pass', text) or proc.poll() is not None
+        try:
+            scr.wait_until(prompted, T, what='passphrase prompt')
+        except TimeoutError:
+            pass        # no prompt: type anyway
+        self.assertIsNone(proc.poll(), 'daemon exited before the passphrase')
+        os.write(master, certmod.PASSPHRASE.encode() + b'\n')
+
+        def up():
+            try:
+                socket.create_connection(('127.0.0.1', port), 1).close()
+                return True
+            except OSError:
+                return proc.poll() is not None
+        scr.wait_until(up, T, what='listening')
+        with open(errpath, 'rb') as f:
+            errtext = f.read().decode('utf-8', 'replace')
+        self.assertIsNone(proc.poll(), 'daemon exited: %s' % errtext)
+        s = tls_connect(port, client_context())
+        self.assertEqual(peer_der(s), certmod.cert_der(CERTS.server_cert))
+        fs = FakeScamper(port, name='tty.key', sock=s)
+        self.addCleanup(fs.close)
+        fs.handshake()
+        seen.extend(read_master())
+        self.assertNotIn(certmod.PASSPHRASE.encode(), bytes(seen),
+                         'passphrase echoed on the terminal')
 
     def test_plain_key_needs_no_passphrase(self):
         """An unencrypted key loads while stdin stays open and silent."""

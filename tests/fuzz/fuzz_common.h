@@ -1,0 +1,731 @@
+/*
+ * fuzz_common.h: the scaffolding shared by the libFuzzer targets that drive
+ * sc_remoted's sessions (fuzz_remote.c, fuzz_mux.c).  Include it after
+ * sc_remoted.c.
+ *
+ * Each input runs in a fresh daemon state: fz_begin() does what main()
+ * does before its loop (globals_init, ev_init with epoll) and fz_end()
+ * what it does after (shutdown_all), then checks that nothing was left
+ * behind: no armed timers, no objects on the lists, no sockets in the -U
+ * directory.
+ *
+ * Connections are socketpairs.  The daemon's end is handed to vp_alloc()
+ * or mc_open() exactly as tcp_accept() and mux_accept() do; the harness
+ * keeps the other end, writes input bytes into it, and runs one loop
+ * iteration (fz_step: ev_poll(0), flush_pending, gc_collect), so the bytes
+ * take the daemon's own read path (vp_read -> vp_input -> rp_rx_feed,
+ * mc_read -> mux_rx_feed, uc_read).  Whatever the daemon writes back is
+ * drained after every step (so its writes never block) and checked by
+ * small independent parsers of the remote and mux protocols; a violation
+ * of PROTOCOL.md found there aborts, which libFuzzer reports as a crash.
+ * Set FUZZ_NO_ORACLE=1 in the environment to keep only the memory checks,
+ * FUZZ_DEBUG=1 for the daemon's debug log (-O debug) while reproducing.
+ */
+#ifndef FUZZ_COMMON_H
+#define FUZZ_COMMON_H
+
+#include <dirent.h>
+#include <sys/socket.h>
+
+#define FZ_MAXFD   40
+#define FZ_RXMAX   (MUX_HDRLEN + MUX_CTL_MAX + 16)
+
+#define FZ_FD_CONN 1   /* the scamper end of a remote connection */
+#define FZ_FD_UC   2   /* a -U local client */
+#define FZ_FD_MUX  3   /* a mux client */
+
+#define FZ_FAIL(...) do {						\
+    fprintf(stderr, "fuzz oracle: " __VA_ARGS__);			\
+    fprintf(stderr, "\n");						\
+    abort();								\
+  } while(0)
+
+/* what the oracle knows about one mux channel id of one client */
+typedef struct fz_mchan
+{
+  uint32_t id;
+  uint32_t vpid;        /* from the client's first CHANNEL_OPEN for id */
+  uint8_t  closed;      /* CHANNEL_CLOSE seen */
+} fz_mchan_t;
+
+#define FZ_MCHAN_MAX 64
+#define FZ_VPID_MAX  64
+
+/* one fd the harness holds, with the reassembly state of its oracle */
+typedef struct fz_fd
+{
+  int      fd;            /* -1 once closed */
+  int      type;
+  int      eof;           /* the daemon closed its end */
+  uint8_t *rx;            /* reassembly of the daemon's output */
+  size_t   rx_have;
+
+  /* remote stream (FZ_FD_CONN) */
+  int      started;       /* MASTER_ID or MASTER_OK seen */
+  int      rejected;      /* MASTER_REJ seen */
+  int      seq_known;
+  uint32_t seq_next;      /* next reliable seq expected from remoted */
+
+  /* mux stream (FZ_FD_MUX): daemon -> client */
+  int      go;
+  uint32_t updated[FZ_VPID_MAX]; size_t nupdated;
+  uint32_t departed[FZ_VPID_MAX]; size_t ndeparted;
+  fz_mchan_t mchan[FZ_MCHAN_MAX]; size_t nmchan;
+  /* client -> daemon, parsed to learn the CHANNEL_OPEN requests */
+  uint8_t  tx_hdr[MUX_HDRLEN]; size_t tx_hdr_have;
+  uint32_t tx_left, tx_chan;
+  uint8_t  tx_ctl[12]; size_t tx_ctl_have;
+} fz_fd_t;
+
+static fz_fd_t  fz_fds[FZ_MAXFD];
+static int      fz_nfds = 0;
+static char     fz_udir[64];
+static int      fz_oracle = 1;
+static int      fz_debug = 0;
+static uint8_t  fz_buf[65536 * 2];
+
+static void fz_init_once(void)
+{
+  static int done = 0;
+  const char *e;
+  if(done)
+    return;
+  done = 1;
+  signal(SIGPIPE, SIG_IGN);
+  snprintf(fz_udir, sizeof(fz_udir), "/tmp/sc_remoted_fuzz.XXXXXX");
+  if(mkdtemp(fz_udir) == NULL)
+    {
+      perror("mkdtemp");
+      abort();
+    }
+  if((e = getenv("FUZZ_NO_ORACLE")) != NULL && *e != '\0' && *e != '0')
+    fz_oracle = 0;
+  if((e = getenv("FUZZ_DEBUG")) != NULL && *e != '\0' && *e != '0')
+    fz_debug = 1;
+  return;
+}
+
+/* ---- the harness's fds ---- */
+
+static fz_fd_t *fz_keep(int fd, int type)
+{
+  fz_fd_t *f;
+  if(fz_nfds >= FZ_MAXFD)
+    {
+      close(fd);
+      return NULL;
+    }
+  f = &fz_fds[fz_nfds++];
+  memset(f, 0, sizeof(*f));
+  f->fd = fd;
+  f->type = type;
+  if(type != FZ_FD_UC && (f->rx = malloc(FZ_RXMAX)) == NULL)
+    abort();
+  return f;
+}
+
+static fz_fd_t *fz_find(int fd)
+{
+  int i;
+  for(i=0; i<fz_nfds; i++)
+    if(fz_fds[i].fd == fd)
+      return &fz_fds[i];
+  return NULL;
+}
+
+static void fz_close(fz_fd_t *f)
+{
+  if(f == NULL || f->fd < 0)
+    return;
+  close(f->fd);
+  f->fd = -1;
+  return;
+}
+
+/* ---- oracle: remoted -> scamper (PROTOCOL.md 2.2 - 2.4) ---- */
+
+static void fz_rp_seq(fz_fd_t *f, uint32_t seq, int reliable, const char *what)
+{
+  if(f->seq_known && seq != f->seq_next)
+    FZ_FAIL("remote: %s with seq %u, expected %u", what, seq, f->seq_next);
+  f->seq_known = 1;
+  f->seq_next = reliable ? seq + 1 : seq;
+  return;
+}
+
+static void fz_rp_frame(fz_fd_t *f, uint32_t seq, uint32_t chan,
+			const uint8_t *b, uint16_t len)
+{
+  uint8_t type;
+  size_t i, idl;
+
+  if(f->rejected)
+    FZ_FAIL("remote: frame after MASTER_REJ");
+  if(chan != 0)
+    {
+      if(!f->started)
+	FZ_FAIL("remote: data frame before MASTER_ID/MASTER_OK");
+      fz_rp_seq(f, seq, 1, "data frame");
+      return;
+    }
+  if(len < 1)
+    FZ_FAIL("remote: control frame without a type");
+  type = b[0];
+  switch(type)
+    {
+    case RP_MASTER_ID:
+      if(f->started)
+	FZ_FAIL("remote: second MASTER_ID/MASTER_OK on a connection");
+      if(seq != 0 || len < 3 || (idl = b[1]) == 0 || (size_t)len != 2 + idl ||
+	 b[1 + idl] != '\0')
+	FZ_FAIL("remote: malformed MASTER_ID (seq %u len %u)", seq, len);
+      for(i=0; i+1 < idl; i++)
+	if(!isprint(b[2 + i]))
+	  FZ_FAIL("remote: unprintable MASTER_ID");
+      f->started = 1;
+      f->seq_known = 1;
+      f->seq_next = 0;
+      return;
+    case RP_MASTER_OK:
+      if(f->started)
+	FZ_FAIL("remote: second MASTER_ID/MASTER_OK on a connection");
+      if(seq != 0 || len != 5)
+	FZ_FAIL("remote: malformed MASTER_OK (seq %u len %u)", seq, len);
+      f->started = 1;
+      f->seq_known = 0;
+      return;
+    case RP_MASTER_REJ:
+      if(f->started)
+	FZ_FAIL("remote: MASTER_REJ in go mode");
+      if(seq != 0)
+	FZ_FAIL("remote: MASTER_REJ with seq %u", seq);
+      f->rejected = 1;
+      return;
+    case RP_CHANNEL_NEW:
+    case RP_CHANNEL_FIN:
+      if(!f->started)
+	FZ_FAIL("remote: channel message before the handshake");
+      if(len != 5 || bytes_ntohl(b + 1) == 0)
+	FZ_FAIL("remote: malformed CHANNEL_%s",
+		type == RP_CHANNEL_NEW ? "NEW" : "FIN");
+      fz_rp_seq(f, seq, 1, type == RP_CHANNEL_NEW ? "CHANNEL_NEW" :
+		"CHANNEL_FIN");
+      return;
+    case RP_KEEPALIVE:
+    case RP_ACK:
+      if(!f->started)
+	FZ_FAIL("remote: %s before the handshake",
+		type == RP_ACK ? "ACK" : "KEEPALIVE");
+      if(len != (type == RP_ACK ? 5 : 1))
+	FZ_FAIL("remote: malformed %s", type == RP_ACK ? "ACK" : "KEEPALIVE");
+      fz_rp_seq(f, seq, 0, type == RP_ACK ? "ACK" : "KEEPALIVE");
+      return;
+    }
+  FZ_FAIL("remote: remoted sent control type %u", type);
+}
+
+/* ---- oracle: remoted -> mux client (PROTOCOL.md 5) ---- */
+
+static int fz_u32_in(const uint32_t *a, size_t n, uint32_t v)
+{
+  size_t i;
+  for(i=0; i<n; i++)
+    if(a[i] == v)
+      return 1;
+  return 0;
+}
+
+static fz_mchan_t *fz_mchan(fz_fd_t *f, uint32_t id)
+{
+  size_t i;
+  for(i=0; i<f->nmchan; i++)
+    if(f->mchan[i].id == id)
+      return &f->mchan[i];
+  return NULL;
+}
+
+/* position of each attribute in the emission order of PROTOCOL.md 5.4 */
+static int fz_attr_rank(uint16_t a)
+{
+  static const int rank[14] = {-1, 0, 1, 2, 4, 7, 8, 9, 6, 10, 12, 11, 2, 5};
+  return a < 14 ? rank[a] : -1;
+}
+
+static void fz_mux_update(fz_fd_t *f, const uint8_t *b, uint32_t len)
+{
+  uint32_t off = 6, vpid;
+  uint16_t attr;
+  const uint8_t *nul;
+  int last = -1, r, seen_arrival = 0, seen_addr = 0;
+
+  if(len < 6 || (vpid = bytes_ntohl(b + 2)) == 0)
+    FZ_FAIL("mux: malformed VP_UPDATE");
+  if(fz_u32_in(f->updated, f->nupdated, vpid))
+    FZ_FAIL("mux: second VP_UPDATE for vp %u", vpid);
+  if(fz_u32_in(f->departed, f->ndeparted, vpid))
+    FZ_FAIL("mux: VP_UPDATE for departed vp %u", vpid);
+  if(f->nupdated < FZ_VPID_MAX)
+    f->updated[f->nupdated++] = vpid;
+  while(off < len)
+    {
+      if(len - off < 3)
+	FZ_FAIL("mux: truncated VP_UPDATE attribute");
+      attr = bytes_ntohs(b + off);
+      if((r = fz_attr_rank(attr)) < 0)
+	FZ_FAIL("mux: VP_UPDATE attribute %u", attr);
+      if(r < last || (r == last && attr != MUX_ATTR_TAG))
+	FZ_FAIL("mux: VP_UPDATE attribute %u out of order", attr);
+      last = r;
+      if(attr == MUX_ATTR_ARRIVAL) seen_arrival = 1;
+      if(attr == MUX_ATTR_IPV4 || attr == MUX_ATTR_IPV6) seen_addr = 1;
+      if((nul = memchr(b + off + 2, '\0', len - off - 2)) == NULL)
+	FZ_FAIL("mux: VP_UPDATE value not NUL-terminated");
+      off = (uint32_t)(nul - b) + 1;
+    }
+  if(!seen_arrival || !seen_addr)
+    FZ_FAIL("mux: VP_UPDATE without arrival or address");
+  return;
+}
+
+static void fz_mux_frame(fz_fd_t *f, uint32_t chan, const uint8_t *b,
+			 uint32_t len)
+{
+  fz_mchan_t *mc;
+  uint16_t type;
+  uint32_t v;
+
+  if(chan != 0)
+    {
+      if(!f->go)
+	FZ_FAIL("mux: data before GO");
+      if((mc = fz_mchan(f, chan)) == NULL)
+	FZ_FAIL("mux: data on channel %u the client never opened", chan);
+      if(mc->closed)
+	FZ_FAIL("mux: data on channel %u after CHANNEL_CLOSE", chan);
+      if(fz_u32_in(f->departed, f->ndeparted, mc->vpid))
+	FZ_FAIL("mux: data on channel %u after VP_DEPART(%u)", chan,
+		mc->vpid);
+      if(len > RP_MAXBODY)
+	FZ_FAIL("mux: data frame of %u bytes", len);
+      return;
+    }
+  if(len < 2)
+    FZ_FAIL("mux: control frame of %u bytes", len);
+  type = bytes_ntohs(b);
+  if(!f->go && type != MUX_VP_UPDATE && type != MUX_GO)
+    FZ_FAIL("mux: control type %u before GO", type);
+  switch(type)
+    {
+    case MUX_VP_UPDATE:
+      fz_mux_update(f, b, len);
+      return;
+    case MUX_GO:
+      if(f->go || len != 2)
+	FZ_FAIL("mux: second or malformed GO");
+      f->go = 1;
+      return;
+    case MUX_VP_DEPART:
+      if(len != 6)
+	FZ_FAIL("mux: malformed VP_DEPART");
+      v = bytes_ntohl(b + 2);
+      if(v == 0)
+	FZ_FAIL("mux: VP_DEPART(0)");
+      if(fz_u32_in(f->departed, f->ndeparted, v))
+	FZ_FAIL("mux: second VP_DEPART(%u)", v);
+      if(f->ndeparted < FZ_VPID_MAX)
+	f->departed[f->ndeparted++] = v;
+      return;
+    case MUX_CHANNEL_CLOSE:
+      if(len != 6)
+	FZ_FAIL("mux: malformed CHANNEL_CLOSE");
+      v = bytes_ntohl(b + 2);
+      if((mc = fz_mchan(f, v)) == NULL)
+	FZ_FAIL("mux: CHANNEL_CLOSE for channel %u never opened", v);
+      if(mc->closed)
+	FZ_FAIL("mux: second CHANNEL_CLOSE for channel %u", v);
+      if(fz_u32_in(f->departed, f->ndeparted, mc->vpid))
+	FZ_FAIL("mux: CHANNEL_CLOSE(%u) after VP_DEPART(%u)", v, mc->vpid);
+      mc->closed = 1;
+      return;
+    }
+  FZ_FAIL("mux: remoted sent control type %u", type);
+}
+
+/* learn the client's CHANNEL_OPEN requests from the bytes it writes */
+static void fz_mux_tx(fz_fd_t *f, const uint8_t *p, size_t len)
+{
+  size_t n;
+  while(len > 0)
+    {
+      if(f->tx_hdr_have < MUX_HDRLEN)
+	{
+	  n = MUX_HDRLEN - f->tx_hdr_have;
+	  if(n > len) n = len;
+	  memcpy(f->tx_hdr + f->tx_hdr_have, p, n);
+	  f->tx_hdr_have += n; p += n; len -= n;
+	  if(f->tx_hdr_have < MUX_HDRLEN)
+	    return;
+	  f->tx_chan = bytes_ntohl(f->tx_hdr);
+	  f->tx_left = bytes_ntohl(f->tx_hdr + 4);
+	  f->tx_ctl_have = 0;
+	  if(f->tx_left == 0)
+	    {
+	      f->tx_hdr_have = 0;
+	      continue;
+	    }
+	}
+      n = f->tx_left < len ? f->tx_left : len;
+      if(f->tx_chan == 0 && f->tx_ctl_have < sizeof(f->tx_ctl))
+	{
+	  size_t c = sizeof(f->tx_ctl) - f->tx_ctl_have;
+	  if(c > n) c = n;
+	  memcpy(f->tx_ctl + f->tx_ctl_have, p, c);
+	  f->tx_ctl_have += c;
+	}
+      f->tx_left -= (uint32_t)n; p += n; len -= n;
+      if(f->tx_left > 0)
+	continue;
+      f->tx_hdr_have = 0;
+      if(f->tx_chan == 0 && f->tx_ctl_have >= 10 &&
+	 bytes_ntohs(f->tx_ctl) == MUX_CHANNEL_OPEN &&
+	 fz_mchan(f, bytes_ntohl(f->tx_ctl + 6)) == NULL &&
+	 f->nmchan < FZ_MCHAN_MAX)
+	{
+	  f->mchan[f->nmchan].id = bytes_ntohl(f->tx_ctl + 6);
+	  f->mchan[f->nmchan].vpid = bytes_ntohl(f->tx_ctl + 2);
+	  f->mchan[f->nmchan].closed = 0;
+	  f->nmchan++;
+	}
+    }
+  return;
+}
+
+/* feed the daemon's output on f to the oracle, whole frames at a time */
+static size_t fz_frame_need(const fz_fd_t *f, size_t hl)
+{
+  if(f->type == FZ_FD_CONN)
+    return hl + bytes_ntohs(f->rx + 8);
+  return hl + bytes_ntohl(f->rx + 4);
+}
+
+static void fz_oracle_rx(fz_fd_t *f, const uint8_t *p, size_t len)
+{
+  size_t hl = f->type == FZ_FD_CONN ? RP_HDRLEN : MUX_HDRLEN, need, n;
+
+  if(f->type == FZ_FD_UC || !fz_oracle)
+    return;
+  for(;;)
+    {
+      need = f->rx_have < hl ? hl : fz_frame_need(f, hl);
+      if(need > FZ_RXMAX)
+	FZ_FAIL("mux: frame of %zu bytes from remoted", need - hl);
+      if(f->rx_have < need)
+	{
+	  if(len == 0)
+	    return;
+	  n = need - f->rx_have;
+	  if(n > len) n = len;
+	  memcpy(f->rx + f->rx_have, p, n);
+	  f->rx_have += n; p += n; len -= n;
+	  continue;
+	}
+      if(f->type == FZ_FD_CONN)
+	fz_rp_frame(f, bytes_ntohl(f->rx), bytes_ntohl(f->rx + 4),
+		    f->rx + hl, (uint16_t)(need - hl));
+      else
+	fz_mux_frame(f, bytes_ntohl(f->rx), f->rx + hl,
+		     (uint32_t)(need - hl));
+      f->rx_have = 0;
+    }
+}
+
+/* read everything the daemon wrote to the harness's ends */
+static void fz_drain(void)
+{
+  ssize_t n;
+  int i;
+  for(i=0; i<fz_nfds; i++)
+    {
+      fz_fd_t *f = &fz_fds[i];
+      if(f->fd < 0 || f->eof)
+	continue;
+      while((n = read(f->fd, fz_buf, sizeof(fz_buf))) > 0)
+	fz_oracle_rx(f, fz_buf, (size_t)n);
+      if(n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+	f->eof = 1;
+    }
+  return;
+}
+
+/* one iteration of the daemon's loop, without waiting, then drain */
+static void fz_step(void)
+{
+  ev_poll(0);
+  flush_pending();
+  gc_collect();
+  fz_drain();
+  return;
+}
+
+/* advance the daemon's clock by secs one-second ticks */
+static void fz_tick(unsigned int secs)
+{
+  tw_advance(tw_tick + secs);
+  flush_pending();
+  gc_collect();
+  fz_drain();
+  return;
+}
+
+/* write to one of the harness's ends, letting the daemon read as needed */
+static void fz_write(fz_fd_t *f, const uint8_t *p, size_t len)
+{
+  ssize_t n;
+  int stuck = 0;
+
+  if(f == NULL || f->fd < 0)
+    return;
+  if(f->type == FZ_FD_MUX && fz_oracle)
+    fz_mux_tx(f, p, len);
+  while(len > 0 && stuck < 2)
+    {
+      if((n = write(f->fd, p, len)) > 0)
+	{
+	  p += n;
+	  len -= (size_t)n;
+	  stuck = 0;
+	}
+      else if(n < 0 && errno != EAGAIN && errno != EINTR)
+	break; /* the daemon closed its end */
+      else
+	stuck++;
+      fz_step();
+    }
+  return;
+}
+
+/* ---- connections, clients ---- */
+
+static int fz_pair(int sv[2])
+{
+  int sz = 1 << 22;
+  if(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0)
+    return -1;
+  if(fd_nonblock(sv[0]) != 0 || fd_nonblock(sv[1]) != 0)
+    {
+      close(sv[0]); close(sv[1]);
+      return -1;
+    }
+  setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
+  setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
+  return 0;
+}
+
+/* a connection the way tcp_accept() takes one; *dfd is the daemon's fd */
+static fz_fd_t *fz_conn_open(int port, int v6, int *dfd)
+{
+  struct sockaddr_storage ss;
+  struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+  struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+  fz_fd_t *f;
+  vp_t *vp;
+  int sv[2];
+
+  *dfd = -1;
+  if(fz_nfds >= FZ_MAXFD || fz_pair(sv) != 0)
+    return NULL;
+  memset(&ss, 0, sizeof(ss));
+  if(v6)
+    {
+      sin6->sin6_family = AF_INET6;
+      sin6->sin6_port = htons((uint16_t)port);
+      inet_pton(AF_INET6, "2001:db8::1", &sin6->sin6_addr);
+    }
+  else
+    {
+      sin->sin_family = AF_INET;
+      sin->sin_port = htons((uint16_t)port);
+      sin->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    }
+  if((vp = vp_alloc(sv[0], (struct sockaddr *)&ss)) == NULL)
+    {
+      close(sv[0]); close(sv[1]);
+      return NULL;
+    }
+  dlist_push_tail(&vp_list, &vp->list_node);
+  tw_arm(&vp->rx_timer, TIMEOUT_ACCEPT);
+  if(ev_set(&vp->ev, 1, 0) != 0)
+    vp_close(vp, "could not register");
+  *dfd = sv[0];
+  f = fz_keep(sv[1], FZ_FD_CONN);
+  return f;
+}
+
+/* the live VP whose connection is the daemon's fd dfd */
+static vp_t *fz_conn_vp(int dfd)
+{
+  dlist_node_t *n;
+  vp_t *vp;
+  if(dfd < 0)
+    return NULL;
+  for(n = vp_list.head; n != NULL; n = n->next)
+    {
+      vp = CONTAINER_OF(n, vp_t, list_node);
+      if(!vp->dead && vp->ev.fd == dfd)
+	return vp;
+    }
+  return NULL;
+}
+
+/* a local client connecting to vp's -U socket (accepted on the next step) */
+static fz_fd_t *fz_uc_connect(vp_t *vp)
+{
+  struct sockaddr_un sn;
+  int fd;
+
+  if(vp == NULL || vp->sockpath == NULL || fz_nfds >= FZ_MAXFD ||
+     strlen(vp->sockpath) >= sizeof(sn.sun_path))
+    return NULL;
+  if((fd = socket(AF_UNIX, SOCK_STREAM, 0)) < 0)
+    return NULL;
+  memset(&sn, 0, sizeof(sn));
+  sn.sun_family = AF_UNIX;
+  memcpy(sn.sun_path, vp->sockpath, strlen(vp->sockpath) + 1);
+  if(connect(fd, (struct sockaddr *)&sn, sizeof(sn)) != 0 ||
+     fd_nonblock(fd) != 0)
+    {
+      close(fd);
+      return NULL;
+    }
+  return fz_keep(fd, FZ_FD_UC);
+}
+
+/* a mux client the way mux_accept() takes one */
+static fz_fd_t *fz_mc_open(void)
+{
+  int sv[2];
+  if(fz_nfds >= FZ_MAXFD || fz_pair(sv) != 0)
+    return NULL;
+  if(mc_open(sv[0]) == NULL)
+    {
+      close(sv[0]); close(sv[1]);
+      return NULL;
+    }
+  return fz_keep(sv[1], FZ_FD_MUX);
+}
+
+/* ---- frames ---- */
+
+static size_t fz_rp_put(uint8_t *p, uint32_t seq, uint32_t chan,
+			const uint8_t *body, size_t len)
+{
+  bytes_htonl(p, seq);
+  bytes_htonl(p + 4, chan);
+  bytes_htons(p + 8, (uint16_t)len);
+  memcpy(p + RP_HDRLEN, body, len);
+  return RP_HDRLEN + len;
+}
+
+/* MASTER_NEW with the given magic and optional name */
+static size_t fz_master_new(uint8_t *p, const uint8_t *magic, uint8_t ml,
+			    const char *name)
+{
+  uint8_t b[2 + 255 + 1 + 255];
+  size_t len = 0, nl;
+  b[len++] = RP_MASTER_NEW;
+  b[len++] = ml;
+  memcpy(b + len, magic, ml);
+  len += ml;
+  if(name != NULL)
+    {
+      nl = strlen(name) + 1;
+      b[len++] = (uint8_t)nl;
+      memcpy(b + len, name, nl);
+      len += nl;
+    }
+  return fz_rp_put(p, 0, 0, b, len);
+}
+
+static size_t fz_master_res(uint8_t *p, const uint8_t *magic, uint8_t ml,
+			    uint32_t rcv_nxt, uint32_t snd_una,
+			    uint32_t snd_nxt)
+{
+  uint8_t b[2 + 255 + 12];
+  size_t len = 0;
+  b[len++] = RP_MASTER_RES;
+  b[len++] = ml;
+  memcpy(b + len, magic, ml);
+  len += ml;
+  bytes_htonl(b + len, rcv_nxt); len += 4;
+  bytes_htonl(b + len, snd_una); len += 4;
+  bytes_htonl(b + len, snd_nxt); len += 4;
+  return fz_rp_put(p, 0, 0, b, len);
+}
+
+/* chunk lengths selected by the low 5 bits of an op byte */
+static const size_t fz_chunk_len[32] = {
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+  17, 19, 20, 21, 24, 32, 48, 64, 100, 128, 256, 512, 1024, 4096, 16384,
+  (size_t)-1,
+};
+
+/* ---- per-input state ---- */
+
+static void fz_begin(long zombie)
+{
+  fz_init_once();
+  opt_flags = fz_debug ? OPT_DEBUG : 0;
+  opt_udir = fz_udir;
+  opt_muxpath = NULL;
+  opt_metafile = NULL;
+  opt_zombie = zombie;
+  vp_id_next = 1;
+  mc_gen = 0;
+  accept_paused = 0;
+  loop_stop = 0;
+  fz_nfds = 0;
+  if(globals_init() != 0 || ev_init() != 0)
+    abort();
+  return;
+}
+
+static void fz_end(void)
+{
+  DIR *d;
+  struct dirent *de;
+  int i;
+
+  shutdown_all();
+  for(i=0; i<fz_nfds; i++)
+    {
+      fz_close(&fz_fds[i]);
+      free(fz_fds[i].rx);
+      fz_fds[i].rx = NULL;
+    }
+  fz_nfds = 0;
+
+  /* nothing may outlive shutdown_all */
+  if(tw_count != 0)
+    FZ_FAIL("%zu timers still armed after shutdown", tw_count);
+  if(vp_list.head != NULL || mc_list.head != NULL ||
+     splaytree_count(&vp_by_id) != 0 || splaytree_count(&vp_by_magic) != 0)
+    FZ_FAIL("objects left after shutdown");
+  if(dlist_pop_head(&flush_list) != NULL)
+    FZ_FAIL("flush list not empty after shutdown");
+  if((d = opendir(fz_udir)) != NULL)
+    {
+      while((de = readdir(d)) != NULL)
+	if(strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0)
+	  {
+	    char path[sizeof(fz_udir) + 300];
+	    snprintf(path, sizeof(path), "%s/%s", fz_udir, de->d_name);
+	    unlink(path);
+	    closedir(d);
+	    FZ_FAIL("-U socket %s left after shutdown", de->d_name);
+	  }
+      closedir(d);
+    }
+  return;
+}
+
+#endif /* FUZZ_COMMON_H */
