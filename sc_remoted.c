@@ -735,8 +735,9 @@ typedef enum
 /* reassembly of a remote frame that spans reads */
 typedef struct rp_rx
 {
-  uint8_t      *part;      /* header, then body; NULL when none pending */
+  uint8_t      *part;      /* header, then body; kept while streaming */
   uint32_t      have;      /* bytes held */
+  uint32_t      cap;       /* bytes allocated at part */
   uint8_t       checked;   /* header of the held frame was validated */
 } rp_rx_t;
 
@@ -1885,7 +1886,29 @@ static void rp_rx_reset(rp_rx_t *rx)
   free(rx->part);
   rx->part = NULL;
   rx->have = 0;
+  rx->cap = 0;
   rx->checked = 0;
+  return;
+}
+
+/* make part hold at least need bytes, keeping what it holds */
+static int rp_rx_reserve(rp_rx_t *rx, uint32_t need)
+{
+  uint8_t *np;
+  if(rx->cap >= need)
+    return 0;
+  if((np = realloc(rx->part, need)) == NULL)
+    return -1;
+  rx->part = np;
+  rx->cap = need;
+  return 0;
+}
+
+/* an idle session gives its reassembly buffer back */
+static void rp_rx_release_idle(rp_rx_t *rx)
+{
+  if(rx->have == 0)
+    rp_rx_reset(rx);
   return;
 }
 
@@ -2095,6 +2118,8 @@ static void vp_timer_ka(tw_timer_t *t)
   vp_t *vp = CONTAINER_OF(t, vp_t, ka_timer);
   if(vp->state != VP_GO)
     return;
+  if(tw_tick >= vp->last_rx + TIMEOUT_KEEPALIVE)
+    rp_rx_release_idle(&vp->rx);
   if(tw_tick >= vp->last_tx + TIMEOUT_KEEPALIVE)
     vp_send_keepalive(vp);
   tw_arm_at(t, vp->last_tx + TIMEOUT_KEEPALIVE);
@@ -2318,7 +2343,8 @@ typedef struct rp_cb
 /*
  * Reassemble remote frames from a byte stream.  Complete frames in p are
  * handed to cb->frame in place (no copy); only a trailing partial frame
- * is copied into rx->part, sized to the frame.  Returns 0 when every byte
+ * is copied into rx->part, which is kept (not freed per frame) while the
+ * stream is busy; rp_rx_release_idle() gives it back.  Returns 0 when every byte
  * was consumed, the non-zero value of a callback that stopped the parse
  * (*used then says how many bytes were consumed, including the frame
  * that stopped it), or RP_NOMEM if memory ran out.
@@ -2327,7 +2353,7 @@ static int rp_rx_feed(rp_rx_t *rx, const uint8_t *p, size_t len,
 		      const rp_cb_t *cb, void *arg, size_t *used)
 {
   const uint8_t *start = p;
-  uint32_t want, n;
+  uint32_t want, n, cap;
   uint16_t blen;
   uint8_t *np;
   int rc;
@@ -2351,12 +2377,8 @@ static int rp_rx_feed(rp_rx_t *rx, const uint8_t *p, size_t len,
 	  if((rc = cb->hdr(arg, bytes_ntohl(rx->part),
 			   bytes_ntohl(rx->part + 4), blen)) != 0)
 	    goto stop;
-	  if(blen > 0)
-	    {
-	      if((np = realloc(rx->part, RP_HDRLEN + (size_t)blen)) == NULL)
-		return RP_NOMEM;
-	      rx->part = np;
-	    }
+	  if(rp_rx_reserve(rx, RP_HDRLEN + (uint32_t)blen) != 0)
+	    return RP_NOMEM;
 	}
       want = RP_HDRLEN + (uint32_t)blen - rx->have;
       n = want > len ? (uint32_t)len : want;
@@ -2364,13 +2386,22 @@ static int rp_rx_feed(rp_rx_t *rx, const uint8_t *p, size_t len,
       rx->have += n; p += n; len -= n;
       if(n < want)
 	goto done;
+      /* detach the buffer while the frame is handled: the handler may
+       * tear the session (and its rx) down */
       np = rx->part;
+      cap = rx->cap;
       rx->part = NULL;
-      rx->have = 0;
+      rx->have = rx->cap = 0;
       rx->checked = 0;
       rc = cb->frame(arg, bytes_ntohl(np), bytes_ntohl(np + 4),
 		     np + RP_HDRLEN, blen);
-      free(np);
+      if(rx->part == NULL)
+	{
+	  rx->part = np;
+	  rx->cap = cap;
+	}
+      else
+	free(np);
       if(rc != 0)
 	goto stop;
     }
@@ -2385,7 +2416,7 @@ static int rp_rx_feed(rp_rx_t *rx, const uint8_t *p, size_t len,
 	}
       if(len < RP_HDRLEN + (size_t)blen)
 	{
-	  if((rx->part = malloc(RP_HDRLEN + (size_t)blen)) == NULL)
+	  if(rp_rx_reserve(rx, RP_HDRLEN + (uint32_t)blen) != 0)
 	    return RP_NOMEM;
 	  memcpy(rx->part, p, len);
 	  rx->have = (uint32_t)len;
@@ -2402,7 +2433,7 @@ static int rp_rx_feed(rp_rx_t *rx, const uint8_t *p, size_t len,
     }
   if(len > 0)
     {
-      if((rx->part = malloc(RP_HDRLEN)) == NULL)
+      if(rp_rx_reserve(rx, RP_HDRLEN) != 0)
 	return RP_NOMEM;
       memcpy(rx->part, p, len);
       rx->have = (uint32_t)len;

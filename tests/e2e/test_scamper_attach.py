@@ -42,13 +42,13 @@ class ScamperAttachTest(unittest.TestCase):
 
     # -- helpers -----------------------------------------------------------
 
-    def sc_attach(self, commands, tag):
+    def sc_attach(self, commands, tag, extra=()):
         cmds = os.path.join(self.tmp, 'cmds-%s.txt' % tag)
         out = os.path.join(self.tmp, 'out-%s.warts' % tag)
         with open(cmds, 'w') as f:
             f.write(commands)
         args = [e2e.SC_ATTACH, '-d', '-R', self.sock, '-i', cmds,
-                '-o', out]
+                '-o', out] + list(extra)
         p = e2e.run_tool(args, 60)
         e2e.show('sc_attach %s: %s (exit %d)' % (tag, ' '.join(args),
                                                  p.returncode),
@@ -109,6 +109,24 @@ class ScamperAttachTest(unittest.TestCase):
         # each channel is its own scamper source: distinct list names
         self.assertNotEqual(set(e2e.list_names(raw1)),
                             set(e2e.list_names(raw2)))
+        self.assert_vp_still_there()
+
+    def test_sc_attach_many_commands_impatient(self):
+        # all commands in one burst (sc_attach -O impatient): many frames
+        # each way, results interleaved; every result must arrive
+        cmds = ''.join('ping -c 1 127.0.0.%d\n' % (i % 4 + 1)
+                       for i in range(40))
+        cmds += ''.join('trace 127.0.0.%d\n' % i for i in range(1, 5))
+        _, raw, text = self.sc_attach(cmds, 'many', ('-O', 'impatient'))
+        types = [t for t, _ in scr.warts_records(raw)]
+        self.assertEqual(types.count(scr.WARTS_PING), 40, types)
+        self.assertEqual(types.count(scr.WARTS_TRACE), 4, types)
+        self.assertEqual(text.count('ping statistics'), 40)
+        self.assertEqual(len(re.findall(
+            r'^1 packets transmitted, 1 packets received', text, re.M)), 40)
+        for i in range(1, 5):
+            e2e.assert_trace_text(self, text, '127.0.0.%d' % i)
+        self.check_lists(raw)
         self.assert_vp_still_there()
 
     def test_raw_client_ping_done_eof(self):

@@ -18,6 +18,7 @@ in PROTOCOL.md's "Recommended" notes):
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -502,7 +503,7 @@ class MetadataTest(MuxTestBase):
 
     def run_bad_meta(self, meta_path):
         tmp = tempfile.mkdtemp(prefix='scr-mux-')
-        self.addCleanup(lambda: __import__('shutil').rmtree(tmp, True))
+        self.addCleanup(shutil.rmtree, tmp, True)
         mux = os.path.join(tmp, 'mux')
         args = ['-P', '127.0.0.1:%d' % scr.free_port(), '-M', mux,
                 '-m', meta_path]
@@ -534,7 +535,7 @@ class MetadataTest(MuxTestBase):
 
     def test_startup_unreadable_file(self):
         tmp = tempfile.mkdtemp(prefix='scr-mux-')
-        self.addCleanup(lambda: __import__('shutil').rmtree(tmp, True))
+        self.addCleanup(shutil.rmtree, tmp, True)
         # a directory opens but cannot be read, even by root
         self.run_bad_meta(tmp)
         if os.geteuid() != 0:

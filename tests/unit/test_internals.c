@@ -187,12 +187,13 @@ static void test_rp_parser_splits(void)
   size_t len, cut, cut2, used;
   int ok = 1, n = 40;
 
+  memset(&rx, 0, sizeof(rx));
   len = make_frames(stream, n);
   /* in one piece */
   memset(&r, 0, sizeof(r)); r.stop_at_hdr = -1;
-  memset(&rx, 0, sizeof(rx));
+  rp_rx_reset(&rx);
   CHECK(rp_rx_feed(&rx, stream, len, &rec_cb, &r, &used) == 0);
-  CHECK(used == len && rx.have == 0 && rx.part == NULL);
+  CHECK(used == len && rx.have == 0);
   CHECK(check_frames(&r, n));
   CHECK(r.nhdrs == n);
 
@@ -200,10 +201,10 @@ static void test_rp_parser_splits(void)
   for(cut = 1; cut < len; cut++)
     {
       memset(&r, 0, sizeof(r)); r.stop_at_hdr = -1;
-      memset(&rx, 0, sizeof(rx));
+      rp_rx_reset(&rx);
       if(rp_rx_feed(&rx, stream, cut, &rec_cb, &r, &used) != 0 ||
 	 rp_rx_feed(&rx, stream + cut, len - cut, &rec_cb, &r, &used) != 0 ||
-	 !check_frames(&r, n) || r.nhdrs != n || rx.part != NULL)
+	 !check_frames(&r, n) || r.nhdrs != n || rx.have != 0)
 	{
 	  ok = 0;
 	  printf("  split at %zu failed\n", cut);
@@ -218,7 +219,7 @@ static void test_rp_parser_splits(void)
     for(cut2 = cut; cut2 < 200 && ok; cut2++)
       {
 	memset(&r, 0, sizeof(r)); r.stop_at_hdr = -1;
-	memset(&rx, 0, sizeof(rx));
+	rp_rx_reset(&rx);
 	rp_rx_feed(&rx, stream, cut, &rec_cb, &r, &used);
 	rp_rx_feed(&rx, stream + cut, cut2 - cut, &rec_cb, &r, &used);
 	rp_rx_feed(&rx, stream + cut2, len - cut2, &rec_cb, &r, &used);
@@ -229,10 +230,14 @@ static void test_rp_parser_splits(void)
 
   /* one byte at a time */
   memset(&r, 0, sizeof(r)); r.stop_at_hdr = -1;
-  memset(&rx, 0, sizeof(rx));
+  rp_rx_reset(&rx);
   for(cut = 0; cut < len; cut++)
     rp_rx_feed(&rx, stream + cut, 1, &rec_cb, &r, &used);
   CHECK(check_frames(&r, n));
+  /* the buffer kept while streaming is given back when idle */
+  CHECK(rx.have == 0);
+  rp_rx_release_idle(&rx);
+  CHECK(rx.part == NULL && rx.cap == 0);
 }
 
 static void test_rp_parser_header_check(void)
@@ -240,27 +245,26 @@ static void test_rp_parser_header_check(void)
   static uint8_t stream[40 * 310];
   static rec_t r;
   rp_rx_t rx;
-  size_t len, used, i;
+  size_t len, used;
   int rc;
 
+  memset(&rx, 0, sizeof(rx));
   len = make_frames(stream, 40);
   /* a bad header stops the parse before its body arrives */
   memset(&r, 0, sizeof(r)); r.stop_at_hdr = 3;
-  memset(&rx, 0, sizeof(rx));
+  rp_rx_reset(&rx);
   rc = rp_rx_feed(&rx, stream, len, &rec_cb, &r, &used);
   CHECK(rc == -1);
   CHECK(r.nframes == 3);
 
   /* the header alone (10 bytes, no body yet) is enough to stop it */
-  for(i = 0; i < 3; i++) /* skip frames 0..2 */
-    ;
   memset(&r, 0, sizeof(r)); r.stop_at_hdr = 0;
-  memset(&rx, 0, sizeof(rx));
+  rp_rx_reset(&rx);
   rc = rp_rx_feed(&rx, stream, RP_HDRLEN, &rec_cb, &r, &used);
   CHECK(rc == -1 && r.nhdrs == 1 && r.nframes == 0);
   /* and a header completed across two feeds is checked as it completes */
   memset(&r, 0, sizeof(r)); r.stop_at_hdr = 0;
-  memset(&rx, 0, sizeof(rx));
+  rp_rx_reset(&rx);
   CHECK(rp_rx_feed(&rx, stream, 4, &rec_cb, &r, &used) == 0);
   rc = rp_rx_feed(&rx, stream + 4, 6, &rec_cb, &r, &used);
   CHECK(rc == -1 && r.nhdrs == 1);

@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""Write the seed corpora of the sc_remoted libFuzzer targets.
+
+    python3 tests/fuzz/make-seeds.py [corpus-dir]
+
+The default corpus-dir is tests/fuzz/corpus next to this script; one
+subdirectory per target.  Seeds are hand-made valid inputs in the layouts
+described at the top of fuzz_remote.c, fuzz_mux.c, fuzz_meta.c and
+fuzz_certname.c.  The DER certificates for fuzz_certname are made with the
+openssl command (skipped, with a note, when it is missing).
+"""
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+
+# ---- remote protocol (PROTOCOL.md 2) ---------------------------------------
+
+MASTER_NEW, CHANNEL_NEW, CHANNEL_FIN, KEEPALIVE, ACK, MASTER_RES = 0, 2, 3, 4, 5, 6
+MAGIC = b"FUZZMAGC"  # the first session's magic in fuzz_remote.c
+
+
+def rp(seq, chan, body):
+    return struct.pack(">IIH", seq, chan, len(body)) + body
+
+
+def master_new(magic, name=None):
+    b = bytes([MASTER_NEW, len(magic)]) + magic
+    if name is not None:
+        n = name.encode() + b"\0"
+        b += bytes([len(n)]) + n
+    return rp(0, 0, b)
+
+
+def master_res(magic, rcv_nxt, snd_una, snd_nxt):
+    return rp(0, 0, bytes([MASTER_RES, len(magic)]) + magic +
+              struct.pack(">III", rcv_nxt, snd_una, snd_nxt))
+
+
+def ack(seq, acked):
+    return rp(seq, 0, bytes([ACK]) + struct.pack(">I", acked))
+
+
+def keepalive(seq):
+    return rp(seq, 0, bytes([KEEPALIVE]))
+
+
+def fin(seq, chan):
+    return rp(seq, 0, bytes([CHANNEL_FIN]) + struct.pack(">I", chan))
+
+
+def data(seq, chan, payload):
+    return rp(seq, chan, payload)
+
+
+# ---- mux protocol (PROTOCOL.md 5) ------------------------------------------
+
+MUX_CHANNEL_OPEN, MUX_CHANNEL_CLOSE = 3, 4
+
+
+def mux(chan, payload):
+    return struct.pack(">II", chan, len(payload)) + payload
+
+
+def mux_open(vpid, chan):
+    return mux(0, struct.pack(">HII", MUX_CHANNEL_OPEN, vpid, chan))
+
+
+def mux_ctl(type_, body=b""):
+    return mux(0, struct.pack(">H", type_) + body)
+
+
+# ---- the op/chunk layout shared by fuzz_remote and fuzz_mux ----------------
+
+# chunk lengths selected by the low 5 bits of an op (fz_chunk_len); the
+# last entry means "everything left"
+CHUNK_LEN = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+             17, 19, 20, 21, 24, 32, 48, 64, 100, 128, 256, 512, 1024, 4096,
+             16384]
+
+
+def split(n):
+    """Chunk-length indexes whose lengths add up to n (greedy)."""
+    out = []
+    while n > 0:
+        i = max(j for j, v in enumerate(CHUNK_LEN) if v <= n)
+        out.append(i)
+        n -= CHUNK_LEN[i]
+    return out
+
+
+def remote_plan(action, n):
+    """fuzz_remote: a -U client write spans chunks; other actions happen
+    after the last chunk, earlier chunks being plain writes."""
+    if action == 3:
+        return [3] * n
+    return [0] * (n - 1) + [action]
+
+
+def mux_plan(action, n):
+    """fuzz_mux: writes span chunks; a synthesized frame or cut must be
+    one chunk; connect-then-write actions come first."""
+    if action in (0, 1, 2):
+        return [action] * n
+    assert action not in (3, 5) or n == 1, "op %d needs one chunk" % action
+    if action == 6:
+        return [6] + [1] * (n - 1)
+    if action == 7:
+        return [7] + [0] * (n - 1)
+    return [0] * (n - 1) + [action]
+
+
+def layout(setup, steps, rest=b"", plan=remote_plan):
+    """The setup byte, the ops and the stream for (action, bytes) steps;
+    each step is cut into chunks of the lengths an op can select."""
+    ops, stream = [], b""
+    for action, b in steps:
+        if not b:
+            b = b"\0"
+        idx = split(len(b))
+        for a, i in zip(plan(action, len(idx)), idx):
+            ops.append((a << 5) | i)
+        stream += b
+    assert len(ops) < 64, "too many ops"
+    return bytes([setup, len(ops)]) + bytes(ops) + stream + rest
+
+
+# ---- seeds -----------------------------------------------------------------
+
+def remote_seeds():
+    s = {}
+    # mode 0: the whole handshake in the stream
+    s["handshake-new"] = bytes([0x00, 0]) + (
+        master_new(b"SEEDMAGC", "seed.mon") + keepalive(0) +
+        data(0, 7, b"unknown channel\n") + fin(1, 7) + keepalive(2))
+    # mode 0, the same split at every byte of the first frame
+    s["handshake-split"] = layout(
+        0x00, [(0, bytes([b])) for b in master_new(b"SEEDMAGC")[:24]],
+        master_new(b"SEEDMAGC")[24:] + keepalive(0))
+    # mode 1 with two -U clients: CHANNEL_NEW 1 and 2 are seqs 0 and 1
+    setup = 0x01 | (2 << 2) | 0x40
+    s["go-channels"] = layout(setup, [
+        (0, ack(0, 0) + ack(0, 1)),
+        (0, data(0, 1, b"MORE\n")),
+        (3, b"done\n"),                   # client 1 -> scamper: seq 2
+        (0, ack(1, 2)),
+        (0, data(1, 2, b"OK id-1\n")),
+        (4, fin(2, 1)),                   # then a client half-closes
+    ], keepalive(3) + data(3, 2, b"DATA 5 id-1\nbegin\n") + fin(4, 2))
+    # mode 1, one client; it half-closes and remoted sends FIN (seq 1)
+    setup = 0x01 | (1 << 2) | 0x40
+    s["go-client-eof"] = layout(setup, [
+        (4, ack(0, 0)),
+    ], fin(0, 1) + ack(1, 1))
+    # mode 1: a client connects later (op 6), then the link times out
+    s["go-new-client"] = layout(0x01 | 0x10, [
+        (6, keepalive(0)),
+        (1, ack(0, 0)),
+        (0, data(0, 1, b"MORE\n")),
+        (2, keepalive(1)),                 # 61 s: rx_abort, zombie, -Z 60
+    ])
+    # mode 2: resume a zombie that has one unacked CHANNEL_NEW (seq 0)
+    setup = 0x02 | (1 << 2) | 0x40
+    s["resume-zombie"] = bytes([setup, 0]) + (
+        master_res(MAGIC, 0, 0, 0) + ack(0, 0) + data(0, 1, b"MORE\n") +
+        fin(1, 1))
+    # mode 2: scamper already has the CHANNEL_NEW (rcv_nxt 1)
+    s["resume-acked"] = bytes([setup, 0]) + (
+        master_res(MAGIC, 1, 0, 0) + keepalive(0) + data(0, 1, b"MORE\n"))
+    # mode 3: take a live session over
+    setup = 0x03 | (1 << 2) | 0x40
+    s["takeover-live"] = bytes([setup, 0]) + (
+        master_res(MAGIC, 0, 0, 0) + ack(0, 0) + keepalive(0))
+    # mode 2 rejections: unknown magic, inconsistent rcv_nxt
+    s["resume-unknown"] = bytes([0x02, 0]) + master_res(b"NOSUCHMG", 0, 0, 0)
+    s["resume-badseq"] = bytes([0x02 | (1 << 2), 0]) + master_res(
+        MAGIC, 5, 0, 0)
+    # mode 1: cut the connection (op 7), resume on the next one
+    setup = 0x01 | (1 << 2) | 0x40
+    s["cut-resume"] = layout(setup, [
+        (1, ack(0, 0)),                    # then 31 s: keepalive
+        (7, keepalive(0)),                 # then the connection is cut
+    ], master_res(MAGIC, 1, 0, 0) + data(0, 1, b"MORE\n") + fin(1, 1))
+    return s
+
+
+def mux_seeds():
+    s = {}
+    s["open-data"] = bytes([0x00, 0]) + (
+        mux_open(1, 1) + mux(1, b"ping -c 1 127.0.0.1\n") +
+        mux_ctl(9, b"ignored") + mux_ctl(MUX_CHANNEL_CLOSE, b"\0\0\0\1") +
+        mux(1, b"done\n"))
+    # two VPs, metadata, a -U client on VP 1 (remote channel 1), and a
+    # second mux client; scamper answers on the channels
+    setup = 0x01 | 0x08 | 0x10 | 0x40
+    s["two-vps"] = layout(setup, [
+        (0, mux_open(1, 1) + mux_open(2, 2)),
+        (3, bytes([0x04]) + b"MORE\n"),         # VP 1, remote channel 2
+        (3, bytes([0x03])),                     # VP 1: ACK everything
+        (3, bytes([0x80]) + b"MORE\n"),         # VP 2, remote channel 1
+        (3, bytes([0x05])),                     # VP 1: FIN channel 2
+        (1, mux_open(2, 5) + mux(5, b"done\n")),
+        (5, bytes([0x81, 0])),                  # VP 2 cut and resumed
+        (3, bytes([0x83])),                     # VP 2: ACK everything
+    ], mux(1, b"late\n") + mux(2, b"to vp2\n"), mux_plan)
+    # a channel opened on a zombie, which then expires (-Z 1)
+    s["zombie-expiry"] = layout(0x02 << 1, [
+        (0, mux_open(1, 1)),
+        (5, bytes([0x00])),                     # VP 1 cut, no resume
+        (0, mux_open(1, 2) + mux(2, b"queued\n")),
+        (4, mux(1, b"x")),                      # then 61 s
+    ], mux(2, b"after depart\n"), mux_plan)
+    # a rejected resume, then the session is still a zombie
+    s["resume-rejected"] = layout(0x00, [
+        (0, mux_open(1, 1)),
+        (5, bytes([0x03, 0])),
+        (3, bytes([0x02])),
+    ], mux(1, b"hello\n"), mux_plan)
+    # mux client 1 connects early, disconnects, and a new one connects
+    s["reconnect"] = layout(0x20 | 0x80, [
+        (0, mux_open(1, 1) + mux(1, b"MORE\n")),
+        (7, mux_open(1, 1)),
+        (3, bytes([0x04]) + b"OK\n"),
+    ], mux(1, b"done\n"), mux_plan)
+    # errors that close the client
+    s["short-ctl"] = bytes([0x00, 0]) + mux(0, b"\3")
+    s["reused-chan"] = bytes([0x00, 0]) + mux_open(1, 1) + mux_open(1, 1)
+    s["unknown-vp"] = bytes([0x00, 0]) + mux_open(9999, 1)
+    return s
+
+
+def meta_seeds():
+    return {
+        "full": (b"# sc_remoted metadata\n"
+                 b"vp1.example asn4 64496\n"
+                 b"vp1.example asn6 64497\n"
+                 b"vp1.example latlong -37.78,175.28\n"
+                 b"vp1.example cc NZ\n"
+                 b"vp1.example st WKO\n"
+                 b"vp1.example place Hamilton, New Zealand  \n"
+                 b"vp1.example shortname ham\n"
+                 b"vp1.example iata HLZ\n"
+                 b"vp1.example tag one\n"
+                 b"vp1.example TAG two\n"
+                 b"\n"
+                 b"vp2 CC us\r\n"
+                 b"vp2 colour blue\n"
+                 b"vp2 cc ca"),
+        "first-unknown-key": b"a unknown value\nb cc nz\n",
+        "bad-novalue": b"vp1 cc\n",
+        "bad-blank": b"vp1 cc nz\n \n",
+        "indented": b"  cc nz\n#comment\n",
+    }
+
+
+def certname_seeds(tmp):
+    s = {}
+
+    def nm(pat, name):
+        return bytes([len(pat)]) + pat + name
+
+    s["exact"] = nm(b"vp1.example.org", b"VP1.Example.ORG")
+    s["wildcard"] = nm(b"*.example.org", b"vp1.example.org")
+    s["wildcard-two-labels"] = nm(b"*.example.org", b"a.b.example.org")
+    s["partial-wildcard"] = nm(b"f*.x", b"fa.x")
+    if shutil.which("openssl") is None:
+        print("make-seeds: no openssl command; no DER certificate seeds",
+              file=sys.stderr)
+        return s
+    certs = {
+        "cert-san": ("/CN=other.example.org",
+                     "subjectAltName=DNS:vp1.example.org,DNS:*.example.net,"
+                     "email:ops@example.org"),
+        "cert-cn": ("/CN=vp1.example.org", None),
+        "cert-wildcard-cn": ("/O=Example/CN=*.example.org", None),
+    }
+    key = os.path.join(tmp, "key.pem")
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey",
+                    "-noout", "-out", key], check=True)
+    for name, (subj, ext) in certs.items():
+        der = os.path.join(tmp, name + ".der")
+        cmd = ["openssl", "req", "-x509", "-new", "-key", key, "-days",
+               "3650", "-subj", subj, "-outform", "DER", "-out", der]
+        if ext is not None:
+            cmd += ["-addext", ext]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(der, "rb") as f:
+            s[name] = f.read()
+    return s
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "corpus")
+    with tempfile.TemporaryDirectory() as tmp:
+        targets = {
+            "fuzz_remote": remote_seeds(),
+            "fuzz_mux": mux_seeds(),
+            "fuzz_meta": meta_seeds(),
+            "fuzz_certname": certname_seeds(tmp),
+        }
+        for target, seeds in targets.items():
+            d = os.path.join(out, target)
+            os.makedirs(d, exist_ok=True)
+            for name, blob in seeds.items():
+                assert len(blob) < 4096, (target, name, len(blob))
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(blob)
+            print("%s: %d seeds in %s" % (target, len(seeds), d))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
