@@ -200,8 +200,12 @@ static void usage(unsigned int which)
 #ifdef HAVE_OPENSSL
 	  "                  [-C CA-file] [-c cert-file] [-p priv-file]\n"
 #endif
+#ifdef HAVE_CHROOT
 	  "                  [-R chroot-dir] [-e pid-file] [-m meta-file]"
 	  " [-Z zombie-time]\n");
+#else
+	  "                  [-e pid-file] [-m meta-file] [-Z zombie-time]\n");
+#endif
   if(which == 0)
     return;
   fprintf(stderr, "\n");
@@ -228,8 +232,10 @@ static void usage(unsigned int which)
 	    "        buffer-high=BYTES, buffer-low=BYTES (local client output"
 	    " watermarks)\n"
 	    "        stall-timeout=SECS, unacked-max=BYTES, handshake-max=N\n");
+#ifdef HAVE_CHROOT
   if(which & USAGE_R)
     fprintf(stderr, "     -R chroot into this directory after startup\n");
+#endif
 #ifdef HAVE_OPENSSL
   if(which & USAGE_TLS)
     fprintf(stderr, "     -c server certificate file (PEM), with -p\n"
@@ -269,11 +275,20 @@ static int parse_bytes(const char *s, size_t *out)
   return 0;
 }
 
+/* a plain decimal count in 1..max */
+static int parse_count(const char *s, long max, long *out)
+{
+  if(!string_isdigits(s) || strlen(s) > 9 || atol(s) < 1 || atol(s) > max)
+    return -1;
+  *out = atol(s);
+  return 0;
+}
+
 /* -O name=value: the resource limits */
 static int parse_O_value(const char *opt)
 {
   const char *eq = strchr(opt, '=');
-  size_t nl = (size_t)(eq - opt), v;
+  size_t nl = (size_t)(eq - opt);
   const char *val = eq + 1;
 
   if(nl == 11 && strncasecmp(opt, "buffer-high", nl) == 0)
@@ -283,19 +298,9 @@ static int parse_O_value(const char *opt)
   if(nl == 11 && strncasecmp(opt, "unacked-max", nl) == 0)
     return parse_bytes(val, &opt_unacked_max);
   if(nl == 13 && strncasecmp(opt, "stall-timeout", nl) == 0)
-    {
-      if(parse_bytes(val, &v) != 0 || v > 86400)
-	return -1;
-      opt_stall = (long)v;
-      return 0;
-    }
+    return parse_count(val, 86400, &opt_stall);
   if(nl == 13 && strncasecmp(opt, "handshake-max", nl) == 0)
-    {
-      if(parse_bytes(val, &v) != 0 || v > 10000000)
-	return -1;
-      opt_handshake_max = (long)v;
-      return 0;
-    }
+    return parse_count(val, 10000000, &opt_handshake_max);
   return -1;
 }
 
@@ -4879,7 +4884,8 @@ static int globals_init(void)
   return 0;
 }
 
-static void loop_run(void)
+/* run until SIGINT/SIGTERM (0) or a failure of the wait itself (-1) */
+static int loop_run(void)
 {
   log_loop_started = 1;
   while(!loop_stop)
@@ -4887,14 +4893,14 @@ static void loop_run(void)
       if(ev_poll(vp_again.count > 0 ? 0 : tw_timeout_ms()) != 0)
 	{
 	  log_err("wait failed: %s", strerror(errno));
-	  break;
+	  return -1;
 	}
       vp_again_run();
       tw_advance(tw_clock());
       flush_pending();
       gc_collect();
     }
-  return;
+  return 0;
 }
 
 #ifndef SC_REMOTED_NO_MAIN
@@ -4936,9 +4942,9 @@ int main(int argc, char *argv[])
   if(mux_lev.fd >= 0 && ev_set(&mux_lev, 1, 0) != 0)
     goto fail;
 
-  loop_run();
+  rc = loop_run();
   shutdown_all();
-  return 0;
+  return rc == 0 ? 0 : 255;
 
  fail:
   if(pidfile_fd >= 0)

@@ -313,6 +313,42 @@ static int64_t proc_cpu_ns(pid_t pid)
   return (int64_t)((ut + st) * (NS / (unsigned long long)sysconf(_SC_CLK_TCK)));
 }
 
+/* CPU time used by scbench itself, in ns */
+static int64_t self_cpu_ns(void)
+{
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return ((int64_t)ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * (int64_t)NS +
+    ((int64_t)ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000;
+}
+
+/* a measured window: wall time and the CPU both processes used in it */
+typedef struct window
+{
+  uint64_t t0;
+  int64_t  dcpu0, scpu0;
+} window_t;
+
+static void window_start(window_t *w)
+{
+  w->dcpu0 = proc_cpu_ns(opt_pid);
+  w->scpu0 = self_cpu_ns();
+  w->t0 = now_ns();
+}
+
+/* report CPU use over the window; returns the wall time in ns */
+static uint64_t window_end(window_t *w)
+{
+  uint64_t t = now_ns() - w->t0;
+  int64_t d = proc_cpu_ns(opt_pid), s = self_cpu_ns();
+  if(t == 0)
+    t = 1;
+  if(d >= 0 && w->dcpu0 >= 0)
+    printf("RESULT daemon_cpu_pct %.1f\n", 100.0 * (double)(d - w->dcpu0) / (double)t);
+  printf("RESULT scbench_cpu_pct %.1f\n", 100.0 * (double)(s - w->scpu0) / (double)t);
+  return t;
+}
+
 /* ---------------------------------------------------------------------
  * The byte pattern
  *
@@ -416,12 +452,6 @@ static void ob_consume(obuf_t *o, size_t n)
   o->len -= n;
   if(o->len == 0)
     o->off = 0;
-}
-
-static void ob_free(obuf_t *o)
-{
-  free(o->b);
-  memset(o, 0, sizeof(*o));
 }
 
 /* ---------------------------------------------------------------------
@@ -633,7 +663,6 @@ static uint32_t g_go, g_ok, g_rej, g_dead;
 static uint32_t conn_next, conn_end, conn_inflight, conn_window;
 
 static void fvp_lost(fvp_t *vp, const char *fmt, ...);
-static void ep_on_fvp_go(fvp_t *vp);
 
 static void ua_push(fvp_t *vp, const fdesc_t *d)
 {
@@ -762,7 +791,7 @@ static void fvp_send_ack(fvp_t *vp, uint32_t seq)
 static int fvp_pump(fvp_t *vp)
 {
   int did = 0, tries;
-  fchan_t *c;
+  fchan_t *c = NULL;
   uint64_t left;
   uint32_t n;
 
@@ -1171,7 +1200,6 @@ static int fvp_frame(fvp_t *vp, uint32_t seq, uint32_t chan,
       g_go++;
       conn_inflight--;
       connect_more();
-      ep_on_fvp_go(vp);
       return 0;
     }
   if(vp->state == FS_WAIT_OK)
@@ -1963,7 +1991,764 @@ static void mux_open_chans(uint32_t n, uint32_t vpfirst, uint32_t nvp)
   mux_flush(g_mux);
 }
 
-static void ep_on_fvp_go(fvp_t *vp)
+/* ---------------------------------------------------------------------
+ * Scenario helpers
+ */
+
+static uint32_t g_wait_ready;
+
+static int cond_ready(void)
 {
-  (void)vp;
+  return g_ready >= g_wait_ready || g_nfail > 0;
+}
+
+/* n channels over vps[first .. first+nvp), through -U ('u') or -M ('m');
+ * returns once every endpoint has its hello */
+static void chans_open(uint32_t n, uint32_t first, uint32_t nvp, int via)
+{
+  uint32_t i;
+  if(via == 'm')
+    {
+      if(opt_mux == NULL)
+	die("-M is needed for mux channels");
+      mux_open();
+      if(g_mux->known < nvps)
+	die("mux announced %u of %u VPs", g_mux->known, nvps);
+      mux_open_chans(n, first, nvp);
+    }
+  else
+    {
+      if(opt_udir == NULL)
+	die("-U is needed for unix channels");
+      ucs = xcalloc(n, sizeof(uc_t));
+      for(i = 0; i < n; i++)
+	{
+	  ucs[i].o.fd = -1;
+	  uc_open(&ucs[i], &vps[first + i % nvp]);
+	}
+    }
+  g_wait_ready = n;
+  loop_until(cond_ready, "opening channels");
+}
+
+/* the scamper-side state of an endpoint's channel */
+static fchan_t *ep_fchan(const ep_t *ep)
+{
+  return fvp_chan(&vps[ep->vpidx], ep->chan);
+}
+
+/* let data flow: everything that can send gets flushed */
+static void start_running(void)
+{
+  uint32_t i;
+  g_running = 1;
+  for(i = 0; i < nvps; i++)
+    if(vps[i].o.fd >= 0)
+      mark_dirty(&vps[i].o);
+  for(i = 0; i < neps; i++)
+    if(eps[i]->owner->fd >= 0)
+      mark_dirty(eps[i]->owner);
+}
+
+static uint64_t g_target;
+
+static int cond_bytes(void)
+{
+  return g_s2c_bytes + g_c2s_bytes >= g_target || g_nfail > 0;
+}
+
+static int cond_acked(void)
+{
+  uint32_t i;
+  if(g_nfail > 0)
+    return 1;
+  for(i = 0; i < nvps; i++)
+    if(vps[i].state == FS_GO && vps[i].ua_n > 0)
+      return 0;
+  return 1;
+}
+
+static void report_daemon_mem(const char *prefix)
+{
+  char name[64];
+  snprintf(name, sizeof(name), "%s_rss_kb", prefix);
+  result(name, "%ld", proc_status_kb(opt_pid, "VmRSS"));
+  snprintf(name, sizeof(name), "%s_hwm_kb", prefix);
+  result(name, "%ld", proc_status_kb(opt_pid, "VmHWM"));
+}
+
+/* check every stream ended exactly at its total; report lost bytes */
+static void streams_final_check(void)
+{
+  uint64_t lost = 0;
+  uint32_t i;
+  fchan_t *c;
+  for(i = 0; i < neps; i++)
+    {
+      ep_t *ep = eps[i];
+      if(ep->rx_off < ep->rx_total)
+	lost += ep->rx_total - ep->rx_off;
+      if((c = ep_fchan(ep)) != NULL && c->rx_off < c->rx_total)
+	lost += c->rx_total - c->rx_off;
+    }
+  result("bytes_missing", "%" PRIu64, lost);
+  if(lost > 0)
+    fail("%" PRIu64 " bytes never arrived", lost);
+}
+
+/* ---------------------------------------------------------------------
+ * connect: N VPs; handshakes/s, RSS per idle VP, idle CPU
+ */
+
+static int sc_connect(int argc, char **argv)
+{
+  uint32_t n = 1000, w = 128, i, ka = 0, sock_ok = 0, sock_n = 0;
+  double hold = 0, secs;
+  long rss0, rss1, rss2;
+  int64_t cpu0, cpu1;
+  uint64_t t;
+  int c;
+
+  while((c = getopt(argc, argv, "n:w:H:")) != -1)
+    switch(c)
+      {
+      case 'n': n = (uint32_t)strtoul(optarg, NULL, 0); break;
+      case 'w': w = (uint32_t)strtoul(optarg, NULL, 0); break;
+      case 'H': hold = strtod(optarg, NULL); break;
+      default: return 1;
+      }
+  vps_alloc(n);
+  rss0 = proc_status_kb(opt_pid, "VmRSS");
+  t = vps_connect(0, n, w);
+  secs = (double)t / 1e9;
+  result("vps", "%u", g_go);
+  result("handshake_secs", "%.3f", secs);
+  result("handshakes_per_s", "%.0f", g_go / secs);
+  loop_for(NS);
+  rss1 = proc_status_kb(opt_pid, "VmRSS");
+  result("rss_before_kb", "%ld", rss0);
+  result("rss_after_kb", "%ld", rss1);
+  if(rss0 > 0 && rss1 > 0 && g_go > 0)
+    result("rss_per_vp_bytes", "%.0f", (double)(rss1 - rss0) * 1024.0 / g_go);
+  if(opt_udir != NULL)
+    {
+      struct stat st;
+      char path[256];
+      for(i = 0; i < n; i += (n / 16 ? n / 16 : 1))
+	{
+	  if(vps[i].state != FS_GO)
+	    continue;
+	  sock_n++;
+	  snprintf(path, sizeof(path), "%s/%s-%s", opt_udir, vps[i].name,
+		   vps[i].local);
+	  if(stat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+	    sock_ok++;
+	  else
+	    fail("vp %u: no unix socket %s", i, path);
+	}
+      result("unix_sockets_checked", "%u/%u", sock_ok, sock_n);
+    }
+  if(hold > 0)
+    {
+      cpu0 = proc_cpu_ns(opt_pid);
+      t = now_ns();
+      loop_for((uint64_t)(hold * 1e9));
+      cpu1 = proc_cpu_ns(opt_pid);
+      t = now_ns() - t;
+      for(i = 0; i < n; i++)
+	if(vps[i].ka_rx > 0)
+	  ka++;
+      result("hold_secs", "%.1f", (double)t / 1e9);
+      if(cpu0 >= 0 && cpu1 >= 0)
+	{
+	  result("idle_cpu_ms", "%.1f", (double)(cpu1 - cpu0) / 1e6);
+	  result("idle_cpu_pct", "%.3f", 100.0 * (double)(cpu1 - cpu0) / (double)t);
+	}
+      result("vps_got_keepalive", "%u", ka);
+      rss2 = proc_status_kb(opt_pid, "VmRSS");
+      result("rss_after_hold_kb", "%ld", rss2);
+      if(rss0 > 0 && rss2 > 0 && g_go > 0)
+	result("rss_per_vp_after_hold_bytes", "%.0f",
+	       (double)(rss2 - rss0) * 1024.0 / g_go);
+    }
+  if(g_go != n)
+    fail("only %u of %u VPs completed the handshake", g_go, n);
+  if(g_dead > 0)
+    fail("%u VP connections were lost", g_dead);
+  return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * stream: bulk data in one direction
+ */
+
+static int sc_stream(int argc, char **argv)
+{
+  uint32_t nvp = 1, nch = 1, i, j;
+  uint64_t bytes = 256ULL << 20, share, t;
+  int via = 'u', s2c = 1, c;
+  double secs;
+  window_t win;
+
+  while((c = getopt(argc, argv, "n:c:b:d:m:f:")) != -1)
+    switch(c)
+      {
+      case 'n': nvp = (uint32_t)strtoul(optarg, NULL, 0); break;
+      case 'c': nch = (uint32_t)strtoul(optarg, NULL, 0); break;
+      case 'b': bytes = strtoull(optarg, NULL, 0); break;
+      case 'd': s2c = strcmp(optarg, "c2s") != 0; break;
+      case 'm': via = optarg[0]; break;
+      case 'f': g_frame = atoi(optarg); break;
+      default: return 1;
+      }
+  if(g_frame < 1 || g_frame > 65535 || nvp < 1 || nch < 1)
+    die("bad stream parameters");
+  vps_alloc(nvp);
+  vps_connect(0, nvp, 64);
+  if(g_go != nvp)
+    return 0;
+  g_mode = MODE_STREAM;
+  chans_open(nch, 0, nvp, via);
+  if(g_nfail > 0)
+    return 0;
+  share = bytes / nch;
+  g_target = share * nch;
+  for(i = 0; i < nvp; i++)
+    for(j = 0; j < (uint32_t)vps[i].nch; j++)
+      {
+	if(s2c) vps[i].ch[j].tx_total = share;
+	else    vps[i].ch[j].rx_total = share;
+      }
+  for(i = 0; i < neps; i++)
+    {
+      if(s2c) eps[i]->rx_total = share;
+      else    eps[i]->tx_total = share;
+    }
+  window_start(&win);
+  start_running();
+  loop_until(cond_bytes, "streaming");
+  t = window_end(&win);
+  secs = (double)t / 1e9;
+  result("bytes", "%" PRIu64, s2c ? g_s2c_bytes : g_c2s_bytes);
+  result("secs", "%.3f", secs);
+  result("mb_per_s", "%.1f", (double)g_target / secs / 1e6);
+  report_daemon_mem("daemon");
+  loop_until(cond_acked, "waiting for the last ACKs");
+  streams_final_check();
+  return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * rtt: command line -> OK, DATA line, 1 KiB block
+ */
+
+static int cmp_u64(const void *a, const void *b)
+{
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+static int cond_eps_done(void)
+{
+  return g_eps_done >= neps || g_nfail > 0;
+}
+
+static int sc_rtt(int argc, char **argv)
+{
+  uint32_t idle = 0, conc = 1, nact = 0, i;
+  double dur = 5, secs;
+  uint64_t t0, t1, total = 0;
+  int via = 'u', c;
+  window_t win;
+
+  while((c = getopt(argc, argv, "i:c:n:t:qm:W:")) != -1)
+    switch(c)
+      {
+      case 'i': idle = (uint32_t)strtoul(optarg, NULL, 0); break;
+      case 'c': conc = (uint32_t)strtoul(optarg, NULL, 0); break;
+      case 'n': nact = (uint32_t)strtoul(optarg, NULL, 0); break;
+      case 't': dur = strtod(optarg, NULL); break;
+      case 'q': g_quickack = 1; break;
+      case 'm': via = optarg[0]; break;
+      case 'W': rtt_warm = (uint32_t)strtoul(optarg, NULL, 0); break;
+      default: return 1;
+      }
+  if(nact == 0)
+    nact = conc < 4 ? conc : 4;
+  vps_alloc(idle + nact);
+  if(idle > 0)
+    {
+      vps_connect(0, idle, 128);
+      result("idle_vps", "%u", g_go);
+    }
+  vps_connect(idle, nact, 64);
+  if(g_go != idle + nact)
+    {
+      fail("only %u of %u VPs connected", g_go, idle + nact);
+      return 0;
+    }
+  g_mode = MODE_RTT;
+  chans_open(conc, idle, nact, via);
+  if(g_nfail > 0)
+    return 0;
+  window_start(&win);
+  t0 = win.t0;
+  rtt_stop = t0 + (uint64_t)(dur * 1e9);
+  g_running = 1;
+  for(i = 0; i < neps; i++)
+    ep_rtt_send(eps[i]);
+  loop_until(cond_eps_done, "round trips");
+  t1 = t0 + window_end(&win);
+  for(i = 0; i < neps; i++)
+    total += eps[i]->n;
+  secs = (double)(t1 - t0) / 1e9;
+  result("commands", "%" PRIu64, total);
+  result("commands_per_s", "%.0f", (double)total / secs);
+  if(rtt_n > 0)
+    {
+      double sum = 0;
+      for(i = 0; i < rtt_n; i++)
+	sum += (double)rtt_lat[i];
+      qsort(rtt_lat, rtt_n, sizeof(uint64_t), cmp_u64);
+      result("samples", "%zu", rtt_n);
+      result("p50_us", "%.1f", rtt_lat[rtt_n / 2] / 1e3);
+      result("p99_us", "%.1f", rtt_lat[(rtt_n * 99) / 100] / 1e3);
+      result("mean_us", "%.1f", sum / rtt_n / 1e3);
+      result("max_us", "%.1f", rtt_lat[rtt_n - 1] / 1e3);
+    }
+  else
+    fail("no round-trip samples");
+  return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * resume: N VPs streaming both ways, all cut at once, all resumed
+ */
+
+static int cond_all_ok(void)
+{
+  return g_ok + g_dead >= nvps;
+}
+
+static int sc_resume(int argc, char **argv)
+{
+  uint32_t n = 1000, i, fl_s2c = 0, fl_c2s = 0, fl_both = 0, fl_ua = 0;
+  uint64_t bytes = 256 * 1024, t_cut, t_ok, t_done, t0;
+  double frac = 0.3;
+  fchan_t *fc;
+  int c;
+
+  while((c = getopt(argc, argv, "n:b:x:")) != -1)
+    switch(c)
+      {
+      case 'n': n = (uint32_t)strtoul(optarg, NULL, 0); break;
+      case 'b': bytes = strtoull(optarg, NULL, 0); break;
+      case 'x': frac = strtod(optarg, NULL); break;
+      default: return 1;
+      }
+  vps_alloc(n);
+  vps_connect(0, n, 128);
+  if(g_go != n)
+    {
+      fail("only %u of %u VPs connected", g_go, n);
+      return 0;
+    }
+  g_mode = MODE_STREAM;
+  chans_open(n, 0, n, 'u');
+  if(g_nfail > 0)
+    return 0;
+  for(i = 0; i < n; i++)
+    {
+      ep_t *ep = &ucs[i].ep;
+      if((fc = ep_fchan(ep)) == NULL)
+	die("vp %u: endpoint without scamper channel", i);
+      ep->rx_total = ep->tx_total = bytes;
+      fc->tx_total = fc->rx_total = bytes;
+    }
+  g_target = (uint64_t)((double)(2 * bytes * n) * frac);
+  t0 = now_ns();
+  start_running();
+  loop_until(cond_bytes, "streaming before the cut");
+  if(g_nfail > 0)
+    return 0;
+
+  /* what is in flight at the cut */
+  for(i = 0; i < n; i++)
+    {
+      ep_t *ep = &ucs[i].ep;
+      int a, b;
+      fc = ep_fchan(ep);
+      a = fc->tx_off > ep->rx_off;
+      b = ep->tx_off > fc->rx_off;
+      fl_s2c += a;
+      fl_c2s += b;
+      fl_both += a && b;
+      fl_ua += vps[i].ua_n > 0;
+    }
+  result("streamed_before_cut_secs", "%.3f", (double)(now_ns() - t0) / 1e9);
+  result("vps_inflight_s2c", "%u", fl_s2c);
+  result("vps_inflight_c2s", "%u", fl_c2s);
+  result("vps_inflight_both", "%u", fl_both);
+  result("vps_with_unacked", "%u", fl_ua);
+
+  /* cut every connection at once, then resume them all at once */
+  g_cut = 1;
+  for(i = 0; i < n; i++)
+    {
+      fvp_t *vp = &vps[i];
+      if(vp->state != FS_GO)
+	continue;
+#ifndef SCBENCH_NO_TLS
+      if(vp->ssl != NULL)
+	{
+	  SSL_free(vp->ssl);
+	  vp->ssl = NULL;
+	}
+#endif
+      obj_close(&vp->o);
+      ob_consume(&vp->out, vp->out.len);
+      vp->part_len = 0;
+      vp->state = FS_CUT;
+    }
+  t_cut = now_ns();
+  conn_window = n;
+  conn_inflight = 0;
+  for(i = 0; i < n; i++)
+    if(vps[i].state == FS_CUT)
+      fvp_connect(&vps[i], 1);
+  g_cut = 0;
+  loop_until(cond_all_ok, "resuming");
+  t_ok = now_ns();
+  result("resumed", "%u", g_ok);
+  result("rejected", "%u", g_rej);
+  result("resume_ms", "%.1f", (double)(t_ok - t_cut) / 1e6);
+  g_target = 2 * bytes * n;
+  loop_until(cond_bytes, "streaming after the resume");
+  t_done = now_ns();
+  result("finish_after_cut_secs", "%.3f", (double)(t_done - t_cut) / 1e9);
+  loop_until(cond_acked, "waiting for the last ACKs");
+  report_daemon_mem("daemon");
+  streams_final_check();
+  if(g_ok != n)
+    fail("only %u of %u VPs resumed", g_ok, n);
+  return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * The trivial relay (the physical bound) and its client
+ */
+
+static int listen_unix(const char *path)
+{
+  struct sockaddr_un sun;
+  int fd;
+  memset(&sun, 0, sizeof(sun));
+  sun.sun_family = AF_UNIX;
+  snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path);
+  unlink(path);
+  if((fd = socket(AF_UNIX, SOCK_STREAM, 0)) < 0 ||
+     bind(fd, (struct sockaddr *)&sun, sizeof(sun)) != 0 ||
+     listen(fd, 16) != 0)
+    die("unix listen %s: %s", path, strerror(errno));
+  return fd;
+}
+
+/*
+ * relayd: accept one TCP and one unix connection, relay both ways with
+ * one 64 KiB buffer per direction: read when the buffer is empty, write
+ * it out, and only then read again.  What a relay costs at the least.
+ */
+static int sc_relayd(int argc, char **argv)
+{
+  const char *upath = NULL;
+  int lt, lu, fd[2], one = 1, c, i, n, k;
+  uint8_t *buf[2];
+  size_t off[2] = {0, 0}, len[2] = {0, 0};
+  int eof[2] = {0, 0};
+  struct epoll_event ev, evs[4];
+  ssize_t r;
+
+  while((c = getopt(argc, argv, "u:")) != -1)
+    switch(c)
+      {
+      case 'u': upath = optarg; break;
+      default: return 1;
+      }
+  if(upath == NULL)
+    die("relayd needs -u path");
+  if((lt = socket(AF_INET, SOCK_STREAM, 0)) < 0)
+    die("socket: %s", strerror(errno));
+  setsockopt(lt, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if(bind(lt, (struct sockaddr *)&opt_daemon, sizeof(opt_daemon)) != 0 ||
+     listen(lt, 16) != 0)
+    die("tcp listen: %s", strerror(errno));
+  lu = listen_unix(upath);
+  printf("READY\n");
+  fflush(stdout);
+  if((fd[0] = accept(lt, NULL, NULL)) < 0 ||
+     (fd[1] = accept(lu, NULL, NULL)) < 0)
+    die("accept: %s", strerror(errno));
+  close(lt);
+  close(lu);
+  unlink(upath);
+  for(i = 0; i < 2; i++)
+    {
+      buf[i] = xmalloc(65536);
+      fcntl(fd[i], F_SETFL, fcntl(fd[i], F_GETFL) | O_NONBLOCK);
+      memset(&ev, 0, sizeof(ev));
+      ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP;
+      ev.data.u32 = (uint32_t)i;
+      if(epoll_ctl(epfd, EPOLL_CTL_ADD, fd[i], &ev) != 0)
+	die("epoll_ctl: %s", strerror(errno));
+    }
+  /* direction d moves fd[d] -> fd[1-d]; edge-triggered style loop with
+   * level-triggered events: try everything that may progress */
+  while(!(eof[0] && eof[1] && len[0] == 0 && len[1] == 0))
+    {
+      if((n = epoll_wait(epfd, evs, 4, 1000)) < 0 && errno != EINTR)
+	die("epoll_wait: %s", strerror(errno));
+      for(k = 0; k < 2; k++)
+	{
+	  for(;;)
+	    {
+	      if(len[k] == 0 && !eof[k])
+		{
+		  r = read(fd[k], buf[k], 65536);
+		  if(r == 0)
+		    {
+		      eof[k] = 1;
+		      shutdown(fd[1 - k], SHUT_WR);
+		    }
+		  else if(r < 0)
+		    {
+		      if(errno != EAGAIN && errno != EINTR)
+			eof[k] = 1;
+		    }
+		  else
+		    {
+		      off[k] = 0;
+		      len[k] = (size_t)r;
+		    }
+		}
+	      if(len[k] == 0)
+		break;
+	      r = write(fd[1 - k], buf[k] + off[k], len[k]);
+	      if(r <= 0)
+		{
+		  if(r < 0 && errno != EAGAIN && errno != EINTR)
+		    {
+		      len[k] = 0;
+		      eof[k] = 1;
+		    }
+		  break;
+		}
+	      off[k] += (size_t)r;
+	      len[k] -= (size_t)r;
+	      if(len[k] > 0)
+		break;
+	    }
+	}
+      /* only ask for what can make progress */
+      for(k = 0; k < 2; k++)
+	{
+	  memset(&ev, 0, sizeof(ev));
+	  ev.data.u32 = (uint32_t)k;
+	  ev.events = (len[k] == 0 && !eof[k] ? EPOLLIN : 0) |
+	    (len[1 - k] > 0 ? EPOLLOUT : 0);
+	  epoll_ctl(epfd, EPOLL_CTL_MOD, fd[k], &ev);
+	}
+    }
+  return 0;
+}
+
+/* relay: stream bytes through relayd in one direction, verified */
+static int sc_relay(int argc, char **argv)
+{
+  const char *upath = NULL;
+  uint64_t bytes = 256ULL << 20, tx = 0, rx = 0, t;
+  int s2c = 1, c, tfd, ufd, src, dst, one = 1;
+  struct sockaddr_un sun;
+  struct epoll_event ev, evs[4];
+  long bad;
+  ssize_t r;
+  double secs;
+
+  while((c = getopt(argc, argv, "u:b:d:")) != -1)
+    switch(c)
+      {
+      case 'u': upath = optarg; break;
+      case 'b': bytes = strtoull(optarg, NULL, 0); break;
+      case 'd': s2c = strcmp(optarg, "c2s") != 0; break;
+      default: return 1;
+      }
+  if(upath == NULL)
+    die("relay needs -u path");
+  if((tfd = socket(AF_INET, SOCK_STREAM, 0)) < 0 ||
+     connect(tfd, (struct sockaddr *)&opt_daemon, sizeof(opt_daemon)) != 0)
+    die("connect to relayd: %s", strerror(errno));
+  setsockopt(tfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  memset(&sun, 0, sizeof(sun));
+  sun.sun_family = AF_UNIX;
+  snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", upath);
+  if((ufd = socket(AF_UNIX, SOCK_STREAM, 0)) < 0 ||
+     connect(ufd, (struct sockaddr *)&sun, sizeof(sun)) != 0)
+    die("connect to relayd %s: %s", upath, strerror(errno));
+  src = s2c ? tfd : ufd;
+  dst = s2c ? ufd : tfd;
+  fcntl(src, F_SETFL, fcntl(src, F_GETFL) | O_NONBLOCK);
+  fcntl(dst, F_SETFL, fcntl(dst, F_GETFL) | O_NONBLOCK);
+  memset(&ev, 0, sizeof(ev));
+  ev.events = EPOLLOUT;
+  ev.data.fd = src;
+  epoll_ctl(epfd, EPOLL_CTL_ADD, src, &ev);
+  ev.events = EPOLLIN;
+  ev.data.fd = dst;
+  epoll_ctl(epfd, EPOLL_CTL_ADD, dst, &ev);
+  t = now_ns();
+  g_progress = t;
+  while(rx < bytes)
+    {
+      if(epoll_wait(epfd, evs, 4, 1000) < 0 && errno != EINTR)
+	die("epoll_wait: %s", strerror(errno));
+      while(tx < bytes)
+	{
+	  uint64_t left = bytes - tx;
+	  r = write(src, pat_at(1, tx), left > WRITE_MAX ? WRITE_MAX : left);
+	  if(r <= 0)
+	    break;
+	  tx += (uint64_t)r;
+	}
+      if(tx == bytes && src >= 0)
+	{
+	  epoll_ctl(epfd, EPOLL_CTL_DEL, src, NULL);
+	  shutdown(src, SHUT_WR);
+	}
+      while((r = read(dst, scratch, SCRATCH_SIZE)) > 0)
+	{
+	  if((bad = pat_check(1, rx, scratch, (size_t)r)) >= 0)
+	    {
+	      fail("relay: byte %" PRIu64 " differs", rx + (uint64_t)bad);
+	      return 0;
+	    }
+	  rx += (uint64_t)r;
+	  g_progress = now_ns();
+	}
+      if(r == 0 && rx < bytes)
+	{
+	  fail("relay: EOF after %" PRIu64 " bytes", rx);
+	  return 0;
+	}
+      if(now_ns() - g_progress > STALL_NS)
+	{
+	  fail("relay: stalled");
+	  return 0;
+	}
+    }
+  t = now_ns() - t;
+  secs = (double)t / 1e9;
+  result("bytes", "%" PRIu64, rx);
+  result("secs", "%.3f", secs);
+  result("mb_per_s", "%.1f", (double)bytes / secs / 1e6);
+  return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * main
+ */
+
+static void usage(void)
+{
+  fprintf(stderr,
+"usage: scbench [-v] [-P ip:port] [-U dir] [-M path] [-p pid] [-S nsrc] [-T]\n"
+"               scenario [options]\n"
+"  -P  the daemon's TCP address (default 127.0.0.1:31337)\n"
+"  -U  the daemon's -U directory      -M  the daemon's mux socket\n"
+"  -p  the daemon's pid (RSS and CPU)  -S  source addresses 127.0.0.2.. (8)\n"
+"  -T  TLS to the daemon                -v  progress on stderr\n"
+"scenarios:\n"
+"  connect -n N [-w window] [-H hold-secs]\n"
+"  stream  [-n vps] [-c chans] [-b bytes] [-d s2c|c2s] [-m u|m] [-f frame]\n"
+"  rtt     [-i idle-vps] [-c concurrency] [-n vps] [-t secs] [-q] [-m u|m]\n"
+"          (-q: the fake scamper sets TCP_QUICKACK after every read)\n"
+"  resume  [-n vps] [-b bytes-per-direction-per-vp] [-x cut-fraction]\n"
+"  relayd  -u path       (listens on -P and path; relays one pair)\n"
+"  relay   -u path [-b bytes] [-d s2c|c2s]\n"
+"Prints RESULT lines; FAIL lines and exit status 2 on any verification\n"
+"failure; exit status 1 on a usage or setup error.\n");
+  exit(1);
+}
+
+static void parse_addr(const char *arg)
+{
+  char host[64];
+  const char *colon = strrchr(arg, ':');
+  memset(&opt_daemon, 0, sizeof(opt_daemon));
+  opt_daemon.sin_family = AF_INET;
+  if(colon == NULL || (size_t)(colon - arg) >= sizeof(host))
+    die("bad -P %s", arg);
+  memcpy(host, arg, (size_t)(colon - arg));
+  host[colon - arg] = '\0';
+  if(inet_pton(AF_INET, host, &opt_daemon.sin_addr) != 1)
+    die("bad -P address %s", host);
+  opt_daemon.sin_port = htons((uint16_t)atoi(colon + 1));
+}
+
+int main(int argc, char **argv)
+{
+  const char *scen;
+  int c, rc;
+
+  parse_addr("127.0.0.1:31337");
+  while((c = getopt(argc, argv, "+vP:U:M:p:S:T")) != -1)
+    switch(c)
+      {
+      case 'v': opt_verbose = 1; break;
+      case 'P': parse_addr(optarg); break;
+      case 'U': opt_udir = optarg; break;
+      case 'M': opt_mux = optarg; break;
+      case 'p': opt_pid = (pid_t)atoi(optarg); break;
+      case 'S': opt_nsrc = atoi(optarg); break;
+      case 'T': opt_tls = 1; break;
+      default: usage();
+      }
+  if(optind >= argc || opt_nsrc < 1 || opt_nsrc > 250)
+    usage();
+  scen = argv[optind];
+  argc -= optind;
+  argv += optind;
+  optind = 1;
+
+  signal(SIGPIPE, SIG_IGN);
+  raise_nofile();
+  setvbuf(stdout, NULL, _IOLBF, 0);
+  scratch = xmalloc(SCRATCH_SIZE);
+  pat_init();
+  if((epfd = epoll_create1(EPOLL_CLOEXEC)) < 0)
+    die("epoll_create1: %s", strerror(errno));
+  if(opt_tls)
+    {
+#ifndef SCBENCH_NO_TLS
+      if((g_ctx = SSL_CTX_new(TLS_client_method())) == NULL)
+	die("SSL_CTX_new failed");
+      SSL_CTX_set_min_proto_version(g_ctx, TLS1_2_VERSION);
+      SSL_CTX_set_verify(g_ctx, SSL_VERIFY_NONE, NULL);
+      SSL_CTX_set_mode(g_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
+		       SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+#else
+      die("built without TLS");
+#endif
+    }
+  info("scenario %s", scen);
+
+  if(strcmp(scen, "connect") == 0)     rc = sc_connect(argc, argv);
+  else if(strcmp(scen, "stream") == 0) rc = sc_stream(argc, argv);
+  else if(strcmp(scen, "rtt") == 0)    rc = sc_rtt(argc, argv);
+  else if(strcmp(scen, "resume") == 0) rc = sc_resume(argc, argv);
+  else if(strcmp(scen, "relayd") == 0) rc = sc_relayd(argc, argv);
+  else if(strcmp(scen, "relay") == 0)  rc = sc_relay(argc, argv);
+  else usage();
+  if(rc != 0)
+    usage();
+  result("failures", "%d", g_nfail);
+  return g_nfail > 0 ? 2 : 0;
 }

@@ -3,7 +3,6 @@
 
 import os
 import random
-import socket
 import struct
 import sys
 import threading
@@ -13,8 +12,7 @@ import unittest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 '..', 'lib'))
 import scr  # noqa: E402
-from scr import (Daemon, UnixClient, pack_frame, CHANNEL_NEW,  # noqa: E402
-                 CHANNEL_FIN, MAX_PAYLOAD)
+from scr import Daemon, UnixClient, CHANNEL_FIN, MAX_PAYLOAD  # noqa: E402
 
 MIB = 1 << 20
 

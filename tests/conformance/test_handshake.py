@@ -11,9 +11,9 @@ import unittest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 '..', 'lib'))
 import scr  # noqa: E402
-from scr import (Daemon, FakeScamper, UnixClient, pack_frame, pack_hdr,  # noqa: E402,E501
-                 MASTER_NEW, MASTER_ID, MASTER_RES, CHANNEL_NEW, KEEPALIVE,
-                 ACK, probe_res, assert_session_freed)
+from scr import (Daemon, UnixClient, pack_frame, pack_hdr,  # noqa: E402
+                 MASTER_NEW, MASTER_ID, CHANNEL_NEW, KEEPALIVE, ACK,
+                 probe_res, assert_session_freed)
 
 
 def new_payload(magic, name_field=b''):

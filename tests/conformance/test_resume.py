@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 '..', 'lib'))
 import scr  # noqa: E402
 from scr import (Daemon, UnixClient, pack_frame, MASTER_OK,  # noqa: E402
-                 MASTER_REJ, CHANNEL_NEW, probe_res, wait_closed)
+                 probe_res, wait_closed)
 
 REJ_FRAME = bytes.fromhex('00000000 00000000 0001 07')
 

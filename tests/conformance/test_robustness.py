@@ -5,7 +5,6 @@ offending connection (PROTOCOL.md 2.2, 2.8, 9.1, 11)."""
 import os
 import random
 import socket
-import struct
 import sys
 import threading
 import time

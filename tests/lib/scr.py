@@ -22,7 +22,6 @@ import errno
 import glob
 import os
 import re
-import select
 import shutil
 import signal
 import socket
@@ -30,7 +29,6 @@ import ssl
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 import unittest
