@@ -2336,6 +2336,7 @@ static int sc_resume(int argc, char **argv)
   uint64_t bytes = 256 * 1024, t_cut, t_ok, t_done, t0;
   double frac = 0.3;
   fchan_t *fc;
+  window_t win;
   int c;
 
   while((c = getopt(argc, argv, "n:b:x:")) != -1)
@@ -2366,9 +2367,11 @@ static int sc_resume(int argc, char **argv)
       fc->tx_total = fc->rx_total = bytes;
     }
   g_target = (uint64_t)((double)(2 * bytes * n) * frac);
-  t0 = now_ns();
+  window_start(&win);
+  t0 = win.t0;
   start_running();
   loop_until(cond_bytes, "streaming before the cut");
+  window_end(&win);
   if(g_nfail > 0)
     return 0;
 

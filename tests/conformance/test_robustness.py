@@ -358,41 +358,43 @@ class RobustnessTest(unittest.TestCase):
 
     @scr.slow
     def test_silent_connection_closed_after_30s(self):
+        # The handshake has a hard 30 s deadline: a silent connection and
+        # one that trickles bytes without ever completing MASTER_NEW are
+        # both cut at ~30 s (a slow handshake must not hold a slot; this
+        # project's deviation from upstream, where bytes re-arm 60 s).
         silent = self.tcp()
-        # a connection that sent half a header: its bytes re-armed rx_abort
-        # to 60 s (2.8), so it must outlive the silent one
         partial = self.tcp()
         partial.sendall(b'\x00\x00\x00\x00\x00')
         t0 = time.monotonic()
-        result = []
+        result = {}
 
-        def watch():
+        def watch(name, sock):
             try:
-                wait_closed(silent, 40)
-                result.append(time.monotonic() - t0)
+                wait_closed(sock, 40)
+                result[name] = time.monotonic() - t0
             except AssertionError as e:
-                result.append(e)
+                result[name] = e
 
-        th = threading.Thread(target=watch, daemon=True)
-        th.start()
+        ths = [threading.Thread(target=watch, args=(n, s), daemon=True)
+               for n, s in (('silent', silent), ('partial', partial))]
+        for th in ths:
+            th.start()
         # meanwhile the good pair keeps working
-        while th.is_alive() and time.monotonic() - t0 < 42:
+        while any(th.is_alive() for th in ths) and \
+                time.monotonic() - t0 < 42:
             self.roundtrip()
+            for th in ths:
+                th.join(0.5)
+        for th in ths:
             th.join(1)
-        th.join(1)
-        self.assertTrue(result, 'watcher did not finish')
-        dt = result[0]
-        self.assertIsInstance(dt, float, 'silent connection: %r' % (dt,))
-        self.assertGreaterEqual(dt, 27, 'closed too early: %.1fs' % dt)
-        self.assertLessEqual(dt, 36, 'closed too late: %.1fs' % dt)
-        partial.settimeout(0.5)
-        try:
-            d = partial.recv(10)
-            self.fail('connection with 5 bytes received closed at %.1fs '
-                      '(rx_abort is 60 s after the last read): %r'
-                      % (time.monotonic() - t0, d))
-        except socket.timeout:
-            pass
+        for name in ('silent', 'partial'):
+            self.assertIn(name, result, 'watcher did not finish')
+            dt = result[name]
+            self.assertIsInstance(dt, float, '%s connection: %r' % (name, dt))
+            self.assertGreaterEqual(dt, 27, '%s closed too early: %.1fs'
+                                    % (name, dt))
+            self.assertLessEqual(dt, 36, '%s closed too late: %.1fs'
+                                 % (name, dt))
         self.roundtrip()
 
 

@@ -158,17 +158,39 @@ class _DaemonGuard:
 
 def start_daemon(test, **kw):
     """scr.Daemon(**kw), stopped by the TestCase cleanup (and on abnormal
-    exit); the log tail is printed when it stops."""
+    exit); the log tail is printed when it stops.
+
+    The cleanup fails the test if the daemon died during the test, or (for
+    this project's daemon, which handles SIGTERM) if it does not exit 0 on
+    SIGTERM, or if its log shows a sanitizer report."""
     d = scr.Daemon(**kw)
     guard = _DaemonGuard(d)
     _live.append(guard)
 
     def stop():
-        log = d.log()
-        d.__exit__(None, None, None)
-        _live.remove(guard)
+        died = None if d.alive() else d.proc.returncode
+        try:
+            if died is None and not scr.is_legacy():
+                rc = d.stop(timeout=10)
+            else:
+                d.kill()
+                rc = 0
+            log = d.log()
+        finally:
+            d.__exit__(None, None, None)
+            _live.remove(guard)
         show('sc_remoted log (tail) for %s' % test.id(),
              '\n'.join(log.splitlines()[-30:]))
+        if died is not None:
+            raise AssertionError('sc_remoted died during the test (status '
+                                 '%s); log:\n%s' % (died, log[-3000:]))
+        if rc != 0:
+            raise AssertionError('sc_remoted exited %s on SIGTERM; log:\n%s'
+                                 % (rc, log[-3000:]))
+        m = re.search(r'^.*(Sanitizer|runtime error).*$', log, re.M)
+        if m:
+            raise AssertionError('sanitizer report in the sc_remoted log: %s'
+                                 '\n%s' % (m.group(0), log[-3000:]))
     test.addCleanup(stop)
     d.wait_listening()
     return d

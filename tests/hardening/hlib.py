@@ -322,6 +322,7 @@ class Conn:
         self.connecting = False
         self.closed = True
         self._events = 0
+        self._in_drain = False
         if sock is not None:
             self.attach(sock)
 
@@ -403,11 +404,16 @@ class Conn:
                     self.out[0] = head[n:]
                     n = 0
         self._update()
-        if self.sock is not None:
-            self.on_drain()
+        if self.sock is not None and not self._in_drain:
+            self._in_drain = True
+            try:
+                self.on_drain()
+            finally:
+                self._in_drain = False
 
     def on_drain(self):
-        """Hook: called after each flush attempt (out_len may be > 0)."""
+        """Hook: called after each flush attempt (out_len may be > 0);
+        not re-entered when it queues more output itself."""
 
     # -- events ----------------------------------------------------------
 
@@ -915,3 +921,174 @@ class NBMux(Conn):
         self.eof = why
         if self.on_end is not None:
             self.on_end(self, why)
+
+
+def serve_lines(fs, answer):
+    """Make fs answer its channels line by line: answer(fs, ch, line) is
+    called for each complete line (without the newline).  The partial
+    line buffers survive reconnects, as scamper's channel state does."""
+    bufs = {}
+
+    def on_data(fs, ch, data):
+        b = bufs.setdefault(ch, bytearray())
+        b += data
+        start = 0
+        while True:
+            i = b.find(b'\n', start)
+            if i < 0:
+                break
+            line = bytes(b[start:i])
+            start = i + 1
+            answer(fs, ch, line)
+            if ch not in fs.open_chans:
+                break
+        del b[:start]
+    fs.on_chan_data = on_data
+    return bufs
+
+
+class Pinger(threading.Thread):
+    """A well-behaved VP in its own thread and loop: a fake scamper named
+    `name`, a -U client on its socket and (with mux=True) a mux channel,
+    each sending `req N` every interval seconds; the fake answers
+    `resp N`.  rtts holds (send time, round trip, path) for every answer.
+    Any failure (a lost connection, a wrong or missing answer, a round trip
+    over max_rtt) is kept in .error and ends the thread; check() raises
+    it.  stop() ends it, waiting for outstanding answers first."""
+
+    def __init__(self, daemon, name='pinger', interval=0.1, mux=False,
+                 max_rtt=10.0):
+        threading.Thread.__init__(self, daemon=True)
+        self.d = daemon
+        self.name = name
+        self.interval = interval
+        self.use_mux = mux
+        self.max_rtt = max_rtt
+        self.rtts = []
+        self.error = None
+        self.ready = threading.Event()
+        self.stop_ev = threading.Event()
+        self.sent = 0
+
+    def run(self):
+        loop = Loop()
+        try:
+            self._run(loop)
+        except BaseException as e:  # noqa: BLE001 -- reported by check()
+            import traceback
+            self.error = '%s\n%s' % (e, traceback.format_exc())
+        finally:
+            for c in getattr(self, '_conns', ()):
+                c.close()
+            loop.close()
+            self.ready.set()
+
+    def _run(self, loop):
+        d = self.d
+        fs = NBScamper(loop, d.port, name=self.name)
+        self._conns = [fs]
+
+        def answer(fs, ch, line):
+            m = re.match(rb'req (\d+)$', line)
+            if not m:
+                raise AssertionError('pinger VP got %r' % line)
+            fs.send_data(ch, b'resp ' + m.group(1) + b'\n')
+        serve_lines(fs, answer)
+        fs.on_lost = lambda fs, why: self._fail('pinger VP lost: %s' % why)
+        fs.start()
+        loop.run_until(lambda: fs.state == 'go', 10, 'pinger handshake')
+        path = d.wait_socket(self.name + '-*', timeout=10)
+        uc = NBUnix(loop, path)
+        self._conns.append(uc)
+        loop.run_until(lambda: len(fs.open_chans) == 1, 10,
+                       'pinger -U channel')
+        ends = {}   # path -> (send function, pending dict, line buffer)
+        ends['unix'] = (uc.queue, {}, bytearray())
+        uc.on_bytes = lambda c, data: self._answers('unix', ends, data)
+        uc.on_end = lambda c, why: self._fail('pinger -U client closed: %s'
+                                              % why)
+        if self.use_mux:
+            mx = NBMux(loop, d.mux_path)
+            self._conns.append(mx)
+            loop.run_until(lambda: mx.go and self.name in mx.by_name, 10,
+                           'pinger mux VP_UPDATE')
+            mx.open(mx.by_name[self.name], 1)
+            loop.run_until(lambda: len(fs.open_chans) == 2, 10,
+                           'pinger mux channel')
+            ends['mux'] = (lambda data: mx.send(1, data), {}, bytearray())
+            mx.on_chan_data = lambda m, ch, data: self._answers('mux', ends,
+                                                                data)
+            mx.on_end = lambda m, why: self._fail('pinger mux client '
+                                                  'closed: %s' % why)
+            mx.on_depart = lambda m, vid: self._fail('pinger VP departed')
+        self.ready.set()
+        n = 0
+        next_send = time.monotonic()
+        stopping = None
+        while self.error is None:
+            now = time.monotonic()
+            fs.tick(now)
+            if self.stop_ev.is_set() and stopping is None:
+                stopping = now
+            if stopping is None and now >= next_send:
+                n += 1
+                for pth, (send, pending, _) in ends.items():
+                    pending[n] = now
+                    send(b'req %d\n' % n)
+                    self.sent += 1
+                next_send += self.interval
+                if next_send < now:
+                    next_send = now + self.interval
+            for pth, (_, pending, _) in ends.items():
+                if pending:
+                    oldest = min(pending.values())
+                    if now - oldest > self.max_rtt:
+                        self._fail('%s: no answer after %.1fs (%d pending)'
+                                   % (pth, now - oldest, len(pending)))
+            if stopping is not None and \
+               all(not p for _, p, _ in ends.values()):
+                return
+            loop.run_once(0.01)
+
+    def _answers(self, pth, ends, data):
+        _, pending, buf = ends[pth]
+        buf += data
+        now = time.monotonic()
+        while True:
+            i = buf.find(b'\n')
+            if i < 0:
+                return
+            line = bytes(buf[:i])
+            del buf[:i + 1]
+            m = re.match(rb'resp (\d+)$', line)
+            if not m:
+                self._fail('%s: unexpected answer %r' % (pth, line))
+                return
+            k = int(m.group(1))
+            if k not in pending:
+                self._fail('%s: answer %d twice or unasked' % (pth, k))
+                return
+            if min(pending) != k:
+                self._fail('%s: answer %d before %d' % (pth, k,
+                                                        min(pending)))
+                return
+            self.rtts.append((pending[k], now - pending.pop(k), pth))
+
+    def _fail(self, msg):
+        if self.error is None:
+            self.error = msg
+
+    def check(self):
+        if self.error is not None:
+            raise AssertionError('pinger: %s' % self.error)
+
+    def stop(self, timeout=15):
+        self.stop_ev.set()
+        self.join(timeout)
+        if self.is_alive():
+            raise AssertionError('pinger did not stop')
+        self.check()
+
+    def max_rtt_between(self, t0, t1):
+        v = [r for t, r, _ in self.rtts if t0 <= t <= t1]
+        return (max(v) if v else None), len(v)

@@ -113,7 +113,27 @@ class MuxTestBase(unittest.TestCase):
         d = Daemon(**kw)
         self.addCleanup(d.__exit__, None, None, None)
         d.wait_listening()
+        if d.mux_path:
+            self.wait_mux_accepting(d)
         return d
+
+    @staticmethod
+    def wait_mux_accepting(d, timeout=10):
+        """Wait until a connect to the mux socket succeeds: the socket
+        file exists from bind(), before listen() (scr's wait_listening
+        only checks that it exists)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(d.mux_path)
+                return
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+            finally:
+                s.close()
 
     def fake(self, d, **kw):
         fs = d.fake(**kw)
