@@ -867,6 +867,18 @@ static ssize_t fvp_write_raw(fvp_t *vp, const uint8_t *buf, size_t len)
   return write(vp->o.fd, buf, len);
 }
 
+/* does vp have stream data it has not queued yet? */
+static int fvp_more(const fvp_t *vp)
+{
+  int i;
+  if(!g_running || g_mode != MODE_STREAM || vp->state != FS_GO)
+    return 0;
+  for(i = 0; i < vp->nch; i++)
+    if(vp->ch[i].tx_off < vp->ch[i].tx_total)
+      return 1;
+  return 0;
+}
+
 static void fvp_set_events(fvp_t *vp)
 {
   uint32_t m;
@@ -875,7 +887,8 @@ static void fvp_set_events(fvp_t *vp)
   if(vp->state == FS_CONNECTING)
     m = EPOLLOUT;
   else
-    m = EPOLLIN | ((vp->out.len > 0 || vp->tls_ww) ? EPOLLOUT : 0);
+    m = EPOLLIN |
+      ((vp->out.len > 0 || vp->tls_ww || fvp_more(vp)) ? EPOLLOUT : 0);
   ev_set(&vp->o, m);
 }
 
@@ -1740,7 +1753,12 @@ static void uc_open(uc_t *uc, fvp_t *vp)
 
 static void mux_set_events(mux_t *mux)
 {
-  ev_set(&mux->o, EPOLLIN | (mux->out.len > 0 ? EPOLLOUT : 0));
+  uint32_t i;
+  int w = mux->out.len > 0;
+  if(!w && g_running && g_mode == MODE_STREAM)
+    for(i = 0; i < mux->neps && !w; i++)
+      w = mux->eps[i].ready && mux->eps[i].tx_off < mux->eps[i].tx_total;
+  ev_set(&mux->o, EPOLLIN | (w ? EPOLLOUT : 0));
 }
 
 /* queue client->scamper frames round-robin over the channels */

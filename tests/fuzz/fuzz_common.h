@@ -387,14 +387,26 @@ static void fz_mux_tx(fz_fd_t *f, const uint8_t *p, size_t len)
 	continue;
       f->tx_hdr_have = 0;
       if(f->tx_chan == 0 && f->tx_ctl_have >= 10 &&
-	 bytes_ntohs(f->tx_ctl) == MUX_CHANNEL_OPEN &&
-	 fz_mchan(f, bytes_ntohl(f->tx_ctl + 6)) == NULL &&
-	 f->nmchan < FZ_MCHAN_MAX)
+	 bytes_ntohs(f->tx_ctl) == MUX_CHANNEL_OPEN)
 	{
-	  f->mchan[f->nmchan].id = bytes_ntohl(f->tx_ctl + 6);
-	  f->mchan[f->nmchan].vpid = bytes_ntohl(f->tx_ctl + 2);
-	  f->mchan[f->nmchan].closed = 0;
-	  f->nmchan++;
+	  /*
+	   * A new id, or one whose VP has departed (its record went with
+	   * the VP, so the id may be used again); reusing any other id
+	   * closes the client.
+	   */
+	  fz_mchan_t *mc = fz_mchan(f, bytes_ntohl(f->tx_ctl + 6));
+	  if(mc != NULL &&
+	     !fz_u32_in(f->departed, f->ndeparted, mc->vpid))
+	    continue;
+	  if(mc == NULL)
+	    {
+	      if(f->nmchan >= FZ_MCHAN_MAX)
+		continue;
+	      mc = &f->mchan[f->nmchan++];
+	    }
+	  mc->id = bytes_ntohl(f->tx_ctl + 6);
+	  mc->vpid = bytes_ntohl(f->tx_ctl + 2);
+	  mc->closed = 0;
 	}
     }
   return;

@@ -248,6 +248,9 @@ class Daemon:
             if tls.get('ca'):
                 args += ['-C', tls['ca']]
         args += list(extra_args)
+        # SC_REMOTED_EXTRA_ARGS: options added to every daemon the tests
+        # start (tests/run reruns the conformance suite with -O select)
+        args += os.environ.get('SC_REMOTED_EXTRA_ARGS', '').split()
         self.args = args
         if start:
             self.start()
