@@ -2911,16 +2911,58 @@ static mode_t unix_mode(void)
 }
 
 /*
- * Create a listening unix socket at path with the configured mode.  The
+ * Bind and listen on a unix socket at path with the configured mode.  The
  * umask is set so the socket never exists with wider permissions, and
- * the chmod makes the mode exact.  Returns the fd or -1 (errno set,
- * error logged).
+ * the chmod makes the mode exact.  Returns the fd or -1 (errno set).
  */
-static int unix_listen(const char *path)
+static int unix_bind_listen(const char *path)
 {
   struct sockaddr_un sn;
   mode_t mode = unix_mode(), old;
   int fd, rc, err;
+
+  memset(&sn, 0, sizeof(sn));
+  sn.sun_family = AF_UNIX;
+  memcpy(sn.sun_path, path, strlen(path) + 1);
+  if((fd = socket(AF_UNIX, SOCK_STREAM, 0)) < 0)
+    return -1;
+  old = umask((mode_t)(~mode & 0777));
+  rc = bind(fd, (struct sockaddr *)&sn, sizeof(sn));
+  err = errno;
+  umask(old);
+  if(rc != 0)
+    {
+      close(fd);
+      errno = err;
+      return -1;
+    }
+  if(chmod(path, mode) != 0 || listen(fd, SOMAXCONN) != 0 ||
+     fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 || !ev_fd_ok(fd))
+    {
+      err = errno != 0 ? errno : EMFILE;
+      close(fd);
+      unlink(path);
+      errno = err;
+      return -1;
+    }
+  return fd;
+}
+
+/*
+ * Create a listening unix socket at path.  The socket is set up under a
+ * temporary name in the same directory and then hard-linked into place,
+ * so it appears only once it accepts connections (a client that sees
+ * the file never gets "connection refused"), and an existing file at path
+ * is never replaced (EEXIST, reported as address in use).  Returns the fd
+ * or -1 with the error logged.
+ */
+static int unix_listen(const char *path)
+{
+  static unsigned long counter = 0;
+  struct sockaddr_un sn;
+  const char *slash;
+  char tmp[sizeof(sn.sun_path)];
+  int fd, n, err;
 
   if(path == NULL)
     return -1;
@@ -2930,35 +2972,42 @@ static int unix_listen(const char *path)
       errno = ENAMETOOLONG;
       return -1;
     }
-  memset(&sn, 0, sizeof(sn));
-  sn.sun_family = AF_UNIX;
-  memcpy(sn.sun_path, path, strlen(path) + 1);
-  if((fd = socket(AF_UNIX, SOCK_STREAM, 0)) < 0)
+  slash = strrchr(path, '/');
+  n = snprintf(tmp, sizeof(tmp), "%.*s.sc_remoted-%ld-%lu",
+	       slash != NULL ? (int)(slash - path + 1) : 0, path,
+	       (long)getpid(), counter++);
+  if(n < 0 || (size_t)n >= sizeof(tmp))
     {
-      log_err("%s: socket: %s", path, strerror(errno));
-      return -1;
+      /* no room for a temporary name: bind in place */
+      if((fd = unix_bind_listen(path)) < 0)
+	log_err("%s: %s", path, strerror(errno));
+      return fd;
     }
-  old = umask((mode_t)(~mode & 0777));
-  rc = bind(fd, (struct sockaddr *)&sn, sizeof(sn));
-  err = errno;
-  umask(old);
-  if(rc != 0)
-    {
-      log_err("%s: bind: %s", path, strerror(err));
-      close(fd);
-      errno = err;
-      return -1;
-    }
-  if(chmod(path, mode) != 0 || listen(fd, SOMAXCONN) != 0 ||
-     fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 || !ev_fd_ok(fd))
+  unlink(tmp);
+  if((fd = unix_bind_listen(tmp)) < 0)
     {
       err = errno;
-      log_err("%s: could not set up the socket: %s", path, strerror(err));
-      close(fd);
-      unlink(path);
+      log_err("%s: %s", path, strerror(err));
       errno = err;
       return -1;
     }
+  if(link(tmp, path) != 0)
+    {
+      err = errno;
+      unlink(tmp);
+      close(fd);
+      if(err != EEXIST)
+	{
+	  /* a filesystem without hard links: bind in place */
+	  if((fd = unix_bind_listen(path)) < 0)
+	    log_err("%s: %s", path, strerror(errno));
+	  return fd;
+	}
+      log_err("%s: %s", path, strerror(EADDRINUSE));
+      errno = EADDRINUSE;
+      return -1;
+    }
+  unlink(tmp);
   return fd;
 }
 

@@ -148,12 +148,15 @@ static void die(const char *fmt, ...)
   exit(1);
 }
 
+static int proc_alive(pid_t pid);
+static int g_daemon_dead;
+
 /* A verification failure: printed (the first 50), counted, exit 2 later */
 static void fail(const char *fmt, ...)
 {
   va_list ap;
   g_nfail++;
-  if(g_nfail > 50)
+  if(g_nfail > 50 || g_daemon_dead)
     return;
   va_start(ap, fmt);
   fputs("FAIL ", stdout);
@@ -161,6 +164,35 @@ static void fail(const char *fmt, ...)
   fputc('\n', stdout);
   va_end(ap);
   fflush(stdout);
+}
+
+/* a connection to the daemon ended: if the daemon is gone say so once,
+ * and count (but no longer print) the connections that end with it */
+static int daemon_died(void)
+{
+  static uint64_t checked;
+  int alive;
+  if(g_daemon_dead)
+    {
+      g_nfail++;
+      return 1;
+    }
+  if(opt_pid <= 0 || now_ns() - checked < NS)
+    return 0;
+  /* a dying process closes its fds before it becomes a zombie */
+  if((alive = proc_alive(opt_pid)) == 1)
+    {
+      usleep(100000);
+      alive = proc_alive(opt_pid);
+    }
+  checked = now_ns();
+  if(alive == 0)
+    {
+      fail("the daemon (pid %d) has died", (int)opt_pid);
+      g_daemon_dead = 1;
+      return 1;
+    }
+  return 0;
 }
 
 static void result(const char *name, const char *fmt, ...)
@@ -322,30 +354,80 @@ static int64_t self_cpu_ns(void)
     ((int64_t)ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000;
 }
 
+/* read and write syscalls (/proc/PID/io) and voluntary context switches
+ * (times it slept in its poll) of the daemon so far; -1 if unknown */
+static void proc_counts(pid_t pid, long long *syscr, long long *syscw,
+			long long *vcsw)
+{
+  char path[64], line[256];
+  FILE *f;
+
+  *syscr = *syscw = *vcsw = -1;
+  if(pid <= 0)
+    return;
+  snprintf(path, sizeof(path), "/proc/%d/io", (int)pid);
+  if((f = fopen(path, "r")) != NULL)
+    {
+      while(fgets(line, sizeof(line), f) != NULL)
+	{
+	  sscanf(line, "syscr: %lld", syscr);
+	  sscanf(line, "syscw: %lld", syscw);
+	}
+      fclose(f);
+    }
+  *vcsw = proc_status_kb(pid, "voluntary_ctxt_switches");
+}
+
 /* a measured window: wall time and the CPU both processes used in it */
 typedef struct window
 {
-  uint64_t t0;
-  int64_t  dcpu0, scpu0;
+  uint64_t  t0;
+  int64_t   dcpu0, scpu0;
+  long long syscr0, syscw0, vcsw0;
 } window_t;
 
 static void window_start(window_t *w)
 {
+  proc_counts(opt_pid, &w->syscr0, &w->syscw0, &w->vcsw0);
   w->dcpu0 = proc_cpu_ns(opt_pid);
   w->scpu0 = self_cpu_ns();
   w->t0 = now_ns();
 }
 
 /* report CPU use over the window; returns the wall time in ns */
+/* is the daemon still running (not a zombie)? -1 if unknown */
+static int proc_alive(pid_t pid)
+{
+  char path[64], buf[512], *p;
+  FILE *f;
+  if(pid <= 0)
+    return -1;
+  snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+  if((f = fopen(path, "r")) == NULL)
+    return 0;
+  p = fgets(buf, sizeof(buf), f);
+  fclose(f);
+  if(p == NULL || (p = strrchr(buf, ')')) == NULL || p[1] == '\0')
+    return 0;
+  return p[2] != 'Z' && p[2] != 'X';
+}
+
 static uint64_t window_end(window_t *w)
 {
   uint64_t t = now_ns() - w->t0;
   int64_t d = proc_cpu_ns(opt_pid), s = self_cpu_ns();
+  long long r, wr, v;
   if(t == 0)
     t = 1;
   if(d >= 0 && w->dcpu0 >= 0)
     printf("RESULT daemon_cpu_pct %.1f\n", 100.0 * (double)(d - w->dcpu0) / (double)t);
   printf("RESULT scbench_cpu_pct %.1f\n", 100.0 * (double)(s - w->scpu0) / (double)t);
+  proc_counts(opt_pid, &r, &wr, &v);
+  if(r >= 0 && w->syscr0 >= 0)
+    printf("RESULT daemon_read_syscalls %lld\n"
+	   "RESULT daemon_write_syscalls %lld\n", r - w->syscr0, wr - w->syscw0);
+  if(v >= 0 && w->vcsw0 >= 0)
+    printf("RESULT daemon_sleeps %lld\n", v - w->vcsw0);
   return t;
 }
 
@@ -1323,11 +1405,13 @@ static void fvp_input(fvp_t *vp, const uint8_t *p, size_t len)
     }
 }
 
+/* read and parse: once for plaintext (epoll is level-triggered); for TLS
+ * until OpenSSL wants the socket again, since decrypted bytes it holds
+ * would not wake epoll */
 static void fvp_read(fvp_t *vp)
 {
   size_t have;
   ssize_t n;
-  int loops = 0;
 
   do
     {
@@ -1345,6 +1429,7 @@ static void fvp_read(fvp_t *vp)
 	    break;
 	  if(g_cut)
 	    return;
+	  daemon_died();
 	  fvp_lost(vp, "%s from daemon", n == 0 ? "EOF" : strerror(errno));
 	  return;
 	}
@@ -1357,9 +1442,7 @@ static void fvp_read(fvp_t *vp)
       if(vp->o.fd < 0)
 	return;
     }
-  while(vp->ssl != NULL && ++loops < 64);
-  if(vp->ssl != NULL && loops >= 64 && SSL_pending(vp->ssl) > 0)
-    mark_dirty(&vp->o);
+  while(vp->ssl != NULL);
 }
 
 static void fvp_event(obj_t *o, uint32_t ev)
@@ -1711,8 +1794,9 @@ static void uc_event(obj_t *o, uint32_t ev)
 	ep_input(&uc->ep, scratch, (size_t)n);
       else if(n == 0 || (errno != EAGAIN && errno != EINTR))
 	{
-	  fail("vp %u: unix client: %s from daemon", uc->ep.vpidx,
-	       n == 0 ? "EOF" : strerror(errno));
+	  if(!daemon_died())
+	    fail("vp %u: unix client: %s from daemon", uc->ep.vpidx,
+		 n == 0 ? "EOF" : strerror(errno));
 	  obj_close(&uc->o);
 	  return;
 	}
@@ -1942,8 +2026,9 @@ static void mux_event(obj_t *o, uint32_t ev)
 	  mux->part_len = have;
 	  if(n == 0 || (errno != EAGAIN && errno != EINTR))
 	    {
-	      fail("mux client: %s from daemon",
-		   n == 0 ? "EOF" : strerror(errno));
+	      if(!daemon_died())
+		fail("mux client: %s from daemon",
+		     n == 0 ? "EOF" : strerror(errno));
 	      obj_close(&mux->o);
 	      return;
 	    }
@@ -2770,6 +2855,8 @@ int main(int argc, char **argv)
   else usage();
   if(rc != 0)
     usage();
+  if(opt_pid > 0)
+    result("daemon_alive", "%d", proc_alive(opt_pid));
   result("failures", "%d", g_nfail);
   return g_nfail > 0 ? 2 : 0;
 }

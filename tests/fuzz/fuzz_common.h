@@ -4,20 +4,23 @@
  * sc_remoted.c.
  *
  * Each input runs in a fresh daemon state: fz_begin() does what main()
- * does before its loop (globals_init, ev_init with epoll) and fz_end()
- * what it does after (shutdown_all), then checks that nothing was left
- * behind: no armed timers, no objects on the lists, no sockets in the -U
- * directory.
+ * does before its loop (globals_init, ev_init: epoll, or select with
+ * FZ_S2_SELECT) and fz_end() what it does after (shutdown_all), then
+ * checks that nothing was left behind: no armed timers, no objects on the
+ * lists, no sockets in the -U directory.
  *
  * Connections are socketpairs.  The daemon's end is handed to vp_alloc()
- * or mc_open() exactly as tcp_accept() and mux_accept() do; the harness
- * keeps the other end, writes input bytes into it, and runs one loop
- * iteration (fz_step: ev_poll(0), flush_pending, gc_collect), so the bytes
- * take the daemon's own read path (vp_read -> vp_input -> rp_rx_feed,
- * mc_read -> mux_rx_feed, uc_read).  Whatever the daemon writes back is
- * drained after every step (so its writes never block) and checked by
- * small independent parsers of the remote and mux protocols; a violation
- * of PROTOCOL.md found there aborts, which libFuzzer reports as a crash.
+ * or mc_open() as tcp_accept() and mux_accept() do after accept(); the
+ * harness keeps the other end, writes input bytes into it, and runs one
+ * loop iteration (fz_step: ev_poll(0) and the rest of loop_run() except
+ * the clock, which only fz_tick() advances), so the bytes take the
+ * daemon's own read path (vp_read -> vp_input -> rp_rx_feed, mc_read ->
+ * mux_rx_feed, uc_read).  Whatever the daemon writes back is drained
+ * after every step (so its writes never block), except from ends the
+ * input marked as stalled readers (to reach the back-pressure paths), and
+ * is checked by small independent parsers of the remote and mux
+ * protocols; a violation of PROTOCOL.md found there aborts, which
+ * libFuzzer reports as a crash.
  * Set FUZZ_NO_ORACLE=1 in the environment to keep only the memory checks,
  * FUZZ_DEBUG=1 for the daemon's debug log (-O debug) while reproducing.
  */
@@ -57,6 +60,7 @@ typedef struct fz_fd
   int      fd;            /* -1 once closed */
   int      type;
   int      eof;           /* the daemon closed its end */
+  int      stalled;       /* not drained: a reader that stopped reading */
   uint8_t *rx;            /* reassembly of the daemon's output */
   size_t   rx_have;
 
@@ -83,21 +87,37 @@ static char     fz_udir[64];
 static int      fz_oracle = 1;
 static int      fz_debug = 0;
 static uint8_t  fz_buf[65536 * 2];
+static int      fz_small_bufs = 0; /* small socket buffers this input */
+
+/* remove the -U directory when the fuzzer exits normally */
+static void fz_rmdir(void)
+{
+  rmdir(fz_udir);
+  return;
+}
 
 static void fz_init_once(void)
 {
   static int done = 0;
-  const char *e;
+  struct stat sb;
+  const char *e, *tmp;
   if(done)
     return;
   done = 1;
   signal(SIGPIPE, SIG_IGN);
-  snprintf(fz_udir, sizeof(fz_udir), "/tmp/sc_remoted_fuzz.XXXXXX");
+
+  /* the -U directory: short (sun_path), on tmpfs when there is one */
+  if((tmp = getenv("TMPDIR")) == NULL || *tmp == '\0' ||
+     strlen(tmp) > 24)
+    tmp = stat("/dev/shm", &sb) == 0 && S_ISDIR(sb.st_mode) &&
+      access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp";
+  snprintf(fz_udir, sizeof(fz_udir), "%s/sc_remoted_fuzz.XXXXXX", tmp);
   if(mkdtemp(fz_udir) == NULL)
     {
       perror("mkdtemp");
       abort();
     }
+  atexit(fz_rmdir);
   if((e = getenv("FUZZ_NO_ORACLE")) != NULL && *e != '\0' && *e != '0')
     fz_oracle = 0;
   if((e = getenv("FUZZ_DEBUG")) != NULL && *e != '\0' && *e != '0')
@@ -459,7 +479,7 @@ static void fz_drain(void)
   for(i=0; i<fz_nfds; i++)
     {
       fz_fd_t *f = &fz_fds[i];
-      if(f->fd < 0 || f->eof)
+      if(f->fd < 0 || f->eof || f->stalled)
 	continue;
       while((n = read(f->fd, fz_buf, sizeof(fz_buf))) > 0)
 	fz_oracle_rx(f, fz_buf, (size_t)n);
@@ -473,6 +493,7 @@ static void fz_drain(void)
 static void fz_step(void)
 {
   ev_poll(0);
+  vp_again_run();
   flush_pending();
   gc_collect();
   fz_drain();
@@ -518,6 +539,15 @@ static void fz_write(fz_fd_t *f, const uint8_t *p, size_t len)
 
 /* ---- connections, clients ---- */
 
+#define FZ_SMALL_SNDBUF 1 /* the kernel's minimum */
+
+static void fz_small_sndbuf(int fd)
+{
+  int sz = FZ_SMALL_SNDBUF;
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
+  return;
+}
+
 static int fz_pair(int sv[2])
 {
   int sz = 1 << 22;
@@ -528,12 +558,20 @@ static int fz_pair(int sv[2])
       close(sv[0]); close(sv[1]);
       return -1;
     }
+  if(fz_small_bufs)
+    sz = FZ_SMALL_SNDBUF;
   setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
   setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &sz, sizeof(sz));
   return 0;
 }
 
-/* a connection the way tcp_accept() takes one; *dfd is the daemon's fd */
+/*
+ * A scamper connection, taken the way tcp_accept() takes one after its
+ * accept(): the handshake cap, vp_alloc() with the peer address (a fake
+ * AF_INET 127.0.0.1:port or AF_INET6 2001:db8::1.port here), the
+ * handshake count, the VP list, the accept timeout, read interest.  Keep
+ * in step with tcp_accept().  *dfd is the daemon's fd.
+ */
 static fz_fd_t *fz_conn_open(int port, int v6, int *dfd)
 {
   struct sockaddr_storage ss;
@@ -546,6 +584,12 @@ static fz_fd_t *fz_conn_open(int port, int v6, int *dfd)
   *dfd = -1;
   if(fz_nfds >= FZ_MAXFD || fz_pair(sv) != 0)
     return NULL;
+  f = fz_keep(sv[1], FZ_FD_CONN);
+  if(handshake_count >= opt_handshake_max)
+    {
+      close(sv[0]); /* refused: the harness sees EOF */
+      return f;
+    }
   memset(&ss, 0, sizeof(ss));
   if(v6)
     {
@@ -561,15 +605,16 @@ static fz_fd_t *fz_conn_open(int port, int v6, int *dfd)
     }
   if((vp = vp_alloc(sv[0], (struct sockaddr *)&ss)) == NULL)
     {
-      close(sv[0]); close(sv[1]);
-      return NULL;
+      close(sv[0]);
+      return f;
     }
+  vp->in_handshake = 1;
+  handshake_count++;
   dlist_push_tail(&vp_list, &vp->list_node);
   tw_arm(&vp->rx_timer, TIMEOUT_ACCEPT);
   if(ev_set(&vp->ev, 1, 0) != 0)
     vp_close(vp, "could not register");
   *dfd = sv[0];
-  f = fz_keep(sv[1], FZ_FD_CONN);
   return f;
 }
 
@@ -587,6 +632,16 @@ static vp_t *fz_conn_vp(int dfd)
 	return vp;
     }
   return NULL;
+}
+
+/* small send buffers on the daemon's ends of vp's -U clients */
+static int fz_uc_small(void *item, void *param)
+{
+  chan_t *c = item;
+  (void)param;
+  if(c->uc != NULL && c->uc->ev.fd >= 0)
+    fz_small_sndbuf(c->uc->ev.fd);
+  return 0;
 }
 
 /* a local client connecting to vp's -U socket (accepted on the next step) */
@@ -610,6 +665,18 @@ static fz_fd_t *fz_uc_connect(vp_t *vp)
       return NULL;
     }
   return fz_keep(fd, FZ_FD_UC);
+}
+
+/* a -U client connects to vp's socket and is accepted */
+static fz_fd_t *fz_uc_add(vp_t *vp)
+{
+  fz_fd_t *f;
+  if((f = fz_uc_connect(vp)) == NULL)
+    return NULL;
+  fz_step(); /* vp_lev_accept */
+  if(fz_small_bufs && (vp = fz_conn_vp(vp->ev.fd)) != NULL)
+    splaytree_inorder(&vp->chans, fz_uc_small, NULL);
+  return f;
 }
 
 /* a mux client the way mux_accept() takes one */
@@ -674,19 +741,48 @@ static size_t fz_master_res(uint8_t *p, const uint8_t *magic, uint8_t ml,
   return fz_rp_put(p, 0, 0, b, len);
 }
 
-/* chunk lengths selected by the low 5 bits of an op byte */
-static const size_t fz_chunk_len[32] = {
-  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
-  17, 19, 20, 21, 24, 32, 48, 64, 100, 128, 256, 512, 1024, 4096, 16384,
-  (size_t)-1,
+/* chunk lengths selected by the low 4 bits of an op byte (clipped to
+   what is left of the input) */
+static const size_t fz_chunk_len[16] = {
+  1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 16, 24, 64, 256, 1024, 4096,
 };
 
 /* ---- per-input state ---- */
 
-static void fz_begin(long zombie)
+/* bits of the second setup byte, common to fuzz_remote and fuzz_mux */
+#define FZ_S2_LIMITS  0x01  /* small buffer/unacked/stall/handshake limits */
+#define FZ_S2_SMALLBUF 0x02 /* small socket send buffers */
+#define FZ_S2_SELECT  0x04  /* the select backend (-O select) */
+
+static void fz_begin(long zombie, uint8_t setup2)
 {
+  static int saved = 0;
+  static size_t buf_high, buf_low, unacked_max;
+  static long stall, handshake_max;
+
   fz_init_once();
+  if(!saved)
+    {
+      saved = 1;
+      buf_high = opt_buf_high; buf_low = opt_buf_low;
+      unacked_max = opt_unacked_max; stall = opt_stall;
+      handshake_max = opt_handshake_max;
+    }
+  opt_buf_high = buf_high; opt_buf_low = buf_low;
+  opt_unacked_max = unacked_max; opt_stall = stall;
+  opt_handshake_max = handshake_max;
+  if(setup2 & FZ_S2_LIMITS)
+    {
+      opt_buf_high = 2048;
+      opt_buf_low = 512;
+      opt_unacked_max = 2048;
+      opt_stall = 30;
+      opt_handshake_max = 2;
+    }
+  fz_small_bufs = (setup2 & FZ_S2_SMALLBUF) != 0;
   opt_flags = fz_debug ? OPT_DEBUG : 0;
+  if(setup2 & FZ_S2_SELECT)
+    opt_flags |= OPT_SELECT;
   opt_udir = fz_udir;
   opt_muxpath = NULL;
   opt_metafile = NULL;

@@ -19,11 +19,13 @@
  *              bit 5     mux client 1 connects before the VPs arrive
  *              bit 6     mux client 2 connects after them
  *              bit 7     mux client 1 disconnects after the input
- *   byte 1     n: the number of op bytes (low 6 bits)
+ *   byte 1     setup2: FZ_S2_* of fuzz_common.h (small limits, small
+ *              socket buffers, select backend)
+ *   byte 2     n: the number of op bytes (low 6 bits)
  *   n bytes    ops, each consuming the next chunk of the stream
  *   the rest   the stream, written by mux client 1
  *
- * Op byte: bits 0-4 choose the chunk length (fz_chunk_len), bits 5-7 what
+ * Op byte: bits 0-3 choose the chunk length (fz_chunk_len), bits 4-7 what
  * happens with it:
  *   0  written by mux client 1
  *   1  written by mux client 2 (client 1 if there is none)
@@ -41,10 +43,20 @@
  *   6  mux client 2 connects if it has not, then writes the chunk
  *   7  mux client 1 disconnects, a new mux client 1 connects and writes
  *      the chunk
- * After the input, every VP still connected receives data on remote
- * channels 1 and 2 and a FIN for channel 1 (those that are open and not
- * finished by scamper: the epilogue plays a well-behaved scamper), and
- * ACKs for all it sent.
+ *   8  written by mux client 1, then the clock advances 1 s
+ *   9  written by mux client 1, then 31 s
+ *  10  written by mux client 1, which then stops (or resumes) reading
+ *  11  written by mux client 2, which then stops (or resumes) reading
+ *  12  written by mux client 1, then scamper stops (or resumes) reading
+ *      both VP connections
+ *  13  written raw on VP 2's connection (as scamper)
+ *  14  a burst of scamper frames, one per chunk byte b, as op 3 with
+ *      c[0] = b and 512 bytes of data for the data kind
+ *  15  written by mux client 1 one byte per read
+ * Then every reader resumes.  After the input, every VP still connected
+ * receives data on remote channels 1 and 2 and a FIN for channel 1 (those
+ * that are open and not finished by scamper: the epilogue plays a
+ * well-behaved scamper), and ACKs for all it sent.
  */
 #define SC_REMOTED_NO_MAIN 1
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -226,25 +238,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
   static const long zombie[4] = {900, 60, 1, 0};
   static const char *names[2] = {"vp1", NULL};
-  uint8_t frame[300], b[5];
+  static uint8_t burst[1 + 512];
+  uint8_t frame[300], b[5], setup, setup2;
   const uint8_t *ops, *p;
-  size_t nops, left, len, i, el;
+  size_t nops, left, len, i, j, el;
   meta_table_t *mt;
   const char *msg;
-  uint8_t setup, op;
-  int v;
+  int v, action;
 
-  if(size < 2)
+  if(size < 3)
     return 0;
   setup = data[0];
-  nops = data[1] & 63;
-  if(size < 2 + nops)
+  setup2 = data[1];
+  nops = data[2] & 63;
+  if(size < 3 + nops)
     return 0;
-  ops = data + 2;
-  p = data + 2 + nops;
-  left = size - 2 - nops;
+  ops = data + 3;
+  p = data + 3 + nops;
+  left = size - 3 - nops;
 
-  fz_begin(zombie[(setup >> 1) & 3]);
+  fz_begin(zombie[(setup >> 1) & 3], setup2);
   fz_nv = (setup & 1) ? 2 : 1;
   fz_port = 0;
   fz_mc1 = fz_mc2 = NULL;
@@ -267,43 +280,40 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
       fz_step();
     }
   if(setup & 0x08)
-    {
-      fz_uc_connect(fz_vp_live(0));
-      fz_step();
-    }
+    fz_uc_add(fz_vp_live(0));
   if(fz_mc1 == NULL)
     fz_mc1 = fz_mc_open();
   if(setup & 0x40)
     fz_mc2 = fz_mc_open();
   fz_step();
 
+  memset(burst, 'D', sizeof(burst));
+  burst[sizeof(burst) - 1] = '\n';
   for(i=0; i<nops; i++)
     {
-      op = ops[i];
-      len = fz_chunk_len[op & 31];
+      len = fz_chunk_len[ops[i] & 15];
+      action = ops[i] >> 4;
       if(len > left)
 	len = left;
-      switch(op >> 5)
+      switch(action)
 	{
-	case 0:
-	  fz_mc_send(fz_mc1, p, len);
-	  break;
 	case 1:
+	case 11:
 	  fz_mc_send(fz_mc2 != NULL ? fz_mc2 : fz_mc1, p, len);
+	  if(action == 11 && fz_mc2 != NULL)
+	    fz_mc2->stalled = !fz_mc2->stalled;
 	  break;
 	case 2:
-	  if(fz_vp_live(0) != NULL)
+	case 13:
+	  v = action == 2 ? 0 : 1;
+	  if(fz_vp_live(v) != NULL)
 	    {
-	      fz_write(fz_v[0].conn, p, len);
+	      fz_write(fz_v[v].conn, p, len);
 	      fz_step();
 	    }
 	  break;
 	case 3:
 	  fz_scamper_frame(p, len);
-	  break;
-	case 4:
-	  fz_mc_send(fz_mc1, p, len);
-	  fz_tick(61);
 	  break;
 	case 5:
 	  fz_vp_cut(p, len);
@@ -323,11 +333,39 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	  fz_step();
 	  fz_mc_send(fz_mc1, p, len);
 	  break;
+	case 14:
+	  for(j=0; j<len; j++)
+	    {
+	      burst[0] = p[j];
+	      fz_scamper_frame(burst, (p[j] & 3) == 0 ? sizeof(burst) : 1);
+	    }
+	  break;
+	case 15:
+	  for(j=0; j<len; j++)
+	    fz_mc_send(fz_mc1, p + j, 1);
+	  break;
+	default: /* 0, 4, 8, 9, 10, 12 */
+	  fz_mc_send(fz_mc1, p, len);
+	  if(action == 4) fz_tick(61);
+	  if(action == 8) fz_tick(1);
+	  if(action == 9) fz_tick(31);
+	  if(action == 10 && fz_mc1 != NULL)
+	    fz_mc1->stalled = !fz_mc1->stalled;
+	  if(action == 12)
+	    for(v=0; v<fz_nv; v++)
+	      if(fz_v[v].conn != NULL)
+		fz_v[v].conn->stalled = !fz_v[v].conn->stalled;
+	  break;
 	}
       p += len;
       left -= len;
+      fz_step();
     }
   fz_mc_send(fz_mc1, p, left);
+  for(i=0; i<(size_t)fz_nfds; i++)
+    fz_fds[i].stalled = 0;
+  fz_step();
+  fz_step();
 
   if(setup & 0x80)
     {

@@ -1,6 +1,7 @@
 /*
  * fuzz_remote.c: libFuzzer target for the remote protocol byte stream
- * (PROTOCOL.md 2) as sc_remoted reads it from a scamper connection.
+ * (PROTOCOL.md 2) as sc_remoted reads it from a scamper connection, with
+ * -U local clients, time, cuts and reconnections interleaved.
  *
  * Input layout:
  *
@@ -17,25 +18,37 @@
  *              bits 4-5  -Z: 900, 60, 1, 0 (0 is 900 in mode 2)
  *              bit 6     the first session sends the monitor name "vp1"
  *              bit 7     the connection is cut (EOF) after the input
- *   byte 1     n: the number of op bytes (low 6 bits)
+ *   byte 1     setup2: FZ_S2_* of fuzz_common.h (small limits, small
+ *              socket buffers, select backend)
+ *   byte 2     n: the number of op bytes (low 6 bits)
  *   n bytes    ops, each consuming the next chunk of the stream
  *   the rest   the stream
  *
- * Op byte: bits 0-4 choose the chunk length (fz_chunk_len), bits 5-7 what
- * happens with it:
- *   0  chunk to the connection
- *   1  chunk to the connection, then the clock advances 31 s (keepalive)
- *   2  chunk to the connection, then the clock advances 61 s (accept
- *      timeout, rx_abort, -Z expiry)
- *   3  chunk written by a -U client (data for scamper); to the
- *      connection when there is no client
- *   4  chunk to the connection, then a -U client half-closes
- *   5  chunk to the connection, then a -U client closes
- *   6  chunk to the connection, then a new -U client connects to the
- *      socket of the connection's VP
- *   7  chunk to the connection, then the connection is cut and a new one
- *      is opened; later chunks go to the new one
- * The stream left after the ops goes to the connection in one write.
+ * Op byte: bits 0-3 choose the chunk length (fz_chunk_len), bits 4-7 what
+ * happens with it ("conn" is the connection the stream currently goes to):
+ *   0  to conn
+ *   1  to conn, then the clock advances 1 s
+ *   2  to conn, then 31 s (keepalive)
+ *   3  to conn, then 61 s (accept timeout, rx_abort, -Z 60 expiry)
+ *   4  written by a -U client (data for scamper); to conn if none
+ *   5  to conn, then a -U client half-closes
+ *   6  to conn, then a -U client closes
+ *   7  to conn, then a new -U client connects to conn's VP's socket
+ *   8  to conn, then conn is cut and a new connection becomes conn
+ *   9  to conn, then the -U clients stop (or resume) reading
+ *  10  to conn, then scamper stops (or resumes) reading conn
+ *  11  to conn, then 901 s (-Z 900 expiry)
+ *  12  written by a -U client, which then half-closes
+ *  13  to conn, then a new connection becomes conn; the old one stays
+ *  14  to conn one byte per read
+ *  15  a burst of well-formed frames from scamper on conn, with the seqs
+ *      conn's VP expects, one per chunk byte b: b & 3 = 0: 512 bytes of
+ *      data on remote channel ((b >> 2) & 7) + 1; 1: CHANNEL_FIN for that
+ *      channel; 2: ACK of the oldest unacked frame (KEEPALIVE if none);
+ *      3: ACKs for every unacked frame
+ * The -U client of ops 4-6 and 12 is chosen by the op's index.  The
+ * stream left after the ops goes to conn in one write; then every reader
+ * resumes, so all output is checked.
  *
  * The first session's magic is "FUZZMAGC" (8 bytes); seeds use it.
  */
@@ -56,6 +69,7 @@ typedef struct fz_remote
   int      nconn;
   fz_fd_t *uc[FZ_MAXUC];
   int      nuc;
+  int      uc_stalled;
 } fz_remote_t;
 
 static void fz_new_conn(fz_remote_t *r)
@@ -81,12 +95,80 @@ static void fz_cut(fz_remote_t *r)
 static void fz_add_uc(fz_remote_t *r)
 {
   fz_fd_t *f;
-  if(r->nuc >= FZ_MAXUC ||
-     (f = fz_uc_connect(fz_conn_vp(r->dfd))) == NULL)
+  if(r->nuc >= FZ_MAXUC || (f = fz_uc_add(fz_conn_vp(r->dfd))) == NULL)
     return;
+  f->stalled = r->uc_stalled;
   r->uc[r->nuc++] = f;
-  fz_step();  /* vp_lev_accept */
   return;
+}
+
+/* a frame from scamper on r's connection with the seq its VP expects */
+static void fz_scamper_send(fz_remote_t *r, uint32_t chan,
+			    const uint8_t *body, size_t len)
+{
+  static uint8_t frame[RP_HDRLEN + 1024];
+  vp_t *vp;
+  if((vp = fz_conn_vp(r->dfd)) == NULL || vp->state != VP_GO)
+    return;
+  len = fz_rp_put(frame, vp->rcv_nxt, chan, body, len);
+  fz_write(r->conn, frame, len);
+  return;
+}
+
+static void fz_scamper_burst(fz_remote_t *r, const uint8_t *p, size_t len)
+{
+  static uint8_t text[512];
+  uint8_t b[5];
+  size_t i;
+  vp_t *vp;
+  int n;
+
+  memset(text, 'S', sizeof(text));
+  text[sizeof(text) - 1] = '\n';
+  for(i=0; i<len; i++)
+    {
+      uint32_t chan = (uint32_t)((p[i] >> 2) & 7) + 1;
+      switch(p[i] & 3)
+	{
+	case 0:
+	  fz_scamper_send(r, chan, text, sizeof(text));
+	  break;
+	case 1:
+	  b[0] = RP_CHANNEL_FIN;
+	  bytes_htonl(b + 1, chan);
+	  fz_scamper_send(r, 0, b, 5);
+	  break;
+	default:
+	  for(n=0; n<64 && (vp = fz_conn_vp(r->dfd)) != NULL; n++)
+	    {
+	      if(vp->snd_una == vp->snd_nxt)
+		{
+		  if(n == 0)
+		    {
+		      b[0] = RP_KEEPALIVE;
+		      fz_scamper_send(r, 0, b, 1);
+		    }
+		  break;
+		}
+	      b[0] = RP_ACK;
+	      bytes_htonl(b + 1, vp->snd_una);
+	      fz_scamper_send(r, 0, b, 5);
+	      fz_step();
+	      if((p[i] & 3) == 2)
+		break;
+	    }
+	  break;
+	}
+      fz_step();
+    }
+  return;
+}
+
+static fz_fd_t *fz_pick_uc(fz_remote_t *r, size_t i)
+{
+  if(r->nuc == 0)
+    return NULL;
+  return r->uc[i % (size_t)r->nuc];
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -95,28 +177,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   fz_remote_t r;
   uint8_t frame[600];
   const uint8_t *ops, *p;
-  size_t nops, left, len, i;
-  int mode, nuc, k;
-  uint8_t setup, op;
-  fz_fd_t *first;
+  size_t nops, left, len, i, j;
+  int mode, nuc, k, action;
+  uint8_t setup, setup2;
+  fz_fd_t *uc;
   long z;
 
-  if(size < 2)
+  if(size < 3)
     return 0;
   setup = data[0];
-  nops = data[1] & 63;
-  if(size < 2 + nops)
+  setup2 = data[1];
+  nops = data[2] & 63;
+  if(size < 3 + nops)
     return 0;
-  ops = data + 2;
-  p = data + 2 + nops;
-  left = size - 2 - nops;
+  ops = data + 3;
+  p = data + 3 + nops;
+  left = size - 3 - nops;
   mode = setup & 3;
   nuc = (setup >> 2) & 3;
   z = zombie[(setup >> 4) & 3];
   if(mode == 2 && z == 0)
     z = 900;
 
-  fz_begin(z);
+  fz_begin(z, setup2);
   memset(&r, 0, sizeof(r));
   r.dfd = -1;
   fz_new_conn(&r);
@@ -130,62 +213,72 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
       fz_step();
       for(k=0; k<nuc; k++)
 	fz_add_uc(&r);
+      if(mode == 2)
+	fz_cut(&r);
       if(mode >= 2)
-	{
-	  first = r.conn;
-	  if(mode == 2)
-	    fz_cut(&r);
-	  fz_new_conn(&r);
-	  (void)first;
-	}
+	fz_new_conn(&r);
     }
 
   for(i=0; i<nops; i++)
     {
-      op = ops[i];
-      len = fz_chunk_len[op & 31];
+      len = fz_chunk_len[ops[i] & 15];
+      action = ops[i] >> 4;
       if(len > left)
 	len = left;
-      switch(op >> 5)
-	{
-	case 3:
-	  if(r.nuc > 0)
-	    {
-	      fz_write(r.uc[i % (size_t)r.nuc], p, len);
-	      break;
-	    }
-	  /* FALLTHROUGH */
-	default:
-	  fz_write(r.conn, p, len);
-	  break;
-	}
+      uc = fz_pick_uc(&r, i);
+      if((action == 4 || action == 12) && uc != NULL)
+	fz_write(uc, p, len);
+      else if(action == 14)
+	for(j=0; j<len; j++)
+	  fz_write(r.conn, p + j, 1);
+      else if(action == 15)
+	fz_scamper_burst(&r, p, len);
+      else
+	fz_write(r.conn, p, len);
       p += len;
       left -= len;
       fz_step();
 
-      switch(op >> 5)
+      switch(action)
 	{
-	case 1: fz_tick(31); break;
-	case 2: fz_tick(61); break;
-	case 4:
-	  if(r.nuc > 0 && r.uc[i % (size_t)r.nuc]->fd >= 0)
-	    {
-	      shutdown(r.uc[i % (size_t)r.nuc]->fd, SHUT_WR);
-	      fz_step();
-	    }
-	  break;
+	case 1: fz_tick(1); break;
+	case 2: fz_tick(31); break;
+	case 3: fz_tick(61); break;
+	case 11: fz_tick(901); break;
 	case 5:
-	  if(r.nuc > 0)
+	case 12:
+	  if(uc != NULL && uc->fd >= 0)
 	    {
-	      fz_close(r.uc[i % (size_t)r.nuc]);
+	      shutdown(uc->fd, SHUT_WR);
 	      fz_step();
 	    }
 	  break;
 	case 6:
-	  fz_add_uc(&r);
+	  if(uc != NULL)
+	    {
+	      fz_close(uc);
+	      fz_step();
+	    }
 	  break;
 	case 7:
+	  fz_add_uc(&r);
+	  break;
+	case 8:
 	  fz_cut(&r);
+	  fz_new_conn(&r);
+	  break;
+	case 9:
+	  r.uc_stalled = !r.uc_stalled;
+	  for(k=0; k<r.nuc; k++)
+	    r.uc[k]->stalled = r.uc_stalled;
+	  fz_step();
+	  break;
+	case 10:
+	  if(r.conn != NULL)
+	    r.conn->stalled = !r.conn->stalled;
+	  fz_step();
+	  break;
+	case 13:
 	  fz_new_conn(&r);
 	  break;
 	}
@@ -196,6 +289,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
       fz_write(r.conn, p, left);
       fz_step();
     }
+  for(k=0; k<fz_nfds; k++)
+    fz_fds[k].stalled = 0;
+  fz_step();
+  fz_step();
   if(setup & 0x80)
     fz_cut(&r);
   fz_step();

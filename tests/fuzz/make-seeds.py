@@ -75,11 +75,11 @@ def mux_ctl(type_, body=b""):
 
 # ---- the op/chunk layout shared by fuzz_remote and fuzz_mux ----------------
 
-# chunk lengths selected by the low 5 bits of an op (fz_chunk_len); the
-# last entry means "everything left"
-CHUNK_LEN = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
-             17, 19, 20, 21, 24, 32, 48, 64, 100, 128, 256, 512, 1024, 4096,
-             16384]
+# chunk lengths selected by the low 4 bits of an op (fz_chunk_len)
+CHUNK_LEN = [1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 16, 24, 64, 256, 1024, 4096]
+
+# setup2 bits (FZ_S2_* in fuzz_common.h)
+S2_LIMITS, S2_SMALLBUF, S2_SELECT = 0x01, 0x02, 0x04
 
 
 def split(n):
@@ -93,28 +93,33 @@ def split(n):
 
 
 def remote_plan(action, n):
-    """fuzz_remote: a -U client write spans chunks; other actions happen
-    after the last chunk, earlier chunks being plain writes."""
-    if action == 3:
-        return [3] * n
+    """fuzz_remote: -U client writes (4, 12), byte-wise writes (14) and
+    bursts (15) span chunks; other actions happen after the last chunk, earlier
+    chunks being plain writes."""
+    if action in (4, 14, 15):
+        return [action] * n
+    if action == 12:
+        return [4] * (n - 1) + [12]
     return [0] * (n - 1) + [action]
 
 
 def mux_plan(action, n):
     """fuzz_mux: writes span chunks; a synthesized frame or cut must be
     one chunk; connect-then-write actions come first."""
-    if action in (0, 1, 2):
+    if action in (0, 1, 2, 13, 14, 15):
         return [action] * n
     assert action not in (3, 5) or n == 1, "op %d needs one chunk" % action
     if action == 6:
         return [6] + [1] * (n - 1)
     if action == 7:
         return [7] + [0] * (n - 1)
+    if action == 11:
+        return [1] * (n - 1) + [11]
     return [0] * (n - 1) + [action]
 
 
-def layout(setup, steps, rest=b"", plan=remote_plan):
-    """The setup byte, the ops and the stream for (action, bytes) steps;
+def layout(setup, setup2, steps, rest=b"", plan=remote_plan):
+    """The setup bytes, the ops and the stream for (action, bytes) steps;
     each step is cut into chunks of the lengths an op can select."""
     ops, stream = [], b""
     for action, b in steps:
@@ -122,10 +127,15 @@ def layout(setup, steps, rest=b"", plan=remote_plan):
             b = b"\0"
         idx = split(len(b))
         for a, i in zip(plan(action, len(idx)), idx):
-            ops.append((a << 5) | i)
+            ops.append((a << 4) | i)
         stream += b
     assert len(ops) < 64, "too many ops"
-    return bytes([setup, len(ops)]) + bytes(ops) + stream + rest
+    return bytes([setup, setup2, len(ops)]) + bytes(ops) + stream + rest
+
+
+def plain(setup, stream, setup2=0):
+    """No ops: the whole stream in one write."""
+    return bytes([setup, setup2, 0]) + stream
 
 
 # ---- seeds -----------------------------------------------------------------
@@ -133,70 +143,109 @@ def layout(setup, steps, rest=b"", plan=remote_plan):
 def remote_seeds():
     s = {}
     # mode 0: the whole handshake in the stream
-    s["handshake-new"] = bytes([0x00, 0]) + (
+    s["handshake-new"] = plain(0x00, (
         master_new(b"SEEDMAGC", "seed.mon") + keepalive(0) +
-        data(0, 7, b"unknown channel\n") + fin(1, 7) + keepalive(2))
-    # mode 0, the same split at every byte of the first frame
+        data(0, 7, b"unknown channel\n") + fin(1, 7) + keepalive(2)))
+    # mode 0, the same split at every byte of the first frame (op 14)
     s["handshake-split"] = layout(
-        0x00, [(0, bytes([b])) for b in master_new(b"SEEDMAGC")[:24]],
+        0x00, 0, [(14, master_new(b"SEEDMAGC")[:24])],
         master_new(b"SEEDMAGC")[24:] + keepalive(0))
+    # mode 0 on the select backend, the frame split across reads
+    s["handshake-select"] = layout(
+        0x00, S2_SELECT, [(0, master_new(b"SEEDMAGC")[:7]),
+                          (0, master_new(b"SEEDMAGC")[7:13])],
+        master_new(b"SEEDMAGC")[13:] + keepalive(0))
     # mode 1 with two -U clients: CHANNEL_NEW 1 and 2 are seqs 0 and 1
     setup = 0x01 | (2 << 2) | 0x40
-    s["go-channels"] = layout(setup, [
+    s["go-channels"] = layout(setup, 0, [
         (0, ack(0, 0) + ack(0, 1)),
         (0, data(0, 1, b"MORE\n")),
-        (3, b"done\n"),                   # client 1 -> scamper: seq 2
+        (4, b"done\n"),                   # client 1 -> scamper: seq 2
         (0, ack(1, 2)),
         (0, data(1, 2, b"OK id-1\n")),
-        (4, fin(2, 1)),                   # then a client half-closes
+        (5, fin(2, 1)),                   # then a client half-closes
     ], keepalive(3) + data(3, 2, b"DATA 5 id-1\nbegin\n") + fin(4, 2))
     # mode 1, one client; it half-closes and remoted sends FIN (seq 1)
     setup = 0x01 | (1 << 2) | 0x40
-    s["go-client-eof"] = layout(setup, [
-        (4, ack(0, 0)),
+    s["go-client-eof"] = layout(setup, 0, [
+        (5, ack(0, 0)),
     ], fin(0, 1) + ack(1, 1))
-    # mode 1: a client connects later (op 6), then the link times out
-    s["go-new-client"] = layout(0x01 | 0x10, [
-        (6, keepalive(0)),
-        (1, ack(0, 0)),
+    # mode 1: a client connects later (op 7), then the link times out
+    s["go-new-client"] = layout(0x01 | 0x10, 0, [
+        (7, keepalive(0)),
+        (2, ack(0, 0)),
         (0, data(0, 1, b"MORE\n")),
-        (2, keepalive(1)),                 # 61 s: rx_abort, zombie, -Z 60
+        (3, keepalive(1)),                 # 61 s: rx_abort, zombie, -Z 60
     ])
+    # mode 1, small limits and buffers: the client stops reading while
+    # scamper sends 24 x 512 bytes (op 15), over buffer-high; time passes
+    # (31 s, the stall timeout is 30), then it reads again
+    setup = 0x01 | (1 << 2) | 0x40
+    s["go-backpressure"] = layout(setup, S2_LIMITS | S2_SMALLBUF, [
+        (9, ack(0, 0)),                    # clients stop reading
+        (15, bytes([0x00] * 24)),
+        (2, b""),
+        (9, b""),                          # clients read again
+    ], b"")
+    # as above, but the client reads again before the stall timeout
+    s["go-backpressure-resume"] = layout(setup, S2_LIMITS | S2_SMALLBUF, [
+        (9, ack(0, 0)),
+        (15, bytes([0x00] * 24)),
+        (1, b""),
+        (9, b""),
+        (15, bytes([0x00] * 4 + [0x03, 0x01])),
+    ], b"")
+    # mode 1, small limits: the client writes more than unacked-max
+    s["go-unacked-full"] = layout(setup, S2_LIMITS, [
+        (10, ack(0, 0)),                   # scamper stops reading
+        (4, b"x" * 1500),
+        (4, b"y" * 1500),
+        (10, b""),                         # scamper reads again
+        (15, bytes([0x03])),               # and ACKs everything
+    ], b"")
     # mode 2: resume a zombie that has one unacked CHANNEL_NEW (seq 0)
     setup = 0x02 | (1 << 2) | 0x40
-    s["resume-zombie"] = bytes([setup, 0]) + (
+    s["resume-zombie"] = plain(setup, (
         master_res(MAGIC, 0, 0, 0) + ack(0, 0) + data(0, 1, b"MORE\n") +
-        fin(1, 1))
+        fin(1, 1)))
     # mode 2: scamper already has the CHANNEL_NEW (rcv_nxt 1)
-    s["resume-acked"] = bytes([setup, 0]) + (
-        master_res(MAGIC, 1, 0, 0) + keepalive(0) + data(0, 1, b"MORE\n"))
+    s["resume-acked"] = plain(setup, (
+        master_res(MAGIC, 1, 0, 0) + keepalive(0) + data(0, 1, b"MORE\n")))
     # mode 3: take a live session over
     setup = 0x03 | (1 << 2) | 0x40
-    s["takeover-live"] = bytes([setup, 0]) + (
-        master_res(MAGIC, 0, 0, 0) + ack(0, 0) + keepalive(0))
+    s["takeover-live"] = plain(setup, (
+        master_res(MAGIC, 0, 0, 0) + ack(0, 0) + keepalive(0)))
     # mode 2 rejections: unknown magic, inconsistent rcv_nxt
-    s["resume-unknown"] = bytes([0x02, 0]) + master_res(b"NOSUCHMG", 0, 0, 0)
-    s["resume-badseq"] = bytes([0x02 | (1 << 2), 0]) + master_res(
-        MAGIC, 5, 0, 0)
-    # mode 1: cut the connection (op 7), resume on the next one
+    s["resume-unknown"] = plain(0x02, master_res(b"NOSUCHMG", 0, 0, 0))
+    s["resume-badseq"] = plain(0x02 | (1 << 2), master_res(MAGIC, 5, 0, 0))
+    # mode 1: cut the connection (op 8), resume on the next one
     setup = 0x01 | (1 << 2) | 0x40
-    s["cut-resume"] = layout(setup, [
-        (1, ack(0, 0)),                    # then 31 s: keepalive
-        (7, keepalive(0)),                 # then the connection is cut
+    s["cut-resume"] = layout(setup, 0, [
+        (2, ack(0, 0)),                    # then 31 s: keepalive
+        (8, keepalive(0)),                 # then the connection is cut
     ], master_res(MAGIC, 1, 0, 0) + data(0, 1, b"MORE\n") + fin(1, 1))
+    # mode 1: a parallel connection (op 13) takes the live session over
+    s["parallel-takeover"] = layout(setup, 0, [
+        (13, ack(0, 0)),
+    ], master_res(MAGIC, 1, 0, 0) + data(0, 1, b"MORE\n"))
+    # mode 1, -Z 1: cut, the zombie expires, a resume is rejected
+    s["zombie-expired"] = layout(0x01 | (2 << 4) | 0x40, 0, [
+        (8, keepalive(0)),
+        (3, b""),
+    ], master_res(MAGIC, 0, 0, 0))
     return s
 
 
 def mux_seeds():
     s = {}
-    s["open-data"] = bytes([0x00, 0]) + (
+    s["open-data"] = plain(0x00, (
         mux_open(1, 1) + mux(1, b"ping -c 1 127.0.0.1\n") +
         mux_ctl(9, b"ignored") + mux_ctl(MUX_CHANNEL_CLOSE, b"\0\0\0\1") +
-        mux(1, b"done\n"))
+        mux(1, b"done\n")))
     # two VPs, metadata, a -U client on VP 1 (remote channel 1), and a
     # second mux client; scamper answers on the channels
     setup = 0x01 | 0x08 | 0x10 | 0x40
-    s["two-vps"] = layout(setup, [
+    s["two-vps"] = layout(setup, 0, [
         (0, mux_open(1, 1) + mux_open(2, 2)),
         (3, bytes([0x04]) + b"MORE\n"),         # VP 1, remote channel 2
         (3, bytes([0x03])),                     # VP 1: ACK everything
@@ -207,28 +256,44 @@ def mux_seeds():
         (3, bytes([0x83])),                     # VP 2: ACK everything
     ], mux(1, b"late\n") + mux(2, b"to vp2\n"), mux_plan)
     # a channel opened on a zombie, which then expires (-Z 1)
-    s["zombie-expiry"] = layout(0x02 << 1, [
+    s["zombie-expiry"] = layout(0x02 << 1, 0, [
         (0, mux_open(1, 1)),
         (5, bytes([0x00])),                     # VP 1 cut, no resume
         (0, mux_open(1, 2) + mux(2, b"queued\n")),
         (4, mux(1, b"x")),                      # then 61 s
     ], mux(2, b"after depart\n"), mux_plan)
     # a rejected resume, then the session is still a zombie
-    s["resume-rejected"] = layout(0x00, [
+    s["resume-rejected"] = layout(0x00, 0, [
         (0, mux_open(1, 1)),
         (5, bytes([0x03, 0])),
         (3, bytes([0x02])),
     ], mux(1, b"hello\n"), mux_plan)
     # mux client 1 connects early, disconnects, and a new one connects
-    s["reconnect"] = layout(0x20 | 0x80, [
+    s["reconnect"] = layout(0x20 | 0x80, 0, [
         (0, mux_open(1, 1) + mux(1, b"MORE\n")),
         (7, mux_open(1, 1)),
         (3, bytes([0x04]) + b"OK\n"),
     ], mux(1, b"done\n"), mux_plan)
+    # small limits and buffers: mux client 1 stops reading while scamper
+    # bursts data at it (the VP is paused), then the stall timer fires
+    s["backpressure"] = layout(0x00, S2_LIMITS | S2_SMALLBUF, [
+        (10, mux_open(1, 1)),                   # client 1 stops reading
+        (14, bytes([0x00] * 24)),               # 24 x 512 bytes on ch 1
+        (9, b""),                               # 31 s: stalled (30)
+    ], mux(1, b"gone\n"), mux_plan)
+    # small limits: scamper stops reading and ACKing while the client
+    # writes more than unacked-max, on the select backend
+    s["unacked-full"] = layout(0x00, S2_LIMITS | S2_SELECT, [
+        (12, mux_open(1, 1)),                   # scamper stops reading
+        (0, mux(1, b"z" * 1500)),
+        (0, mux(1, b"w" * 1500)),
+        (12, mux(1, b"more\n")),                # scamper reads again
+        (3, bytes([0x03])),                     # and ACKs everything
+    ], mux(1, b"done\n"), mux_plan)
     # errors that close the client
-    s["short-ctl"] = bytes([0x00, 0]) + mux(0, b"\3")
-    s["reused-chan"] = bytes([0x00, 0]) + mux_open(1, 1) + mux_open(1, 1)
-    s["unknown-vp"] = bytes([0x00, 0]) + mux_open(9999, 1)
+    s["short-ctl"] = plain(0x00, mux(0, b"\3"))
+    s["reused-chan"] = plain(0x00, mux_open(1, 1) + mux_open(1, 1))
+    s["unknown-vp"] = plain(0x00, mux_open(9999, 1))
     return s
 
 

@@ -465,6 +465,19 @@ class Conn:
         self.close()
         self.on_eof(why)
 
+    def detach_socket(self):
+        """Forget the socket without closing it; return it."""
+        s = self.sock
+        if s is not None and self._events:
+            self.loop.sel.unregister(s)
+        self._events = 0
+        self.sock = None
+        self.closed = True
+        self.connecting = False
+        self.out.clear()
+        self.out_len = 0
+        return s
+
     def close(self):
         if self.sock is not None:
             if self._events:
@@ -482,6 +495,18 @@ class Conn:
         self.connecting = False
         self.out.clear()
         self.out_len = 0
+
+
+class Orphan(Conn):
+    """Reads and discards until the peer closes; .eof is then the
+    reason."""
+
+    def __init__(self, loop, sock):
+        Conn.__init__(self, loop, sock)
+        self.eof = None
+
+    def on_eof(self, why):
+        self.eof = why
 
 
 def tcp_connect_nb(host, port, src=None):
@@ -583,11 +608,17 @@ class NBScamper(Conn):
 
     # -- connection management -----------------------------------------
 
-    def start(self):
+    def start(self, keep_old=False):
         """Connect (again) and start the handshake: MASTER_RES if the
-        session is resumable, else MASTER_NEW."""
+        session is resumable, else MASTER_NEW.  With keep_old, a current
+        connection is not closed but returned (unregistered), e.g. to
+        check that remoted closes it when the new one takes over."""
+        old = None
         if self.sock is not None:
-            self.close()
+            if keep_old:
+                old = self.detach_socket()
+            else:
+                self.close()
         self.reader = FrameReader()
         self.state = 'handshake'
         self.connects += 1
@@ -607,7 +638,7 @@ class NBScamper(Conn):
                 nb = self.name.encode()
                 body += bytes([len(nb) + 1]) + nb + b'\0'
         self.queue(pack_frame(0, 0, body))
-        return self
+        return old
 
     def on_connected(self):
         try:
@@ -1092,3 +1123,157 @@ class Pinger(threading.Thread):
     def max_rtt_between(self, t0, t1):
         v = [r for t, r, _ in self.rtts if t0 <= t <= t1]
         return (max(v) if v else None), len(v)
+
+
+# ---------------------------------------------------------------------------
+# a TCP relay that can cut, stall and delay connections
+# ---------------------------------------------------------------------------
+
+
+class _RelaySide(Conn):
+    def __init__(self, loop, pair, sock=None):
+        Conn.__init__(self, loop, sock)
+        self.pair = pair
+
+    def on_data(self, data):
+        self.pair.forward(self, data)
+
+    def on_eof(self, why):
+        self.pair.close('%s side: %s' % ('scamper' if self is
+                                         self.pair.down else 'daemon', why))
+
+
+class RelayPair:
+    """One relayed connection: down (toward the fake scamper) and up
+    (toward the daemon).  Modes: normal; delay (each chunk is held for
+    a random time, order kept, sometimes split); stall (nothing is read
+    or forwarded, nothing is closed)."""
+
+    def __init__(self, relay, csock, n):
+        self.relay = relay
+        self.n = n
+        self.loop = relay.loop
+        self.mode = 'normal'
+        self.mode_until = None
+        self.closed = False
+        self.why = None
+        self.held = collections.deque()   # (release time, side, bytes)
+        self.last_release = 0.0
+        self.down = _RelaySide(self.loop, self, csock)
+        self.up = _RelaySide(self.loop, self)
+        self.up.attach(tcp_connect_nb(relay.upstream[0], relay.upstream[1]),
+                       connecting=True)
+        self.t0 = time.monotonic()
+
+    def forward(self, side, data):
+        if self.mode == 'delay' or self.held:
+            now = time.monotonic()
+            pieces = [data]
+            if len(data) > 1 and random.random() < 0.3:
+                cut = random.randint(1, len(data) - 1)
+                pieces = [data[:cut], data[cut:]]
+            for p in pieces:
+                t = max(self.last_release, now + random.uniform(0.01, 0.4))
+                self.last_release = t
+                self.held.append((t, side, p))
+            return
+        (self.up if side is self.down else self.down).queue(data)
+
+    def service(self, now):
+        if self.closed:
+            return
+        while self.held and self.held[0][0] <= now and \
+                self.mode != 'stall':
+            _, side, p = self.held.popleft()
+            (self.up if side is self.down else self.down).queue(p)
+            if self.closed:
+                return
+        if self.mode_until is not None and now >= self.mode_until:
+            if self.mode == 'stall':
+                self.close('stall over', rst=True)
+                return
+            self.mode = 'normal'
+            self.mode_until = None
+
+    def delay(self, seconds):
+        if self.mode == 'normal':
+            self.mode = 'delay'
+            self.mode_until = time.monotonic() + seconds
+
+    def stall(self, seconds):
+        """Silently stop relaying for seconds, then cut."""
+        self.mode = 'stall'
+        self.mode_until = time.monotonic() + seconds
+        self.down.pause_reading()
+        self.up.pause_reading()
+
+    def close(self, why='cut', rst=False):
+        if self.closed:
+            return
+        self.closed = True
+        self.why = why
+        for s in (self.down, self.up):
+            if rst and s.sock is not None:
+                try:
+                    s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      struct.pack('ii', 1, 0))
+                except OSError:
+                    pass
+            s.close()
+        self.relay.events.append('%7.2f pair %d closed: %s'
+                                 % (time.monotonic() - self.relay.t0, self.n,
+                                    why))
+
+
+class Relay:
+    """Listens on 127.0.0.1:<ephemeral> and relays each connection to the
+    upstream port; pairs lists the live RelayPairs.  Drive it with the
+    loop it was created on."""
+
+    def __init__(self, loop, upstream_port, host='127.0.0.1'):
+        self.loop = loop
+        self.upstream = (host, upstream_port)
+        self.ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.ls.bind((host, 0))
+        self.ls.listen(128)
+        self.ls.setblocking(False)
+        self.port = self.ls.getsockname()[1]
+        self.pairs = []
+        self.accepted = 0
+        self.events = []
+        self.t0 = time.monotonic()
+        loop.sel.register(self.ls, RD, self._accept)
+        loop.every(0.01, self.service)
+        self.closed_flag = False
+
+    def _accept(self, mask):
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            self.accepted += 1
+            self.pairs.append(RelayPair(self, c, self.accepted))
+
+    def service(self):
+        now = time.monotonic()
+        for p in list(self.pairs):
+            p.service(now)
+            if p.closed:
+                self.pairs.remove(p)
+        return self.closed_flag
+
+    def live(self):
+        return [p for p in self.pairs if not p.closed]
+
+    def close(self):
+        self.closed_flag = True
+        for p in list(self.pairs):
+            p.close('relay closed')
+        self.pairs = []
+        try:
+            self.loop.sel.unregister(self.ls)
+        except (KeyError, ValueError):
+            pass
+        self.ls.close()

@@ -5,8 +5,8 @@ Every test starts its own sc_remoted ($SC_REMOTED) with -M, drives it with
 fake scamper VPs (scr.FakeScamper) and mux clients (scr.MuxClient), and
 checks what crosses the mux socket, often byte for byte.
 
-Project decisions checked here beyond upstream behaviour (see the brief
-in PROTOCOL.md's "Recommended" notes):
+Project choices checked here where upstream differs (PROTOCOL.md's
+"Recommended" notes and the 2026 upstream quirks):
   * VP_DEPART only for sessions that reached GO (no VP_DEPART(0));
   * CHANNEL_OPEN with vp id 0 or channel id 0 closes the mux client;
   * a control message declaring more than 64 KiB closes the mux client;
@@ -60,7 +60,7 @@ def open_msg(vp_id, chan):
 
 
 def vp_update_frame(vp_id, attrs):
-    """Expected VP_UPDATE bytes for [(attr, bytes-value), ...]."""
+    """Expected VP_UPDATE bytes for [(attr, value), ...] (str or bytes)."""
     body = struct.pack('>HI', VP_UPDATE, vp_id)
     for a, v in attrs:
         if isinstance(v, str):
