@@ -1541,12 +1541,21 @@ static void sink_appended(sink_t *s, vp_t *feeder)
 }
 
 /*
- * A write to the consumer's socket left `before` - len(out) bytes less
- * queued.  Returns 1 when the sink just dropped below the low mark (the
- * caller then wakes the VPs that feed it).
+ * Write a consumer's queued output to its socket, watching for
+ * writability only while something is left.  Returns -1 on a write error
+ * (the caller closes the consumer), 1 when the sink just dropped below
+ * the low mark (the caller wakes the VPs that feed it), else 0.
  */
-static int sink_written(sink_t *s, size_t before)
+static int sink_flush(sink_t *s, fdev_t *ev)
 {
+  size_t before = buf_len(&s->out);
+  if(buf_writev(&s->out, ev->fd) != 0)
+    {
+      buf_clear(&s->out);
+      return -1;
+    }
+  if(ev_want_write(ev, buf_len(&s->out) > 0) != 0)
+    return -1;
   if(buf_len(&s->out) < before)
     s->last_progress = tw_tick;
   if(s->full && buf_len(&s->out) <= opt_buf_low)
@@ -3201,24 +3210,16 @@ static void uc_read(uclient_t *uc)
 
 static void uc_flush(uclient_t *uc)
 {
-  size_t before = buf_len(&uc->sink.out);
+  int rc;
   if(uc->dead || uc->ev.fd < 0)
     return;
-  if(buf_writev(&uc->sink.out, uc->ev.fd) != 0)
+  if((rc = sink_flush(&uc->sink, &uc->ev)) < 0)
     {
-      buf_clear(&uc->sink.out);
       uc_close(uc, "write error");
       return;
     }
-  if(sink_written(&uc->sink, before) && uc->chan != NULL)
+  if(rc == 1 && uc->chan != NULL)
     vp_try_unpause(uc->chan->vp);
-  if(buf_len(&uc->sink.out) > 0)
-    {
-      if(ev_want_write(&uc->ev, 1) != 0)
-	uc_close(uc, "could not watch for writability");
-      return;
-    }
-  ev_want_write(&uc->ev, 0);
   uc_check_done(uc);
   return;
 }
@@ -3761,19 +3762,16 @@ static int chan_wake_vp(void *item, void *param)
 
 static void mc_flush(mclient_t *mc)
 {
-  size_t before = buf_len(&mc->sink.out);
+  int rc;
   if(mc->dead || mc->ev.fd < 0)
     return;
-  if(buf_writev(&mc->sink.out, mc->ev.fd) != 0)
+  if((rc = sink_flush(&mc->sink, &mc->ev)) < 0)
     {
-      buf_clear(&mc->sink.out);
       mc_close(mc, "write error");
       return;
     }
-  if(sink_written(&mc->sink, before))
+  if(rc == 1)
     splaytree_inorder(&mc->chans, chan_wake_vp, NULL);
-  if(ev_want_write(&mc->ev, buf_len(&mc->sink.out) > 0) != 0)
-    mc_close(mc, "could not watch for writability");
   return;
 }
 
