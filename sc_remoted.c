@@ -2731,12 +2731,59 @@ static int vp_tls_start(vp_t *vp);
 
 static uint64_t hs_cap_logged = UINT64_MAX;
 
+/*
+ * Take an accepted scamper connection: a new session in HANDSHAKE with
+ * its 30 s deadline, TLS started if configured.  The fd is closed on
+ * refusal (handshake cap, select limit, no memory).  Returns the session,
+ * or NULL when it was refused or closed at once.
+ */
+static vp_t *vp_accept_fd(int fd, const struct sockaddr *sa)
+{
+  vp_t *vp;
+  int on = 1;
+
+  if(handshake_count >= opt_handshake_max)
+    {
+      if(hs_cap_logged != tw_tick)
+	log_err("%ld connections in handshake: refusing new ones",
+		handshake_count);
+      hs_cap_logged = tw_tick;
+      close(fd);
+      return NULL;
+    }
+  if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
+     (vp = vp_alloc(fd, sa)) == NULL)
+    {
+      log_err("could not take connection fd %d", fd);
+      close(fd);
+      return NULL;
+    }
+  vp->in_handshake = 1;
+  handshake_count++;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+  dlist_push_tail(&vp_list, &vp->list_node);
+  tw_arm(&vp->rx_timer, TIMEOUT_ACCEPT);
+  log_dbg("%s: accepted", vp->peer);
+  if(ev_set(&vp->ev, 1, 0) != 0)
+    {
+      vp_close(vp, "could not register");
+      return NULL;
+    }
+#ifdef HAVE_OPENSSL
+  if(tls_ctx != NULL && vp_tls_start(vp) != 0)
+    {
+      vp_close(vp, "could not start TLS");
+      return NULL;
+    }
+#endif
+  return vp;
+}
+
 static void tcp_accept(fdev_t *lev)
 {
   struct sockaddr_storage ss;
   socklen_t sl;
-  vp_t *vp;
-  int fd, i, on = 1;
+  int fd, i;
 
   for(i=0; i<64; i++)
     {
@@ -2750,37 +2797,7 @@ static void tcp_accept(fdev_t *lev)
 	    log_err("accept failed: %s", strerror(errno));
 	  return;
 	}
-      if(handshake_count >= opt_handshake_max)
-	{
-	  if(hs_cap_logged != tw_tick)
-	    log_err("%ld connections in handshake: refusing new ones",
-		    handshake_count);
-	  hs_cap_logged = tw_tick;
-	  close(fd);
-	  continue;
-	}
-      if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
-	 (vp = vp_alloc(fd, (struct sockaddr *)&ss)) == NULL)
-	{
-	  log_err("could not take connection fd %d", fd);
-	  close(fd);
-	  continue;
-	}
-      vp->in_handshake = 1;
-      handshake_count++;
-      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
-      dlist_push_tail(&vp_list, &vp->list_node);
-      tw_arm(&vp->rx_timer, TIMEOUT_ACCEPT);
-      log_dbg("%s: accepted", vp->peer);
-      if(ev_set(&vp->ev, 1, 0) != 0)
-	{
-	  vp_close(vp, "could not register");
-	  continue;
-	}
-#ifdef HAVE_OPENSSL
-      if(tls_ctx != NULL && vp_tls_start(vp) != 0)
-	vp_close(vp, "could not start TLS");
-#endif
+      vp_accept_fd(fd, (struct sockaddr *)&ss);
     }
   return;
 }
@@ -2852,6 +2869,8 @@ static int chan_send_fin(chan_t *c)
 
 static void chan_on_data(chan_t *c, const uint8_t *data, size_t len)
 {
+  if(c->fin_rcvd)
+    return; /* scamper already ended the channel: a confused peer */
   if(c->uc != NULL)
     {
       uclient_t *uc = c->uc;
@@ -2873,6 +2892,8 @@ static void chan_on_data(chan_t *c, const uint8_t *data, size_t len)
 /* scamper finished the channel and has already forgotten it */
 static void chan_on_fin(chan_t *c)
 {
+  if(c->fin_rcvd)
+    return; /* a repeated FIN: already handled */
   c->fin_rcvd = 1;
   if(c->uc != NULL)
     uc_on_fin(c->uc);

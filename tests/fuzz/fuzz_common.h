@@ -28,6 +28,7 @@
 #define FUZZ_COMMON_H
 
 #include <dirent.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #define FZ_MAXFD   40
@@ -37,9 +38,12 @@
 #define FZ_FD_UC   2   /* a -U local client */
 #define FZ_FD_MUX  3   /* a mux client */
 
+static void fz_rmdir(void);
+
 #define FZ_FAIL(...) do {						\
     fprintf(stderr, "fuzz oracle: " __VA_ARGS__);			\
     fprintf(stderr, "\n");						\
+    fz_rmdir();								\
     abort();								\
   } while(0)
 
@@ -61,8 +65,16 @@ typedef struct fz_fd
   int      type;
   int      eof;           /* the daemon closed its end */
   int      stalled;       /* not drained: a reader that stopped reading */
+  uint8_t *pend;          /* written by the harness, not yet taken by the */
+  size_t   pend_len;      /* socket (the daemon is not reading): sent as */
+  size_t   pend_cap;      /* it makes room, like a blocked TCP sender */
   uint8_t *rx;            /* reassembly of the daemon's output */
   size_t   rx_have;
+
+  /* the harness as a well-behaved scamper on this connection */
+  int      sc_init;
+  uint32_t sc_seq;        /* seq of scamper's next frame */
+  uint32_t sc_ack;        /* remoted's seq scamper ACKs next */
 
   /* remote stream (FZ_FD_CONN) */
   int      started;       /* MASTER_ID or MASTER_OK seen */
@@ -89,9 +101,25 @@ static int      fz_debug = 0;
 static uint8_t  fz_buf[65536 * 2];
 static int      fz_small_bufs = 0; /* small socket buffers this input */
 
-/* remove the -U directory when the fuzzer exits normally */
+/* remove the -U directory and what is in it (at exit, or on a finding) */
 static void fz_rmdir(void)
 {
+  char path[sizeof(fz_udir) + 300];
+  struct dirent *de;
+  DIR *d;
+
+  if(fz_udir[0] == '\0')
+    return;
+  if((d = opendir(fz_udir)) != NULL)
+    {
+      while((de = readdir(d)) != NULL)
+	if(strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0)
+	  {
+	    snprintf(path, sizeof(path), "%s/%s", fz_udir, de->d_name);
+	    unlink(path);
+	  }
+      closedir(d);
+    }
   rmdir(fz_udir);
   return;
 }
@@ -159,6 +187,26 @@ static void fz_close(fz_fd_t *f)
     return;
   close(f->fd);
   f->fd = -1;
+  f->pend_len = 0;
+  return;
+}
+
+/* write what is pending on f as far as the socket takes it */
+static void fz_pend_flush(fz_fd_t *f)
+{
+  ssize_t n;
+  while(f->fd >= 0 && f->pend_len > 0)
+    {
+      if((n = write(f->fd, f->pend, f->pend_len)) > 0)
+	{
+	  memmove(f->pend, f->pend + n, f->pend_len - (size_t)n);
+	  f->pend_len -= (size_t)n;
+	  continue;
+	}
+      if(n < 0 && errno != EAGAIN && errno != EINTR)
+	f->pend_len = 0; /* the daemon closed its end */
+      return;
+    }
   return;
 }
 
@@ -492,6 +540,10 @@ static void fz_drain(void)
 /* one iteration of the daemon's loop, without waiting, then drain */
 static void fz_step(void)
 {
+  int i;
+  for(i=0; i<fz_nfds; i++)
+    if(fz_fds[i].pend_len > 0)
+      fz_pend_flush(&fz_fds[i]);
   ev_poll(0);
   vp_again_run();
   flush_pending();
@@ -510,28 +562,36 @@ static void fz_tick(unsigned int secs)
   return;
 }
 
-/* write to one of the harness's ends, letting the daemon read as needed */
+/*
+ * Write to one of the harness's ends, letting the daemon read as needed.
+ * What the socket does not take now stays pending on f and is sent as
+ * the daemon makes room (fz_step), in order, like a blocked TCP sender.
+ */
 static void fz_write(fz_fd_t *f, const uint8_t *p, size_t len)
 {
-  ssize_t n;
+  size_t before;
   int stuck = 0;
 
-  if(f == NULL || f->fd < 0)
+  if(f == NULL || f->fd < 0 || len == 0)
     return;
   if(f->type == FZ_FD_MUX && fz_oracle)
     fz_mux_tx(f, p, len);
-  while(len > 0 && stuck < 2)
+  if(f->pend_len + len > f->pend_cap)
     {
-      if((n = write(f->fd, p, len)) > 0)
-	{
-	  p += n;
-	  len -= (size_t)n;
-	  stuck = 0;
-	}
-      else if(n < 0 && errno != EAGAIN && errno != EINTR)
-	break; /* the daemon closed its end */
-      else
-	stuck++;
+      size_t cap = f->pend_len + len + 4096;
+      uint8_t *np = realloc(f->pend, cap);
+      if(np == NULL)
+	abort();
+      f->pend = np;
+      f->pend_cap = cap;
+    }
+  memcpy(f->pend + f->pend_len, p, len);
+  f->pend_len += len;
+  while(f->pend_len > 0 && stuck < 2)
+    {
+      before = f->pend_len;
+      fz_pend_flush(f);
+      stuck = f->pend_len < before ? 0 : stuck + 1;
       fz_step();
     }
   return;
@@ -585,11 +645,6 @@ static fz_fd_t *fz_conn_open(int port, int v6, int *dfd)
   if(fz_nfds >= FZ_MAXFD || fz_pair(sv) != 0)
     return NULL;
   f = fz_keep(sv[1], FZ_FD_CONN);
-  if(handshake_count >= opt_handshake_max)
-    {
-      close(sv[0]); /* refused: the harness sees EOF */
-      return f;
-    }
   memset(&ss, 0, sizeof(ss));
   if(v6)
     {
@@ -603,17 +658,11 @@ static fz_fd_t *fz_conn_open(int port, int v6, int *dfd)
       sin->sin_port = htons((uint16_t)port);
       sin->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     }
-  if((vp = vp_alloc(sv[0], (struct sockaddr *)&ss)) == NULL)
-    {
-      close(sv[0]);
-      return f;
-    }
-  vp->in_handshake = 1;
-  handshake_count++;
-  dlist_push_tail(&vp_list, &vp->list_node);
-  tw_arm(&vp->rx_timer, TIMEOUT_ACCEPT);
-  if(ev_set(&vp->ev, 1, 0) != 0)
-    vp_close(vp, "could not register");
+  /* the daemon's own accept path (refusal closes sv[0]: the harness
+   * sees EOF) */
+  if((vp = vp_accept_fd(sv[0], (struct sockaddr *)&ss)) == NULL ||
+     vp->dead)
+    return f;
   *dfd = sv[0];
   return f;
 }
@@ -741,10 +790,110 @@ static size_t fz_master_res(uint8_t *p, const uint8_t *magic, uint8_t ml,
   return fz_rp_put(p, 0, 0, b, len);
 }
 
+/* ---- the harness as a well-behaved scamper ---- */
+
+/* bytes written to the daemon's fd that it has not read yet */
+static int fz_unread(int dfd)
+{
+  int n = 0;
+  if(dfd < 0 || ioctl(dfd, FIONREAD, &n) != 0)
+    return 0;
+  return n;
+}
+
+/* the VP in GO whose connection is dfd */
+static vp_t *fz_sc_vp(int dfd)
+{
+  vp_t *vp = fz_conn_vp(dfd);
+  return vp != NULL && vp->state == VP_GO ? vp : NULL;
+}
+
+/*
+ * Take scamper's counters from the session when the daemon has read all
+ * that was sent; while it has not (it stops reading a VP whose consumer
+ * is full), scamper goes on numbering, its frames waiting in the socket.
+ */
+static void fz_sc_sync(fz_fd_t *f, const vp_t *vp, int dfd)
+{
+  if(f->sc_init &&
+     (f->pend_len != 0 || fz_unread(dfd) != 0 || vp->rx.have != 0))
+    return;
+  f->sc_init = 1;
+  f->sc_seq = vp->rcv_nxt;
+  f->sc_ack = vp->snd_una;
+  return;
+}
+
+/* one frame from scamper on f (the daemon's end: dfd), with the right seq */
+static void fz_sc_frame(fz_fd_t *f, int dfd, uint32_t chan,
+			const uint8_t *body, size_t len)
+{
+  static uint8_t frame[RP_HDRLEN + 4096];
+  vp_t *vp;
+
+  if(f == NULL || (vp = fz_sc_vp(dfd)) == NULL)
+    return;
+  if(len > 4096)
+    len = 4096;
+  fz_sc_sync(f, vp, dfd);
+  len = fz_rp_put(frame, f->sc_seq, chan, body, len);
+  if(chan != 0 || body[0] == RP_CHANNEL_FIN)
+    f->sc_seq++;
+  fz_write(f, frame, len);
+  return;
+}
+
+#define FZ_SC_DATA    0  /* data on a channel */
+#define FZ_SC_FIN     1  /* CHANNEL_FIN */
+#define FZ_SC_ACK     2  /* ACK of remoted's oldest unacked frame */
+#define FZ_SC_ACKALL  3  /* ACKs of all of them */
+
+/* scamper does one thing; an ACK with nothing to ACK is a KEEPALIVE */
+static void fz_sc_cmd(fz_fd_t *f, int dfd, int kind, uint32_t chan,
+		      const uint8_t *data, size_t len)
+{
+  uint8_t b[5];
+  vp_t *vp;
+  int n;
+
+  switch(kind)
+    {
+    case FZ_SC_DATA:
+      if(len > 0)
+	fz_sc_frame(f, dfd, chan, data, len);
+      return;
+    case FZ_SC_FIN:
+      b[0] = RP_CHANNEL_FIN;
+      bytes_htonl(b + 1, chan);
+      fz_sc_frame(f, dfd, 0, b, 5);
+      return;
+    }
+  for(n=0; n<256 && f != NULL && (vp = fz_sc_vp(dfd)) != NULL; n++)
+    {
+      fz_sc_sync(f, vp, dfd);
+      if(f->sc_ack == vp->snd_nxt)
+	{
+	  if(n == 0)
+	    {
+	      b[0] = RP_KEEPALIVE;
+	      fz_sc_frame(f, dfd, 0, b, 1);
+	    }
+	  return;
+	}
+      b[0] = RP_ACK;
+      bytes_htonl(b + 1, f->sc_ack);
+      f->sc_ack++;
+      fz_sc_frame(f, dfd, 0, b, 5);
+      if(kind == FZ_SC_ACK)
+	return;
+    }
+  return;
+}
+
 /* chunk lengths selected by the low 4 bits of an op byte (clipped to
    what is left of the input) */
 static const size_t fz_chunk_len[16] = {
-  1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 16, 24, 64, 256, 1024, 4096,
+  0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 16, 24, 64, 256, 1024,
 };
 
 /* ---- per-input state ---- */
@@ -776,7 +925,7 @@ static void fz_begin(long zombie, uint8_t setup2)
       opt_buf_high = 2048;
       opt_buf_low = 512;
       opt_unacked_max = 2048;
-      opt_stall = 30;
+      opt_stall = 90;   /* beyond rx_abort (60): a paused VP's timer */
       opt_handshake_max = 2;
     }
   fz_small_bufs = (setup2 & FZ_S2_SMALLBUF) != 0;
@@ -809,6 +958,8 @@ static void fz_end(void)
       fz_close(&fz_fds[i]);
       free(fz_fds[i].rx);
       fz_fds[i].rx = NULL;
+      free(fz_fds[i].pend);
+      fz_fds[i].pend = NULL;
     }
   fz_nfds = 0;
 
@@ -825,11 +976,11 @@ static void fz_end(void)
       while((de = readdir(d)) != NULL)
 	if(strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0)
 	  {
-	    char path[sizeof(fz_udir) + 300];
-	    snprintf(path, sizeof(path), "%s/%s", fz_udir, de->d_name);
-	    unlink(path);
+	    fprintf(stderr, "fuzz oracle: %s left in the -U directory after "
+		    "shutdown\n", de->d_name);
 	    closedir(d);
-	    FZ_FAIL("-U socket %s left after shutdown", de->d_name);
+	    fz_rmdir();
+	    abort();
 	  }
       closedir(d);
     }

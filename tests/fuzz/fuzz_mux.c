@@ -106,18 +106,13 @@ static void fz_vp_connect(int i)
   return;
 }
 
-/* send a frame from scamper of VP slot i with the seq remoted expects */
-static void fz_scamper_send(int i, uint32_t chan, const uint8_t *body,
-			    size_t len)
+/* scamper of VP slot i does one thing (FZ_SC_*) */
+static void fz_scamper(int i, int kind, uint32_t chan, const uint8_t *data,
+		       size_t len)
 {
-  uint8_t frame[RP_HDRLEN + 4200];
-  vp_t *vp;
-  if((vp = fz_vp_live(i)) == NULL)
+  if(fz_vp_live(i) == NULL)
     return;
-  if(len > 4096)
-    len = 4096;
-  len = fz_rp_put(frame, vp->rcv_nxt, chan, body, len);
-  fz_write(fz_v[i].conn, frame, len);
+  fz_sc_cmd(fz_v[i].conn, fz_v[i].dfd, kind, chan, data, len);
   fz_step();
   return;
 }
@@ -135,60 +130,17 @@ static int fz_epilogue_data(int i, uint32_t chan, const char *text)
      c->fin_rcvd)
     return 0;
   if(text != NULL)
-    fz_scamper_send(i, chan, (const uint8_t *)text, strlen(text));
+    fz_scamper(i, FZ_SC_DATA, chan, (const uint8_t *)text, strlen(text));
   return 1;
 }
 
-static void fz_scamper_ack(int i, int all)
-{
-  uint8_t b[5];
-  vp_t *vp;
-  int n = 0;
-
-  while((vp = fz_vp_live(i)) != NULL && n++ < 64)
-    {
-      if(vp->snd_una == vp->snd_nxt)
-	{
-	  if(n == 1)
-	    {
-	      b[0] = RP_KEEPALIVE;
-	      fz_scamper_send(i, 0, b, 1);
-	    }
-	  return;
-	}
-      b[0] = RP_ACK;
-      bytes_htonl(b + 1, vp->snd_una);
-      fz_scamper_send(i, 0, b, 5);
-      if(!all)
-	return;
-    }
-  return;
-}
-
+/* op 3: c[0] picks the VP, the kind and the channel; c[1..] is data */
 static void fz_scamper_frame(const uint8_t *c, size_t len)
 {
-  uint8_t b[5];
-  uint32_t chan;
-  int i;
-
   if(len < 1)
     return;
-  i = (c[0] & 0x80) ? 1 : 0;
-  chan = (uint32_t)((c[0] >> 2) & 7) + 1;
-  switch(c[0] & 3)
-    {
-    case 0:
-      fz_scamper_send(i, chan, c + 1, len - 1);
-      break;
-    case 1:
-      b[0] = RP_CHANNEL_FIN;
-      bytes_htonl(b + 1, chan);
-      fz_scamper_send(i, 0, b, 5);
-      break;
-    default:
-      fz_scamper_ack(i, (c[0] & 3) == 3);
-      break;
-    }
+  fz_scamper((c[0] & 0x80) ? 1 : 0, c[0] & 3, (uint32_t)((c[0] >> 2) & 7) + 1,
+	     c + 1, len - 1);
   return;
 }
 
@@ -239,7 +191,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   static const long zombie[4] = {900, 60, 1, 0};
   static const char *names[2] = {"vp1", NULL};
   static uint8_t burst[1 + 512];
-  uint8_t frame[300], b[5], setup, setup2;
+  uint8_t frame[300], setup, setup2;
   const uint8_t *ops, *p;
   size_t nops, left, len, i, j, el;
   meta_table_t *mt;
@@ -377,12 +329,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
       fz_epilogue_data(v, 1, "epilogue 1\n");
       fz_epilogue_data(v, 2, "epilogue 2\n");
       if(fz_epilogue_data(v, 1, NULL))
-	{
-	  b[0] = RP_CHANNEL_FIN;
-	  bytes_htonl(b + 1, 1);
-	  fz_scamper_send(v, 0, b, 5);
-	}
-      fz_scamper_ack(v, 1);
+	fz_scamper(v, FZ_SC_FIN, 1, NULL, 0);
+      fz_scamper(v, FZ_SC_ACKALL, 0, NULL, 0);
     }
   fz_step();
   fz_end();

@@ -62,6 +62,15 @@
 
 static const uint8_t fz_magic[8] = {'F','U','Z','Z','M','A','G','C'};
 
+/*
+ * The peer port of each connection: -U socket names change length with
+ * it (a resumed session's name may no longer fit), and one repeats, so
+ * two live sessions can want the same socket name.
+ */
+static const int fz_ports[FZ_MAXCONN] = {
+  40000, 7, 65535, 40000, 80, 12345, 1, 443,
+};
+
 typedef struct fz_remote
 {
   fz_fd_t *conn;            /* the connection the stream goes to */
@@ -78,7 +87,7 @@ static void fz_new_conn(fz_remote_t *r)
   r->dfd = -1;
   if(r->nconn >= FZ_MAXCONN)
     return;
-  r->conn = fz_conn_open(40000 + r->nconn, 0, &r->dfd);
+  r->conn = fz_conn_open(fz_ports[r->nconn], 0, &r->dfd);
   r->nconn++;
   fz_step();
   return;
@@ -102,63 +111,18 @@ static void fz_add_uc(fz_remote_t *r)
   return;
 }
 
-/* a frame from scamper on r's connection with the seq its VP expects */
-static void fz_scamper_send(fz_remote_t *r, uint32_t chan,
-			    const uint8_t *body, size_t len)
-{
-  static uint8_t frame[RP_HDRLEN + 1024];
-  vp_t *vp;
-  if((vp = fz_conn_vp(r->dfd)) == NULL || vp->state != VP_GO)
-    return;
-  len = fz_rp_put(frame, vp->rcv_nxt, chan, body, len);
-  fz_write(r->conn, frame, len);
-  return;
-}
-
+/* op 15: scamper does one thing per byte (FZ_SC_* in the low 2 bits) */
 static void fz_scamper_burst(fz_remote_t *r, const uint8_t *p, size_t len)
 {
   static uint8_t text[512];
-  uint8_t b[5];
   size_t i;
-  vp_t *vp;
-  int n;
 
   memset(text, 'S', sizeof(text));
   text[sizeof(text) - 1] = '\n';
   for(i=0; i<len; i++)
     {
-      uint32_t chan = (uint32_t)((p[i] >> 2) & 7) + 1;
-      switch(p[i] & 3)
-	{
-	case 0:
-	  fz_scamper_send(r, chan, text, sizeof(text));
-	  break;
-	case 1:
-	  b[0] = RP_CHANNEL_FIN;
-	  bytes_htonl(b + 1, chan);
-	  fz_scamper_send(r, 0, b, 5);
-	  break;
-	default:
-	  for(n=0; n<64 && (vp = fz_conn_vp(r->dfd)) != NULL; n++)
-	    {
-	      if(vp->snd_una == vp->snd_nxt)
-		{
-		  if(n == 0)
-		    {
-		      b[0] = RP_KEEPALIVE;
-		      fz_scamper_send(r, 0, b, 1);
-		    }
-		  break;
-		}
-	      b[0] = RP_ACK;
-	      bytes_htonl(b + 1, vp->snd_una);
-	      fz_scamper_send(r, 0, b, 5);
-	      fz_step();
-	      if((p[i] & 3) == 2)
-		break;
-	    }
-	  break;
-	}
+      fz_sc_cmd(r->conn, r->dfd, p[i] & 3, (uint32_t)((p[i] >> 2) & 7) + 1,
+		text, sizeof(text));
       fz_step();
     }
   return;

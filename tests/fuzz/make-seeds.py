@@ -76,20 +76,21 @@ def mux_ctl(type_, body=b""):
 # ---- the op/chunk layout shared by fuzz_remote and fuzz_mux ----------------
 
 # chunk lengths selected by the low 4 bits of an op (fz_chunk_len)
-CHUNK_LEN = [1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 16, 24, 64, 256, 1024, 4096]
+CHUNK_LEN = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 16, 24, 64, 256, 1024]
 
 # setup2 bits (FZ_S2_* in fuzz_common.h)
 S2_LIMITS, S2_SMALLBUF, S2_SELECT = 0x01, 0x02, 0x04
 
 
 def split(n):
-    """Chunk-length indexes whose lengths add up to n (greedy)."""
+    """Chunk-length indexes whose lengths add up to n (greedy); [0] (an
+    empty chunk) for 0."""
     out = []
     while n > 0:
         i = max(j for j, v in enumerate(CHUNK_LEN) if v <= n)
         out.append(i)
         n -= CHUNK_LEN[i]
-    return out
+    return out or [0]
 
 
 def remote_plan(action, n):
@@ -123,8 +124,6 @@ def layout(setup, setup2, steps, rest=b"", plan=remote_plan):
     each step is cut into chunks of the lengths an op can select."""
     ops, stream = [], b""
     for action, b in steps:
-        if not b:
-            b = b"\0"
         idx = split(len(b))
         for a, i in zip(plan(action, len(idx)), idx):
             ops.append((a << 4) | i)
@@ -178,13 +177,15 @@ def remote_seeds():
         (3, keepalive(1)),                 # 61 s: rx_abort, zombie, -Z 60
     ])
     # mode 1, small limits and buffers: the client stops reading while
-    # scamper sends 24 x 512 bytes (op 15), over buffer-high; time passes
-    # (31 s, the stall timeout is 30), then it reads again
+    # scamper sends 24 x 512 bytes (op 15), over buffer-high, so the VP
+    # is paused; 61 s pass (rx_abort does not apply while paused), then 61
+    # more (the stall timeout is 90), then it reads again
     setup = 0x01 | (1 << 2) | 0x40
     s["go-backpressure"] = layout(setup, S2_LIMITS | S2_SMALLBUF, [
         (9, ack(0, 0)),                    # clients stop reading
         (15, bytes([0x00] * 24)),
-        (2, b""),
+        (3, b""),
+        (3, b""),
         (9, b""),                          # clients read again
     ], b"")
     # as above, but the client reads again before the stall timeout
@@ -275,11 +276,13 @@ def mux_seeds():
         (3, bytes([0x04]) + b"OK\n"),
     ], mux(1, b"done\n"), mux_plan)
     # small limits and buffers: mux client 1 stops reading while scamper
-    # bursts data at it (the VP is paused), then the stall timer fires
+    # bursts data at it (the VP is paused), then the stall timer (90 s)
+    # fires
     s["backpressure"] = layout(0x00, S2_LIMITS | S2_SMALLBUF, [
         (10, mux_open(1, 1)),                   # client 1 stops reading
         (14, bytes([0x00] * 24)),               # 24 x 512 bytes on ch 1
-        (9, b""),                               # 31 s: stalled (30)
+        (4, b""),                               # 61 s
+        (4, b""),                               # 122 s: stalled
     ], mux(1, b"gone\n"), mux_plan)
     # small limits: scamper stops reading and ACKing while the client
     # writes more than unacked-max, on the select backend
