@@ -644,6 +644,19 @@ class ChannelTest(MuxTestBase):
         fs.pump(0.5)
         self.assertNotIn(rid, fs.fins, 'FIN for a channel scamper closed')
 
+    def test_repeated_fin_and_late_data_ignored(self):
+        # a confused scamper: FIN twice, then data on the finished channel;
+        # the client sees exactly one CHANNEL_CLOSE and no data after it
+        d, fs, mc = self.setup_vp()
+        rid = self.open_chan(mc, fs, 1, 4)
+        fs.send_fin(rid)
+        fs.send_fin(rid)
+        fs.send_data(rid, b'late\n')
+        self.assertEqual(self.raw_next(mc).hex(), close_frame(4).hex())
+        fs.wait_acked(5)
+        self.expect_quiet(mc, 0.3, 'after the first CHANNEL_CLOSE')
+        self.assertTrue(d.alive())
+
     def test_client_disconnect_fins_open_channels(self):
         d, fs, mc = self.setup_vp()
         r1 = self.open_chan(mc, fs, 1, 1)
