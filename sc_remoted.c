@@ -434,13 +434,16 @@ static void log_msg(const char *func, const char *fmt, ...)
 /* ---------------------------------------------------------------------
  * Buffers
  *
- * buf_t is a FIFO of fixed-size chunks.  Empty buffers own no memory, and
- * spare chunks go to a small global free list, so the relay path does not
- * call malloc per frame and idle objects cost nothing.
+ * buf_t is a FIFO of chunks.  Empty buffers own no memory, and spare
+ * chunks go to small global free lists, so the relay path does not call
+ * malloc per frame and idle objects cost nothing.  A buffer that starts
+ * with a small frame (a keepalive, an ACK, a mux control message) gets a
+ * small chunk first: thousands of VPs sending a keepalive in the same
+ * tick then hold a few hundred bytes each, not 16 KiB.
  * --------------------------------------------------------------------- */
 
-#define CHUNK_SIZE      16384
-#define CHUNK_FREE_MAX  256
+#define CHUNK_SMALL     256
+#define CHUNK_BIG       16384
 #define BUF_IOV_MAX     64
 
 typedef struct chunk
@@ -448,7 +451,8 @@ typedef struct chunk
   struct chunk *next;
   uint32_t      head;   /* first unread byte */
   uint32_t      tail;   /* one past the last written byte */
-  uint8_t       data[CHUNK_SIZE];
+  uint32_t      cap;    /* CHUNK_SMALL or CHUNK_BIG bytes of data */
+  uint8_t       data[];
 } chunk_t;
 
 typedef struct buf
@@ -458,46 +462,55 @@ typedef struct buf
   size_t   len;
 } buf_t;
 
-static chunk_t *chunk_freelist = NULL;
-static size_t   chunk_freecount = 0;
+/* free lists: [0] small chunks, [1] big chunks */
+static chunk_t *chunk_freelist[2] = {NULL, NULL};
+static size_t   chunk_freecount[2] = {0, 0};
+static const size_t chunk_free_max[2] = {1024, 256};
 
-static chunk_t *chunk_get(void)
+static chunk_t *chunk_get(int big)
 {
+  uint32_t cap = big ? CHUNK_BIG : CHUNK_SMALL;
   chunk_t *c;
-  if((c = chunk_freelist) != NULL)
+  if((c = chunk_freelist[big]) != NULL)
     {
-      chunk_freelist = c->next;
-      chunk_freecount--;
+      chunk_freelist[big] = c->next;
+      chunk_freecount[big]--;
     }
-  else if((c = malloc(sizeof(chunk_t))) == NULL)
+  else if((c = malloc(sizeof(chunk_t) + cap)) == NULL)
     return NULL;
   c->next = NULL;
   c->head = c->tail = 0;
+  c->cap = cap;
   return c;
 }
 
 static void chunk_put(chunk_t *c)
 {
-  if(chunk_freecount >= CHUNK_FREE_MAX)
+  int big = c->cap == CHUNK_BIG;
+  if(chunk_freecount[big] >= chunk_free_max[big])
     {
       free(c);
       return;
     }
-  c->next = chunk_freelist;
-  chunk_freelist = c;
-  chunk_freecount++;
+  c->next = chunk_freelist[big];
+  chunk_freelist[big] = c;
+  chunk_freecount[big]++;
   return;
 }
 
 static void chunk_freelist_clear(void)
 {
   chunk_t *c;
-  while((c = chunk_freelist) != NULL)
+  int i;
+  for(i=0; i<2; i++)
     {
-      chunk_freelist = c->next;
-      free(c);
+      while((c = chunk_freelist[i]) != NULL)
+	{
+	  chunk_freelist[i] = c->next;
+	  free(c);
+	}
+      chunk_freecount[i] = 0;
     }
-  chunk_freecount = 0;
   return;
 }
 
@@ -517,10 +530,12 @@ static int buf_append(buf_t *b, const void *data, size_t len)
   chunk_t *c, *head = NULL, *tail = NULL;
   size_t space, n;
 
-  space = b->last != NULL ? CHUNK_SIZE - b->last->tail : 0;
+  space = b->last != NULL ? b->last->cap - b->last->tail : 0;
   while(space < len)
     {
-      if((c = chunk_get()) == NULL)
+      /* small first chunk only for a small frame into an empty buffer */
+      if((c = chunk_get(b->last != NULL || head != NULL ||
+			len > CHUNK_SMALL)) == NULL)
 	{
 	  while((c = head) != NULL)
 	    {
@@ -534,10 +549,10 @@ static int buf_append(buf_t *b, const void *data, size_t len)
       else
 	head = c;
       tail = c;
-      space += CHUNK_SIZE;
+      space += c->cap;
     }
 
-  if(b->last != NULL && (n = CHUNK_SIZE - b->last->tail) > 0)
+  if(b->last != NULL && (n = b->last->cap - b->last->tail) > 0)
     {
       if(n > len)
 	n = len;
@@ -556,7 +571,7 @@ static int buf_append(buf_t *b, const void *data, size_t len)
   b->last = tail;
   for(c = head; c != NULL; c = c->next)
     {
-      n = len < CHUNK_SIZE ? len : CHUNK_SIZE;
+      n = len < c->cap ? len : c->cap;
       memcpy(c->data, p, n);
       c->tail = (uint32_t)n;
       p += n;
@@ -2694,15 +2709,30 @@ static void vp_dispatch(vp_t *vp, int rd, int wr)
 static int      accept_paused = 0;
 static tw_timer_t accept_timer;
 
+/* watch or ignore every listener: TCP, mux and the per-VP sockets */
+static void accept_listen_all(int rd)
+{
+  dlist_node_t *n;
+  vp_t *vp;
+  int i;
+  for(i=0; i<tcp_lev_count; i++)
+    ev_want_read(&tcp_lev[i], rd);
+  if(mux_lev.fd >= 0)
+    ev_want_read(&mux_lev, rd);
+  for(n = vp_list.head; n != NULL; n = n->next)
+    {
+      vp = CONTAINER_OF(n, vp_t, list_node);
+      if(vp->lev.fd >= 0)
+	ev_want_read(&vp->lev, rd);
+    }
+  return;
+}
+
 static void accept_resume(tw_timer_t *t)
 {
-  int i;
   (void)t;
   accept_paused = 0;
-  for(i=0; i<tcp_lev_count; i++)
-    ev_want_read(&tcp_lev[i], 1);
-  if(mux_lev.fd >= 0)
-    ev_want_read(&mux_lev, 1);
+  accept_listen_all(1);
   return;
 }
 
@@ -2712,15 +2742,11 @@ static void accept_resume(tw_timer_t *t)
  */
 static void accept_pause(const char *what)
 {
-  int i;
   if(accept_paused)
     return;
   accept_paused = 1;
   log_err("%s: out of file descriptors, pausing accepts for 1s", what);
-  for(i=0; i<tcp_lev_count; i++)
-    ev_want_read(&tcp_lev[i], 0);
-  if(mux_lev.fd >= 0)
-    ev_want_read(&mux_lev, 0);
+  accept_listen_all(0);
   tw_arm(&accept_timer, 1);
   return;
 }
@@ -3064,7 +3090,7 @@ static int vp_lev_open(vp_t *vp)
       return -1;
     }
   fdev_init(&vp->lev, fd, FD_VP_LISTEN, vp);
-  if(ev_set(&vp->lev, 1, 0) != 0)
+  if(ev_set(&vp->lev, !accept_paused, 0) != 0)
     {
       close(fd);
       unlink(path);
@@ -3272,7 +3298,7 @@ static void vp_lev_accept(vp_t *vp)
       if((fd = accept(vp->lev.fd, NULL, NULL)) < 0)
 	{
 	  if(errno == EMFILE || errno == ENFILE)
-	    log_err("%s: out of file descriptors", vp->sockpath);
+	    accept_pause(vp->sockpath);
 	  return;
 	}
       if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
@@ -3748,7 +3774,7 @@ static void mc_read(mclient_t *mc)
 
   for(i=0; i<4; i++)
     {
-      if(mc->in_pause_req || mc_targets_full(mc))
+      if(mc_targets_full(mc))
 	{
 	  mc_in_pause(mc);
 	  return;
@@ -3768,6 +3794,16 @@ static void mc_read(mclient_t *mc)
       if(mux_rx_feed(&mc->rx, scratch, (size_t)n, &mc_rx_cb, mc) != 0 ||
 	 mc->dead)
 	return;
+      /* decide on the state now: ACKs may have drained it since */
+      if(mc->in_pause_req)
+	{
+	  mc->in_pause_req = 0;
+	  if(mc_targets_full(mc))
+	    {
+	      mc_in_pause(mc);
+	      return;
+	    }
+	}
       if((size_t)n < SCRATCH_SIZE)
 	return;
     }

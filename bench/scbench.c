@@ -378,11 +378,28 @@ static void proc_counts(pid_t pid, long long *syscr, long long *syscw,
   *vcsw = proc_status_kb(pid, "voluntary_ctxt_switches");
 }
 
+/* time the daemon spent runnable but waiting for a CPU, in ns (-1) */
+static int64_t proc_wait_ns(pid_t pid)
+{
+  char path[64];
+  unsigned long long run, wait;
+  FILE *f;
+  int n;
+  if(pid <= 0)
+    return -1;
+  snprintf(path, sizeof(path), "/proc/%d/schedstat", (int)pid);
+  if((f = fopen(path, "r")) == NULL)
+    return -1;
+  n = fscanf(f, "%llu %llu", &run, &wait);
+  fclose(f);
+  return n == 2 && run > 0 ? (int64_t)wait : -1;
+}
+
 /* a measured window: wall time and the CPU both processes used in it */
 typedef struct window
 {
   uint64_t  t0;
-  int64_t   dcpu0, scpu0;
+  int64_t   dcpu0, scpu0, dwait0;
   long long syscr0, syscw0, vcsw0;
 } window_t;
 
@@ -390,6 +407,7 @@ static void window_start(window_t *w)
 {
   proc_counts(opt_pid, &w->syscr0, &w->syscw0, &w->vcsw0);
   w->dcpu0 = proc_cpu_ns(opt_pid);
+  w->dwait0 = proc_wait_ns(opt_pid);
   w->scpu0 = self_cpu_ns();
   w->t0 = now_ns();
 }
@@ -415,13 +433,16 @@ static int proc_alive(pid_t pid)
 static uint64_t window_end(window_t *w)
 {
   uint64_t t = now_ns() - w->t0;
-  int64_t d = proc_cpu_ns(opt_pid), s = self_cpu_ns();
+  int64_t d = proc_cpu_ns(opt_pid), s = self_cpu_ns(), dw;
   long long r, wr, v;
   if(t == 0)
     t = 1;
   if(d >= 0 && w->dcpu0 >= 0)
     printf("RESULT daemon_cpu_pct %.1f\n", 100.0 * (double)(d - w->dcpu0) / (double)t);
   printf("RESULT scbench_cpu_pct %.1f\n", 100.0 * (double)(s - w->scpu0) / (double)t);
+  if((dw = proc_wait_ns(opt_pid)) >= 0 && w->dwait0 >= 0)
+    printf("RESULT daemon_runq_wait_pct %.1f\n",
+	   100.0 * (double)(dw - w->dwait0) / (double)t);
   proc_counts(opt_pid, &r, &wr, &v);
   if(r >= 0 && w->syscr0 >= 0)
     printf("RESULT daemon_read_syscalls %lld\n"
@@ -600,12 +621,16 @@ static void uc_flush_obj(obj_t *o);
 static void mux_flush_obj(obj_t *o);
 static void fvp_tick(uint64_t now);
 
+/* one pass over the objects dirty now; objects that mark themselves
+ * again while flushing (a pump queueing more) wait for the next pass,
+ * so one fast sender cannot keep the loop from reading */
 static void flush_dirty(void)
 {
-  obj_t *o;
-  while((o = dirty_head) != NULL)
+  obj_t *o, *list = dirty_head;
+  dirty_head = NULL;
+  while((o = list) != NULL)
     {
-      dirty_head = o->next_dirty;
+      list = o->next_dirty;
       o->dirty = 0;
       if(o->fd < 0)
 	continue;
@@ -2253,11 +2278,12 @@ static int sc_connect(int argc, char **argv)
     }
   if(hold > 0)
     {
+      window_t win;
       cpu0 = proc_cpu_ns(opt_pid);
-      t = now_ns();
+      window_start(&win);
       loop_for((uint64_t)(hold * 1e9));
       cpu1 = proc_cpu_ns(opt_pid);
-      t = now_ns() - t;
+      t = window_end(&win);
       for(i = 0; i < n; i++)
 	if(vps[i].ka_rx > 0)
 	  ka++;
@@ -2560,27 +2586,30 @@ static int listen_unix(const char *path)
 }
 
 /*
- * relayd: accept one TCP and one unix connection, relay both ways with
- * one 64 KiB buffer per direction: read when the buffer is empty, write
- * it out, and only then read again.  What a relay costs at the least.
+ * relayd: accept one TCP and one unix connection and relay both ways
+ * with one buffer per direction (64 KiB unless -B): read when the buffer
+ * is empty, write it out, and only then read again.  Edge-triggered
+ * epoll, registered once: per buffer-full it costs one read, one write
+ * and at most one epoll_wait.  What a relay costs at the least.
  */
 static int sc_relayd(int argc, char **argv)
 {
   const char *upath = NULL;
-  int lt, lu, fd[2], one = 1, c, i, n, k;
-  uint8_t *buf[2];
-  size_t off[2] = {0, 0}, len[2] = {0, 0};
+  int lt, lu, fd[2], one = 1, c, i, k, progress;
+  size_t bsz = 65536, off[2] = {0, 0}, len[2] = {0, 0};
   int eof[2] = {0, 0};
+  uint8_t *buf[2];
   struct epoll_event ev, evs[4];
   ssize_t r;
 
-  while((c = getopt(argc, argv, "u:")) != -1)
+  while((c = getopt(argc, argv, "u:B:")) != -1)
     switch(c)
       {
       case 'u': upath = optarg; break;
+      case 'B': bsz = strtoul(optarg, NULL, 0); break;
       default: return 1;
       }
-  if(upath == NULL)
+  if(upath == NULL || bsz < 1)
     die("relayd needs -u path");
   if((lt = socket(AF_INET, SOCK_STREAM, 0)) < 0)
     die("socket: %s", strerror(errno));
@@ -2589,8 +2618,6 @@ static int sc_relayd(int argc, char **argv)
      listen(lt, 16) != 0)
     die("tcp listen: %s", strerror(errno));
   lu = listen_unix(upath);
-  printf("READY\n");
-  fflush(stdout);
   if((fd[0] = accept(lt, NULL, NULL)) < 0 ||
      (fd[1] = accept(lu, NULL, NULL)) < 0)
     die("accept: %s", strerror(errno));
@@ -2599,70 +2626,60 @@ static int sc_relayd(int argc, char **argv)
   unlink(upath);
   for(i = 0; i < 2; i++)
     {
-      buf[i] = xmalloc(65536);
+      buf[i] = xmalloc(bsz);
       fcntl(fd[i], F_SETFL, fcntl(fd[i], F_GETFL) | O_NONBLOCK);
       memset(&ev, 0, sizeof(ev));
-      ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP;
+      ev.events = EPOLLIN | EPOLLOUT | EPOLLET;
       ev.data.u32 = (uint32_t)i;
       if(epoll_ctl(epfd, EPOLL_CTL_ADD, fd[i], &ev) != 0)
 	die("epoll_ctl: %s", strerror(errno));
     }
-  /* direction d moves fd[d] -> fd[1-d]; edge-triggered style loop with
-   * level-triggered events: try everything that may progress */
+  /* direction k moves fd[k] -> fd[1-k]; run both until neither moves,
+   * then wait for an edge */
   while(!(eof[0] && eof[1] && len[0] == 0 && len[1] == 0))
     {
-      if((n = epoll_wait(epfd, evs, 4, 1000)) < 0 && errno != EINTR)
-	die("epoll_wait: %s", strerror(errno));
-      for(k = 0; k < 2; k++)
+      do
 	{
-	  for(;;)
+	  progress = 0;
+	  for(k = 0; k < 2; k++)
 	    {
 	      if(len[k] == 0 && !eof[k])
 		{
-		  r = read(fd[k], buf[k], 65536);
-		  if(r == 0)
+		  r = read(fd[k], buf[k], bsz);
+		  if(r > 0)
+		    {
+		      off[k] = 0;
+		      len[k] = (size_t)r;
+		      progress = 1;
+		    }
+		  else if(r == 0 || (errno != EAGAIN && errno != EINTR))
 		    {
 		      eof[k] = 1;
 		      shutdown(fd[1 - k], SHUT_WR);
 		    }
-		  else if(r < 0)
-		    {
-		      if(errno != EAGAIN && errno != EINTR)
-			eof[k] = 1;
-		    }
-		  else
-		    {
-		      off[k] = 0;
-		      len[k] = (size_t)r;
-		    }
 		}
-	      if(len[k] == 0)
-		break;
-	      r = write(fd[1 - k], buf[k] + off[k], len[k]);
-	      if(r <= 0)
+	      if(len[k] > 0)
 		{
-		  if(r < 0 && errno != EAGAIN && errno != EINTR)
+		  r = write(fd[1 - k], buf[k] + off[k], len[k]);
+		  if(r > 0)
+		    {
+		      off[k] += (size_t)r;
+		      len[k] -= (size_t)r;
+		      progress = 1;
+		    }
+		  else if(r < 0 && errno != EAGAIN && errno != EINTR)
 		    {
 		      len[k] = 0;
 		      eof[k] = 1;
 		    }
-		  break;
 		}
-	      off[k] += (size_t)r;
-	      len[k] -= (size_t)r;
-	      if(len[k] > 0)
-		break;
 	    }
 	}
-      /* only ask for what can make progress */
-      for(k = 0; k < 2; k++)
-	{
-	  memset(&ev, 0, sizeof(ev));
-	  ev.data.u32 = (uint32_t)k;
-	  ev.events = (len[k] == 0 && !eof[k] ? EPOLLIN : 0) |
-	    (len[1 - k] > 0 ? EPOLLOUT : 0);
-	  epoll_ctl(epfd, EPOLL_CTL_MOD, fd[k], &ev);
-	}
+      while(progress);
+      if(eof[0] && eof[1] && len[0] == 0 && len[1] == 0)
+	break;
+      if(epoll_wait(epfd, evs, 4, 1000) < 0 && errno != EINTR)
+	die("epoll_wait: %s", strerror(errno));
     }
   return 0;
 }
@@ -2678,6 +2695,7 @@ static int sc_relay(int argc, char **argv)
   long bad;
   ssize_t r;
   double secs;
+  window_t win;
 
   while((c = getopt(argc, argv, "u:b:d:")) != -1)
     switch(c)
@@ -2710,7 +2728,8 @@ static int sc_relay(int argc, char **argv)
   ev.events = EPOLLIN;
   ev.data.fd = dst;
   epoll_ctl(epfd, EPOLL_CTL_ADD, dst, &ev);
-  t = now_ns();
+  window_start(&win);
+  t = win.t0;
   g_progress = t;
   while(rx < bytes)
     {
@@ -2750,7 +2769,7 @@ static int sc_relay(int argc, char **argv)
 	  return 0;
 	}
     }
-  t = now_ns() - t;
+  t = window_end(&win);
   secs = (double)t / 1e9;
   result("bytes", "%" PRIu64, rx);
   result("secs", "%.3f", secs);
@@ -2777,7 +2796,7 @@ static void usage(void)
 "  rtt     [-i idle-vps] [-c concurrency] [-n vps] [-t secs] [-q] [-m u|m]\n"
 "          (-q: the fake scamper sets TCP_QUICKACK after every read)\n"
 "  resume  [-n vps] [-b bytes-per-direction-per-vp] [-x cut-fraction]\n"
-"  relayd  -u path       (listens on -P and path; relays one pair)\n"
+"  relayd  -u path [-B bufsize]  (listens on -P and path; relays one pair)\n"
 "  relay   -u path [-b bytes] [-d s2c|c2s]\n"
 "Prints RESULT lines; FAIL lines and exit status 2 on any verification\n"
 "failure; exit status 1 on a usage or setup error.\n");

@@ -12,9 +12,15 @@ reading while TCP pushes back, and bound every wait in time.
                  retransmission of unacked frames)
 * NBUnix      -- a non-blocking client of a per-VP (-U) socket
 * NBMux       -- a non-blocking mux (-M) client
-* Pattern     -- a deterministic, verifiable byte stream
+* Orphan      -- a socket read until the peer closes it
+* serve_lines -- make an NBScamper answer its channels line by line
+* Pinger      -- a well-behaved VP doing round trips in its own thread
+* Relay       -- a TCP relay that cuts, stalls and delays connections
+* Pattern, StreamChecker -- deterministic, verifiable byte streams
 * process probes: rss_kib, fd_count, cpu_ticks; is_asan; sanitizer_report;
   raise_nofile; Sampler (a thread sampling the daemon's RSS)
+* kill_started -- on SIGTERM/SIGINT/SIGHUP, our child processes and the
+  registered process groups are killed (by id) before we die
 """
 
 import collections
@@ -25,6 +31,7 @@ import random
 import re
 import resource
 import selectors
+import signal
 import socket
 import struct
 import sys
@@ -44,6 +51,61 @@ MIB = 1 << 20
 
 RD = selectors.EVENT_READ
 WR = selectors.EVENT_WRITE
+
+# ---------------------------------------------------------------------------
+# nothing we start may outlive us: on SIGTERM/SIGINT/SIGHUP (e.g. a harness
+# timeout) kill our child processes (the daemons) and the process groups
+# registered with track_group() (scamper and its helper), by id
+# ---------------------------------------------------------------------------
+
+_groups = set()
+
+
+def track_group(pgid):
+    _groups.add(pgid)
+
+
+def untrack_group(pgid):
+    _groups.discard(pgid)
+
+
+def _children():
+    me = os.getpid()
+    out = []
+    for p in os.listdir('/proc'):
+        if not p.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % p) as f:
+                st = f.read()
+        except OSError:
+            continue
+        if int(st[st.rindex(')') + 2:].split()[1]) == me:
+            out.append(int(p))
+    return out
+
+
+def kill_started():
+    for g in list(_groups):
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid in _children():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _on_signal(sig, frame):
+    kill_started()
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+
+
+for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(_sig, _on_signal)
 
 # ---------------------------------------------------------------------------
 # process probes and environment
@@ -596,6 +658,12 @@ class NBScamper(Conn):
         self.resumes = 0
         self.rejects = 0
         self.last_rx = self.last_tx = time.monotonic()
+        # ack_data False: data frames are received but never ACKed (as if
+        # the ACKs were lost); a MASTER_RES then tells remoted we have them.
+        # 'hold': their ACKs are kept in held_acks until release_acks().
+        self.ack_data = True
+        self.acks_withheld = 0
+        self.held_acks = []
         self.on_go = None
         self.on_chan_new = None
         self.on_chan_data = None
@@ -716,8 +784,14 @@ class NBScamper(Conn):
         self.send_reliable(0, bytes([CHANNEL_FIN]) + struct.pack('>I', chan))
 
     def _resend_unacked(self):
-        for _, hdr, payload in self.unacked:
-            self.queue(hdr, payload)
+        # no on_drain() while resending: frames queued by it would land in
+        # the middle of the retransmission, out of seq order
+        was, self._in_drain = self._in_drain, True
+        try:
+            for _, hdr, payload in list(self.unacked):
+                self.queue(hdr, payload)
+        finally:
+            self._in_drain = was
 
     # -- receiving -------------------------------------------------------
 
@@ -782,7 +856,13 @@ class NBScamper(Conn):
         if f.seq != self.rcv_nxt:
             self._violation('seq %d != rcv_nxt %d' % (f.seq, self.rcv_nxt), f)
         if f.chan != 0:
-            self._ack(f.seq)
+            if self.ack_data is True:
+                self._ack(f.seq)
+            else:
+                self.rcv_nxt = (self.rcv_nxt + 1) & U32
+                self.acks_withheld += 1
+                if self.ack_data == 'hold':
+                    self.held_acks.append(f.seq)
             if f.chan in self.open_chans:
                 if self.on_chan_data is not None:
                     self.on_chan_data(self, f.chan, f.payload)
@@ -831,6 +911,16 @@ class NBScamper(Conn):
             self.keepalives += 1
         else:
             self._violation('unexpected control message in GO mode', f)
+
+    def release_acks(self):
+        """Send the ACKs held back (ack_data == 'hold') in one burst."""
+        acks = b''.join(pack_frame(self.snd_nxt, 0, bytes([ACK]) +
+                                   struct.pack('>I', q))
+                        for q in self.held_acks)
+        self.held_acks = []
+        if acks and self.state == 'go':
+            self.last_tx = time.monotonic()
+            self.queue(acks)
 
     def _ack(self, seq):
         self.rcv_nxt = (self.rcv_nxt + 1) & U32
@@ -982,7 +1072,7 @@ class Pinger(threading.Thread):
     """A well-behaved VP in its own thread and loop: a fake scamper named
     `name`, a -U client on its socket and (with mux=True) a mux channel,
     each sending `req N` every interval seconds; the fake answers
-    `resp N`.  rtts holds (send time, round trip, path) for every answer.
+    `resp N` (and ignores channels others open on it).  rtts holds (send time, round trip, path) for every answer.
     Any failure (a lost connection, a wrong or missing answer, a round trip
     over max_rtt) is kept in .error and ends the thread; check() raises
     it.  stop() ends it, waiting for outstanding answers first."""
@@ -1018,8 +1108,11 @@ class Pinger(threading.Thread):
         d = self.d
         fs = NBScamper(loop, d.port, name=self.name)
         self._conns = [fs]
+        own = []     # our channels; others (e.g. from garbage) are ignored
 
         def answer(fs, ch, line):
+            if ch not in own:
+                return
             m = re.match(rb'req (\d+)$', line)
             if not m:
                 raise AssertionError('pinger VP got %r' % line)
@@ -1033,6 +1126,7 @@ class Pinger(threading.Thread):
         self._conns.append(uc)
         loop.run_until(lambda: len(fs.open_chans) == 1, 10,
                        'pinger -U channel')
+        own.append(min(fs.open_chans))
         ends = {}   # path -> (send function, pending dict, line buffer)
         ends['unix'] = (uc.queue, {}, bytearray())
         uc.on_bytes = lambda c, data: self._answers('unix', ends, data)
@@ -1043,15 +1137,18 @@ class Pinger(threading.Thread):
             self._conns.append(mx)
             loop.run_until(lambda: mx.go and self.name in mx.by_name, 10,
                            'pinger mux VP_UPDATE')
-            mx.open(mx.by_name[self.name], 1)
+            my_id = mx.by_name[self.name]
+            mx.open(my_id, 1)
             loop.run_until(lambda: len(fs.open_chans) == 2, 10,
                            'pinger mux channel')
+            own.append(max(fs.open_chans))
             ends['mux'] = (lambda data: mx.send(1, data), {}, bytearray())
             mx.on_chan_data = lambda m, ch, data: self._answers('mux', ends,
                                                                 data)
             mx.on_end = lambda m, why: self._fail('pinger mux client '
                                                   'closed: %s' % why)
-            mx.on_depart = lambda m, vid: self._fail('pinger VP departed')
+            mx.on_depart = lambda m, vid: (vid == my_id and self._fail(
+                'pinger VP departed'))
         self.ready.set()
         n = 0
         next_send = time.monotonic()
@@ -1159,6 +1256,10 @@ class RelayPair:
         self.why = None
         self.held = collections.deque()   # (release time, side, bytes)
         self.last_release = 0.0
+        try:
+            self.client = csock.getpeername()
+        except OSError:
+            self.client = None
         self.down = _RelaySide(self.loop, self, csock)
         self.up = _RelaySide(self.loop, self)
         self.up.attach(tcp_connect_nb(relay.upstream[0], relay.upstream[1]),
@@ -1172,8 +1273,9 @@ class RelayPair:
             if len(data) > 1 and random.random() < 0.3:
                 cut = random.randint(1, len(data) - 1)
                 pieces = [data[:cut], data[cut:]]
+            extra = random.uniform(0.01, 0.4) if self.mode == 'delay' else 0
             for p in pieces:
-                t = max(self.last_release, now + random.uniform(0.01, 0.4))
+                t = max(self.last_release, now + extra)
                 self.last_release = t
                 self.held.append((t, side, p))
             return

@@ -16,7 +16,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -166,8 +165,11 @@ class HandshakeMaxTest(unittest.TestCase):
 class NoFileTest(unittest.TestCase):
 
     NOFILE = 64
+    rx = re.compile(r'out of file descriptors')
 
-    def test_emfile(self):
+    def at_the_limit(self):
+        """A daemon with RLIMIT_NOFILE 64, a VP 'good' with a -U client,
+        and silent TCP connections until accept fails with EMFILE."""
         d = LimitedDaemon(self.NOFILE, udir=True, mux=True)
         self.addCleanup(d.__exit__, None, None, None)
         d.wait_listening()
@@ -177,7 +179,8 @@ class NoFileTest(unittest.TestCase):
         good = d.fake(name='good')
         self.addCleanup(good.close)
         good.handshake()
-        gc = UnixClient(d.wait_socket('good-*'))
+        gpath = d.wait_socket('good-*')
+        gc = UnixClient(gpath)
         self.addCleanup(gc.close)
         gch = good.wait_channel_new()
         roundtrip(self, good, gch, gc, b'before')
@@ -185,16 +188,48 @@ class NoFileTest(unittest.TestCase):
         # fill the daemon's fd table with silent connections
         silent = []
         self.addCleanup(close_all, silent)
-        rx = re.compile(r'out of file descriptors')
         for i in range(self.NOFILE + 20):
             silent += silent_connect(d.port, 1)
-            if rx.search(d.log()):
+            if self.rx.search(d.log()):
                 break
             time.sleep(0.01)
         d.wait_log(r'tcp_accept: out of file descriptors', 5)
         nfd = hlib.fd_count(d.pid)
         self.assertGreaterEqual(nfd, self.NOFILE - 1)
         silent += silent_connect(d.port, 10)   # queued in the backlog
+        return d, good, gch, gc, gpath, silent
+
+    def test_emfile_unix_listener(self):
+        """At the fd limit, a client waiting on a per-VP socket must not
+        make the daemon spin either; it gets its channel once fds are
+        free."""
+        d, good, gch, gc, gpath, silent = self.at_the_limit()
+        n0 = len(self.rx.findall(d.log()))
+        t0 = hlib.cpu_ticks(d.pid)
+        w0 = time.monotonic()
+        c2 = UnixClient(gpath)                 # in the listener's backlog
+        self.addCleanup(c2.close)
+        for i in range(6):
+            roundtrip(self, good, gch, gc, b'limit%d' % i)
+            time.sleep(0.5)
+        cpu = (hlib.cpu_ticks(d.pid) - t0) / float(hlib.CLK_TCK)
+        wall = time.monotonic() - w0
+        n_lines = len(self.rx.findall(d.log())) - n0
+        print('a client pending on a -U socket at the fd limit: %.2f s CPU '
+              'in %.1f s; %d "out of file descriptors" lines' % (cpu, wall,
+                                                                 n_lines))
+        self.assertLess(cpu, 0.1 * wall, 'the daemon spins at the fd limit '
+                        'with a client pending on a -U socket')
+        self.assertLessEqual(n_lines, 2 * wall + 4, 'log line not limited')
+        close_all(silent)
+        ch2 = good.wait_channel_new(5)
+        roundtrip(self, good, ch2, c2, b'second')
+        self.assertTrue(d.alive())
+        hlib.check_no_sanitizer(self, d)
+
+    def test_emfile(self):
+        d, good, gch, gc, gpath, silent = self.at_the_limit()
+        rx = self.rx
         mx = MuxClient(d.mux_path)             # likewise, on the mux
         self.addCleanup(mx.close)
 

@@ -10,7 +10,10 @@ the daemon's RSS stays bounded; then both clients read every byte, in
 order.
 
 The stall-timeout tests check that a consumer that never drains is
-disconnected (log line, CHANNEL_FIN to scamper) and its VP is read again.
+disconnected (log line, CHANNEL_FIN to scamper) and its VP is read again,
+and that a slow consumer that keeps draining is not.  test_resume_while_
+paused has scamper resume (taking over the connection the daemon is not
+reading) while its VP is paused: nothing is lost or repeated.
 """
 
 import os
@@ -307,6 +310,106 @@ class SlowReaderTest(unittest.TestCase):
         loop.run_until(lambda: good.eof is not None and not a.unacked, 10,
                        'good client EOF')
         self.assertEqual([c for _, c in fins], [ch_victim])
+        self.assertTrue(d.alive())
+        hlib.check_no_sanitizer(self, d)
+
+    def test_resume_while_paused(self):
+        """VP A is paused (its -U client is full) when its connection
+        dies; scamper resumes on a new connection (taking over the one the
+        daemon is not reading).  The frames lost with the old connection
+        are retransmitted and the client gets every byte once, in order."""
+        d = self.start_daemon('buffer-high=1m', 'buffer-low=256k')
+        loop = self.loop
+        a = self.vp('vpa')
+        lost = []
+        a.on_lost = lambda fs, why: lost.append(why)
+        self.tick_every_second(a)
+        uc = NBUnix(loop, d.wait_socket('vpa-*'))
+        self.addCleanup(uc.close)
+        loop.run_until(lambda: len(a.open_chans) == 1, 10, 'channel')
+        ch = min(a.open_chans)
+        total = 48 * MIB
+        pat = hlib.Pattern(5)
+        chk = hlib.StreamChecker(pat, total, '-U stream')
+        uc.on_bytes = lambda c, data: chk.feed(data)
+        uc.pause_reading()
+        st = Streamer(a, [[ch, pat, 0, total]], ahead=1 * MIB)
+        st.fill()
+        last = [a.sent, time.monotonic()]
+
+        def blocked():
+            if a.sent != last[0]:
+                last[0], last[1] = a.sent, time.monotonic()
+            return time.monotonic() - last[1] >= 1.5
+        loop.run_until(blocked, 30, 'TCP to push back on VP A')
+        held = len(a.unacked)
+        self.note('A blocked: %d frames unacked' % held)
+        self.assertGreater(held, 10)
+        old = a.start(keep_old=True)      # RES on a new connection
+        orphan = hlib.Orphan(loop, old)
+        loop.run_until(lambda: a.state == 'go', 10, 'MASTER_OK')
+        loop.run_until(lambda: orphan.eof is not None, 10,
+                       'the daemon to close the old connection')
+        self.assertRegex(d.log(), r'taken over by')
+        uc.resume_reading()
+        loop.run_until(lambda: chk.done, 120, 'the whole stream')
+        a.send_fin(ch)
+        loop.run_until(lambda: uc.eof is not None and not a.unacked, 10,
+                       'EOF')
+        self.assertEqual(chk.got, total)
+        self.assertEqual(lost, [])
+        self.assertEqual(a.resumes, 1)
+        self.assertTrue(d.alive())
+        hlib.check_no_sanitizer(self, d)
+
+    def test_slow_consumer_not_disconnected(self):
+        """A consumer over buffer-high that keeps draining, however
+        slowly, is not a stalled one: never disconnected."""
+        d = self.start_daemon('stall-timeout=2', 'buffer-high=1m',
+                              'buffer-low=256k')
+        loop = self.loop
+        a = self.vp('vpa')
+        self.tick_every_second(a)
+        fins = []
+        a.on_chan_fin = lambda fs, ch: fins.append(ch)
+        uc = NBUnix(loop, d.wait_socket('vpa-*'))
+        self.addCleanup(uc.close)
+        loop.run_until(lambda: len(a.open_chans) == 1, 10, 'channel')
+        ch = min(a.open_chans)
+        total = 32 * MIB
+        pat = hlib.Pattern(6)
+        chk = hlib.StreamChecker(pat, total, '-U stream')
+        uc.on_bytes = lambda c, data: chk.feed(data)
+        uc.pause_reading()
+        st = Streamer(a, [[ch, pat, 0, total]], ahead=1 * MIB)
+        st.fill()
+        loop.run_for(0.5)
+        # every 0.7 s, read what the socket holds (about 200 KiB): the
+        # daemon's buffer drains from over 1 MiB to 256 KiB in about 4 s,
+        # longer than stall-timeout, with progress all along
+        end = time.monotonic() + 8
+        steps = []
+        while time.monotonic() < end:
+            before = chk.got
+            sock = uc.sock
+            sock.setblocking(False)
+            try:
+                while chk.got - before < 512 * 1024:
+                    data = sock.recv(65536)
+                    if not data:
+                        self.fail('slow consumer disconnected')
+                    chk.feed(data)
+            except BlockingIOError:
+                pass
+            steps.append(chk.got - before)
+            loop.run_for(0.7)
+            self.assertEqual(fins, [], 'slow consumer disconnected')
+        self.note('slow consumer read %r bytes per step' % steps)
+        self.assertLess(chk.got, total / 2)
+        self.assertNotRegex(d.log(), r'stalled')
+        uc.resume_reading()
+        loop.run_until(lambda: chk.done, 60, 'the rest of the stream')
+        self.assertEqual(fins, [])
         self.assertTrue(d.alive())
         hlib.check_no_sanitizer(self, d)
 

@@ -71,8 +71,7 @@ class Slot:
         self.fs.on_lost = self.on_lost
         self.fs.on_rej = self.on_rej
         self.fs.on_chan_fin = self.on_chan_fin
-        scr_lines = hlib.serve_lines(self.fs, self.answer)
-        self.lines = scr_lines
+        self.lines = hlib.serve_lines(self.fs, self.answer)
         self.remote = {}       # remote channel id -> Chan
 
     def name(self):

@@ -153,8 +153,15 @@ class ZombieInputTest(unittest.TestCase):
             self.assertEqual(a.resumes, 1)
         else:
             a.resume_reading()
-        loop.run_until(lambda: chk.done and w.done, 120,
-                       '%d MiB at scamper' % (TOTAL // MIB))
+        try:
+            loop.run_until(lambda: chk.done and w.done, 60,
+                           '%d MiB at scamper' % (TOTAL // MIB))
+        except TimeoutError:
+            self.fail('stuck after the resume: scamper got %d bytes, the '
+                      'client handed %d to its socket (%d accepted, %d '
+                      'queued), %d frames unacked by scamper; log:\n%s'
+                      % (chk.got, w.offset, client.sent, client.out_len,
+                         len(a.unacked), hlib.daemon_log_tail(d, 30)))
         self.note('all %d MiB arrived in order' % (TOTAL // MIB))
         # finish the channel; nothing more may arrive
         if client_kind == 'unix':
@@ -180,6 +187,144 @@ class ZombieInputTest(unittest.TestCase):
             self.assertLess((peak - base) * 1024, RSS_BOUND)
         self.assertTrue(d.alive())
         hlib.check_no_sanitizer(self, d)
+
+    def acks_lost_case(self, client_kind):
+        """scamper receives the client's data but its ACKs never reach
+        the daemon, so the unacked queue fills and the client is paused;
+        then scamper resumes with a MASTER_RES saying it has everything.
+        The daemon drops the whole queue: the client must be read again."""
+        d, loop = self.d, self.loop
+        a = NBScamper(loop, d.port, name='vpz')
+        self.addCleanup(a.close)
+        a.start()
+        loop.run_until(lambda: a.state == 'go', 10, 'GO')
+        if client_kind == 'unix':
+            client = NBUnix(loop, d.wait_socket('vpz-*'))
+            mux_chan = None
+        else:
+            client = NBMux(loop, d.mux_path)
+            loop.run_until(lambda: client.go and 'vpz' in client.by_name, 10,
+                           'mux GO')
+            mux_chan = 5
+            client.open(client.by_name['vpz'], mux_chan)
+        self.addCleanup(client.close)
+        loop.run_until(lambda: len(a.open_chans) == 1 and not a.unacked and
+                       a.rcv_nxt == 1, 10, 'CHANNEL_NEW')
+        pat = hlib.Pattern(12)
+        chk = hlib.StreamChecker(pat, TOTAL, 'data at scamper')
+        a.on_chan_data = lambda fs, c, data: chk.feed(data)
+        a.ack_data = False
+        w = Writer(client, pat, mux_chan)
+        w.fill()
+        last = [client.sent, time.monotonic()]
+
+        def plateau():
+            if client.sent != last[0]:
+                last[0], last[1] = client.sent, time.monotonic()
+            return time.monotonic() - last[1] >= 2.0
+        loop.run_until(plateau, 30, 'the client writes to block')
+        self.note('%s client blocked after %.2f MiB; scamper has %.2f MiB, '
+                  'none of it ACKed' % (client_kind, client.sent / MIB,
+                                         chk.got / MIB))
+        self.assertGreater(chk.got, UNACKED_MAX)
+        self.assertLess(client.sent, UNACKED_MAX + SLACK)
+        a.ack_data = True
+        a.drop()
+        a.start()                      # RES: rcv_nxt covers all of it
+        loop.run_until(lambda: a.state == 'go', 10, 'MASTER_OK')
+        try:
+            loop.run_until(lambda: chk.done and w.done, 60,
+                           '%d MiB at scamper' % (TOTAL // MIB))
+        except TimeoutError:
+            self.fail('the client was not read again after the resume '
+                      'emptied the unacked queue: scamper has %d bytes, '
+                      'the client wrote %d; log:\n%s'
+                      % (chk.got, client.sent, hlib.daemon_log_tail(d, 20)))
+        loop.run_until(lambda: not a.unacked, 10, 'ACKs')
+        self.assertEqual(chk.got, TOTAL)
+        self.assertTrue(d.alive())
+        hlib.check_no_sanitizer(self, d)
+
+    def test_unix_client_acks_lost_then_resume(self):
+        self.acks_lost_case('unix')
+
+    def test_mux_client_acks_lost_then_resume(self):
+        self.acks_lost_case('mux')
+
+    def pause_race_case(self, client_kind, cycles=8):
+        """The read that takes the unacked queue past unacked-max is
+        followed, before the client is read again, by ACKs that empty the
+        queue.  The client must still be read afterwards (a pause decided
+        on the old state must not stick once the queue has room)."""
+        d, loop = self.d, self.loop
+        a = NBScamper(loop, d.port, name='vpz')
+        self.addCleanup(a.close)
+        a.start()
+        loop.run_until(lambda: a.state == 'go', 10, 'GO')
+        if client_kind == 'unix':
+            client = NBUnix(loop, d.wait_socket('vpz-*'))
+
+            def send(data):
+                client.queue(data)
+        else:
+            client = NBMux(loop, d.mux_path)
+            loop.run_until(lambda: client.go and 'vpz' in client.by_name, 10,
+                           'mux GO')
+            client.open(client.by_name['vpz'], 1)
+
+            def send(data):
+                client.send(1, data)
+        self.addCleanup(client.close)
+        loop.run_until(lambda: len(a.open_chans) == 1 and not a.unacked, 10,
+                       'CHANNEL_NEW')
+        got = [0]
+        a.on_chan_data = lambda fs, c, data: got.__setitem__(
+            0, got[0] + len(data))
+        a.ack_data = 'hold'
+        acked = written = 0
+        for cycle in range(cycles):
+            # fill the daemon's unacked queue to just under the limit
+            while got[0] - acked < UNACKED_MAX - 96 * 1024:
+                send(b'f' * 65536)
+                written += 65536
+                loop.run_until(lambda: got[0] == written, 10, 'fill')
+            # one read takes it past the limit (and the client may then be
+            # paused with some of this unread) ...
+            send(b'x' * 100000)
+            written += 100000
+            last = [got[0], time.monotonic()]
+
+            def quiet():
+                if got[0] != last[0]:
+                    last[0], last[1] = got[0], time.monotonic()
+                return time.monotonic() - last[1] >= 0.3
+            loop.run_until(quiet, 10, 'the crossing data')
+            self.assertGreater(got[0] - acked, UNACKED_MAX - 4096)
+            # ... then the ACKs for everything arrive, then more data
+            a.release_acks()
+            acked = got[0]
+            loop.run_for(0.05)
+            send(b'y' * 65536)
+            written += 65536
+            try:
+                loop.run_until(lambda: got[0] == written, 10,
+                               'data after the ACKs')
+            except TimeoutError:
+                self.fail('cycle %d: the %s client is no longer read although '
+                          'every frame was ACKed (scamper got %d of %d bytes)'
+                          '; log:\n%s' % (cycle, client_kind, got[0],
+                                          written,
+                                          hlib.daemon_log_tail(d, 10)))
+            a.release_acks()
+            acked = got[0]
+        self.assertTrue(d.alive())
+        hlib.check_no_sanitizer(self, d)
+
+    def test_unix_client_pause_race(self):
+        self.pause_race_case('unix')
+
+    def test_mux_client_pause_race(self):
+        self.pause_race_case('mux')
 
     def test_unix_client_to_zombie(self):
         self.run_case('unix', 'zombie')

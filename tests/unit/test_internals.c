@@ -43,6 +43,18 @@ static void test_buf(void)
   buf_clear(&b);
   buf_clear(&c);
   CHECK(buf_len(&b) == 0 && b.first == NULL && c.first == NULL);
+
+  /* a small frame into an empty buffer takes a small chunk; more data
+   * continues in big chunks, and the bytes stay in order */
+  CHECK(buf_append(&b, src, 11) == 0);
+  CHECK(b.first != NULL && b.first->cap == CHUNK_SMALL);
+  CHECK(buf_append(&b, src + 11, 5000) == 0);
+  CHECK(b.last != NULL && b.last->cap == CHUNK_BIG);
+  CHECK(buf_peek(&b, 0, dst, 5011) == 5011 && memcmp(dst, src, 5011) == 0);
+  buf_clear(&b);
+  CHECK(buf_append(&b, src, CHUNK_SMALL + 1) == 0);
+  CHECK(b.first->cap == CHUNK_BIG);
+  buf_clear(&b);
   chunk_freelist_clear();
 }
 
