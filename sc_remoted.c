@@ -822,7 +822,6 @@ struct vp
   uint8_t       in_magic_tree;
   dlist_node_t  list_node;      /* accept order */
   uint64_t      zombie_gen;     /* mux client generation when it went zombie */
-  uint8_t       was_zombie;
   uint8_t       again_queued;
   dlist_node_t  again_node;
   slist_node_t  gc_node;
