@@ -29,10 +29,11 @@
  * frames rather than a list of messages: ACKs arrive strictly in order,
  * so releasing the oldest message is dropping its bytes from the head.
  *
- * Sections, in order: options and usage; logging; buffers; event loop and
- * backends; timer wheel; transport (plain/TLS); remote protocol; channels;
- * per-VP unix sockets; mux protocol; metadata; TLS context and name
- * matching; signals; main.
+ * Sections, in order: options and usage; logging; buffers; objects;
+ * event loop and backends; timer wheel; transport (plain/TLS);
+ * backpressure (watermarks toward local consumers, the unacked limit
+ * toward VPs); remote protocol; channels; per-VP unix sockets; mux
+ * protocol; metadata; TLS context and name matching; signals; main.
  */
 
 #ifdef HAVE_CONFIG_H
