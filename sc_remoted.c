@@ -428,6 +428,8 @@ static void log_msg(const char *func, const char *fmt, ...)
 }
 
 #define log_err(...) log_msg(__func__, __VA_ARGS__)
+#define log_warn(...) log_msg(__func__, __VA_ARGS__)   /* survived */
+#define log_notice(...) log_msg(__func__, __VA_ARGS__) /* VP lifecycle */
 #define log_dbg(...) do {						\
     if(opt_flags & OPT_DEBUG) log_msg(__func__, __VA_ARGS__);		\
   } while(0)
