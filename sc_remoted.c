@@ -398,7 +398,9 @@ static int parse_P(const char *arg)
  * and no time; with -D or -O syslog to syslog (ident sc_remoted, LOG_PID,
  * LOG_DAEMON) through our own non-blocking /dev/log socket (utils.c says
  * why not syslog(3)).  Startup errors, before the loop runs, also go to
- * stderr so that whoever started the daemon sees them.
+ * stderr so that whoever started the daemon sees them; an unreachable
+ * /dev/log is said on stderr with -O syslog, and under -D (whose stderr
+ * is for startup failures only) shows later as a count of dropped lines.
  *
  * Floods: each call site (keyed by its format string) may log LOG_BURST
  * lines per LOG_INTERVAL seconds; the rest are counted and reported as
@@ -441,7 +443,8 @@ static void log_init(void)
   if(opt_daemon || (opt_flags & OPT_SYSLOG))
     {
       log_syslog = 1;
-      if(logsock_connect(&log_sock, log_now()) != 0)
+      /* -D keeps stderr for startup failures only (PROTOCOL.md 8) */
+      if(logsock_connect(&log_sock, log_now()) != 0 && !opt_daemon)
 	fprintf(stderr, "sc_remoted: %s: %s: logging to syslog will be "
 		"retried\n", LOG_DEVLOG, strerror(log_sock.err));
     }

@@ -360,6 +360,19 @@ def certname_seeds(tmp):
     return s
 
 
+def svc_seeds():
+    """fuzz_svc: JOURNAL_STREAM values and syslog messages, then
+    (site, clock step) pairs for the rate limiter."""
+    s = {}
+    s["journal"] = b"2049:123456"
+    s["journal-junk"] = b"2049:123456x"
+    s["message"] = b"vp_set_state: 192.0.2.1:4000: vp 1 vp1: arrived"
+    s["flood-one-site"] = bytes([7, 0] * 40)
+    s["flood-sites"] = bytes(b for i in range(60) for b in (i, i % 3))
+    s["flood-expire"] = bytes([1, 0] * 10 + [1, 255] + [2, 2] * 8 + [3, 255])
+    return s
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "corpus")
@@ -369,6 +382,7 @@ def main():
             "fuzz_mux": mux_seeds(),
             "fuzz_meta": meta_seeds(),
             "fuzz_certname": certname_seeds(tmp),
+            "fuzz_svc": svc_seeds(),
         }
         for target, seeds in targets.items():
             d = os.path.join(out, target)

@@ -141,20 +141,55 @@ class SyslogTest(unittest.TestCase):
             print('  ' + m)
 
     def test_devlog_unreachable(self):
-        """/dev/log is a regular file: one line before detaching, and the
-        daemon works."""
+        """/dev/log is a regular file: -D starts, says nothing on stderr
+        (kept for startup failures), and works; in the foreground, -O syslog
+        says why on stderr and works."""
         plain = os.path.join(self.tmp, 'plain')
         with open(plain, 'w') as f:
             f.write('')
         err = self.start(plain)
-        self.assertIn('/dev/log: Connection refused: logging to syslog will '
-                      'be retried', err)
+        self.assertEqual(err, '')
         fs = scr.FakeScamper(self.port, name='nolog')
         self.addCleanup(fs.close)
         fs.handshake()
         fs.close()
         os.kill(self.pid, signal.SIGTERM)
         self.wait_gone()
+
+        port = scr.free_port()
+        errf = os.path.join(self.tmp, 'fg.err')
+        env = dict(os.environ, T=self.tmp, LOGSRC=plain)
+        with open(errf, 'wb') as ef:
+            p = subprocess.Popen(['unshare', '-m', 'sh', '-c', NS_SCRIPT, 'sh',
+                                  scr.SC_REMOTED, '-O', 'syslog', '-P',
+                                  '127.0.0.1:%d' % port, '-U',
+                                  os.path.join(self.tmp, 'u')], env=env,
+                                 stdin=subprocess.DEVNULL, stdout=ef,
+                                 stderr=ef)
+        try:
+            wait_until(lambda: 'logging to syslog will be retried' in
+                       open(errf).read() or p.poll() is not None, 10,
+                       what='the /dev/log line')
+            self.assertIn('/dev/log: Connection refused: logging to syslog '
+                          'will be retried', open(errf).read())
+            fs = scr.FakeScamper(port, name='fg')
+            self.addCleanup(fs.close)
+            wait_until(lambda: p.poll() is not None or self.try_connect(fs),
+                       10, what='the listener')
+            fs.handshake()
+            self.assertIsNone(p.poll())
+        finally:
+            p.terminate()
+            p.wait(10)
+        self.assertEqual(p.returncode, 0)
+
+    @staticmethod
+    def try_connect(fs):
+        try:
+            fs.connect()
+            return True
+        except OSError:
+            return False
 
 
 if __name__ == '__main__':
