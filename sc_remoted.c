@@ -4663,14 +4663,15 @@ static void vp_tls_accept(vp_t *vp)
     {
       if((cert = tls_peer_cert(vp->ssl)) == NULL)
 	{
+	  log_warn("%s: no client certificate", vp->peer);
 	  vp_close(vp, "no client certificate");
 	  return;
 	}
       X509_free(cert);
       if((vr = SSL_get_verify_result(vp->ssl)) != X509_V_OK)
 	{
-	  log_dbg("%s: client certificate: %s", vp->peer,
-		  X509_verify_cert_error_string(vr));
+	  log_warn("%s: client certificate refused: %s", vp->peer,
+		   X509_verify_cert_error_string(vr));
 	  vp_close(vp, "client certificate did not verify");
 	  return;
 	}
