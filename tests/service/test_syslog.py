@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -178,6 +179,56 @@ class SyslogTest(unittest.TestCase):
                        10, what='the listener')
             fs.handshake()
             self.assertIsNone(p.poll())
+        finally:
+            p.terminate()
+            p.wait(10)
+        self.assertEqual(p.returncode, 0)
+
+    def test_receiver_full_never_blocks(self):
+        """A syslog receiver that does not read (a tiny receive buffer):
+        -O syslog -O debug keeps serving VPs (each handshake is a round
+        trip through the loop), the lines that did not fit are dropped and
+        counted, and the count is logged once the receiver reads again."""
+        rx = DgramReceiver(os.path.join(self.tmp, 'log.sock'))
+        self.addCleanup(rx.close)
+        rx.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        port = scr.free_port()
+        env = dict(os.environ, T=self.tmp, LOGSRC=rx.path)
+        p = subprocess.Popen(['unshare', '-m', 'sh', '-c', NS_SCRIPT, 'sh',
+                              scr.SC_REMOTED, '-O', 'syslog', '-O', 'debug',
+                              '-P', '127.0.0.1:%d' % port, '-U',
+                              os.path.join(self.tmp, 'u'), '-Z', '0'],
+                             env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        try:
+            fs = scr.FakeScamper(port, name='full0')
+            wait_until(lambda: p.poll() is not None or self.try_connect(fs),
+                       10, what='the listener')
+            fs.handshake()
+            fs.close()
+            for i in range(1, 60):
+                fs = scr.FakeScamper(port, name='full%d' % i)
+                fs.handshake(timeout=10)
+                fs.close()
+            self.assertIsNone(p.poll())
+            # read everything queued, then one more event
+            while rx.recv(0.5) is not None:
+                self.assertLess(len(rx.seen), 100000)
+            fs = scr.FakeScamper(port, name='after')
+            fs.handshake()
+            fs.close()
+            rx.wait_for(lambda m: 'vp_close' in m and 'after' in m, 10,
+                        'the last departure')
+            notes = [m for m in rx.seen if 'messages dropped' in m]
+            self.assertTrue(notes, 'no dropped count logged')
+            m = notes[0]
+            pm = parse_syslog(m)
+            self.assertEqual(pm[1], LOG_WARNING)
+            n = int(re.search(r'log: (\d+) messages dropped', pm[4]).group(1))
+            self.assertGreater(n, 0)
+            print('receiver full: %d datagrams read, %d dropped and counted'
+                  % (len(rx.seen) - 1, n))
         finally:
             p.terminate()
             p.wait(10)
