@@ -56,7 +56,11 @@ def main():
         if p.returncode != 0:
             print(p.stdout[-3000:], p.stderr[-3000:])
             return 1
-        unit = tmp + unitdir + '/sc_remoted.service'
+        units = [os.path.join(dp, 'sc_remoted.service')
+                 for dp, dn, fn in os.walk(tmp) if 'sc_remoted.service' in fn]
+        assert len(units) == 1, 'installed units: %r' % units
+        unit = units[0]
+        print('installed %s' % unit[len(tmp):])
         text = open(unit).read()
         m = re.search(r'(?m)^ExecStart=(\S+) \$SC_REMOTED_OPTS$', text)
         assert m, 'no ExecStart with $SC_REMOTED_OPTS'
