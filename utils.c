@@ -444,6 +444,16 @@ int cidr_parse(const char *s, cidr_t *out)
     bits = max;
   if(bits > max)
     return -1;
+  /* an IPv4-mapped rule is the IPv4 rule: sources are matched that way */
+  if(max == 128 && bits >= 96 &&
+     memcmp(out->addr, "\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0)
+    {
+      memmove(out->addr, out->addr + 12, 4);
+      memset(out->addr + 4, 0, 12);
+      out->family = AF_INET;
+      bits -= 96;
+      max = 32;
+    }
   out->bits = bits;
   cidr_mask(out->addr, (size_t)max / 8, bits);
   return 0;

@@ -79,7 +79,8 @@ typedef struct cidr
 
 /*
  * Parse "addr" or "addr/len" with a literal IPv4 or IPv6 address; a bare
- * address is a /32 or /128.  Host bits below the prefix are cleared.
+ * address is a /32 or /128.  Host bits below the prefix are cleared.  An
+ * IPv4-mapped IPv6 network of /96 or longer becomes the IPv4 network.
  * Returns 0, or -1 when malformed (then *out is unspecified).
  */
 int      cidr_parse(const char *s, cidr_t *out);

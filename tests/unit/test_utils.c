@@ -418,7 +418,11 @@ static void test_cidr_parse(void)
   CHECK(cidr_parse("2001:db8:ffff::/33", &c) == 0);
   CHECK(c.bits == 33 && c.addr[4] == 0x80 && c.addr[5] == 0);
   CHECK(cidr_parse("::/0", &c) == 0 && c.bits == 0);
-  CHECK(cidr_parse("::ffff:10.0.0.1/128", &c) == 0 && c.family == AF_INET6);
+  CHECK(cidr_parse("::ffff:10.0.0.1/128", &c) == 0 && c.family == AF_INET);
+  CHECK(c.bits == 32 && c.addr[0] == 10 && c.addr[3] == 1);
+  CHECK(cidr_parse("::ffff:10.0.0.0/104", &c) == 0 && c.family == AF_INET);
+  CHECK(c.bits == 8 && c.addr[0] == 10 && c.addr[4] == 0);
+  CHECK(cidr_parse("::ffff:0:0/95", &c) == 0 && c.family == AF_INET6);
 }
 
 static void test_cidr_match(void)
