@@ -4157,7 +4157,9 @@ static void mc_dispatch(mclient_t *mc, int rd, int wr)
  * index, so a client that does not read costs at most the mark plus one
  * frame, not one frame per VP.  VPs in GO are announced as the cursor
  * reaches them; mux_announce_vp() and mux_depart_vp() use the cursor to
- * announce every VP exactly once, in id order, before GO.
+ * announce every VP exactly once, in id order, before GO.  The client is
+ * not read until GO is queued, so no channel of it can interleave data
+ * with its burst (PROTOCOL.md 5.5).
  */
 static void mc_burst_fill(mclient_t *mc)
 {
@@ -4169,6 +4171,8 @@ static void mc_burst_fill(mclient_t *mc)
 	  mc->bursting = 0;
 	  tw_cancel(&mc->burst_timer);
 	  mc_send_ctl(mc, MUX_GO, 0, 0);
+	  if(!mc->dead && !mc->in_paused)
+	    ev_want_read(&mc->ev, 1);
 	  log_dbg("mux client %llu: burst done",
 		  (unsigned long long)mc->gen);
 	  return;
@@ -4222,6 +4226,8 @@ static mclient_t *mc_open(int fd)
   mc->burst_cursor = 0;
   tw_arm(&mc->burst_timer, (unsigned int)opt_mux_burst_timeout);
   mc_burst_fill(mc);
+  if(mc->bursting && !mc->dead)
+    ev_want_read(&mc->ev, 0);
   return mc;
 }
 
