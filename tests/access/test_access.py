@@ -223,10 +223,19 @@ class PerSourceTest(AccessBase):
 class MuxTcpTest(AccessBase):
 
     def test_mux_allow(self):
-        port = scr.free_port()
-        d = self.daemon(udir=False, extra_args=[
-            '-O', 'mux-listen=0.0.0.0:%d' % port,
-            '-O', 'mux-allow=127.0.0.2', '-O', 'mux-allow=127.0.1.0/24'])
+        # a free port on 127.0.0.1 may be taken on another address (an
+        # ephemeral port of some connection): try a few
+        for attempt in range(5):
+            port = scr.free_port()
+            try:
+                d = self.daemon(udir=False, extra_args=[
+                    '-O', 'mux-listen=0.0.0.0:%d' % port,
+                    '-O', 'mux-allow=127.0.0.2',
+                    '-O', 'mux-allow=127.0.1.0/24'])
+                break
+            except RuntimeError as e:
+                if 'Address already in use' not in str(e) or attempt == 4:
+                    raise
         fs = self.fake(d, '127.0.0.9', name='vp')
         fs.handshake()
         m = self.mux(('127.0.0.1', port), source='127.0.0.2')
