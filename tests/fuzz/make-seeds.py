@@ -371,6 +371,31 @@ def svc_seeds():
     s["flood-sites"] = bytes(b for i in range(60) for b in (i, i % 3))
     s["flood-expire"] = bytes([1, 0] * 10 + [1, 255] + [2, 2] * 8 + [3, 255])
     return s
+# ---- CIDR networks (fuzz_cidr.c: 16 address bytes, then the text) ---------
+
+def cidr_seeds():
+    v4 = bytes([10, 1, 2, 3]) + bytes(12)
+    v6 = bytes.fromhex("20010db8000000010000000000000009")
+    mapped = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 2])
+    texts = {
+        "v4_host": (v4, "10.1.2.3"),
+        "v4_net": (v4, "10.0.0.0/8"),
+        "v4_hostbits": (v4, "10.1.2.3/14"),
+        "v4_zero": (v4, "0.0.0.0/0"),
+        "v4_miss": (v4, "192.168.0.0/16"),
+        "v6_host": (v6, "2001:db8:0:1::9"),
+        "v6_64": (v6, "2001:db8:0:1::/64"),
+        "v6_odd": (v6, "2001:db8::/33"),
+        "v6_loop": (v6, "::1"),
+        "mapped_v4rule": (mapped, "127.0.0.0/8"),
+        "mapped_v6rule": (mapped, "::ffff:127.0.0.2/128"),
+        "bad_len": (v4, "10.0.0.0/33"),
+        "bad_sign": (v4, "10.0.0.0/+8"),
+        "bad_name": (v4, "example.org/8"),
+        "bad_empty": (v4, "/8"),
+        "bad_two": (v4, "10.0.0.0/8/8"),
+    }
+    return {k: a + t.encode() for k, (a, t) in texts.items()}
 
 
 def main():
@@ -383,6 +408,7 @@ def main():
             "fuzz_meta": meta_seeds(),
             "fuzz_certname": certname_seeds(tmp),
             "fuzz_svc": svc_seeds(),
+            "fuzz_cidr": cidr_seeds(),
         }
         for target, seeds in targets.items():
             d = os.path.join(out, target)
