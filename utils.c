@@ -667,6 +667,8 @@ const ratelim_site_t *ratelim_expired(ratelim_t *rl, time_t now,
 	}
     }
   return NULL;
+}
+
 /* ---- CIDR networks ---- */
 
 /* clear the bits of addr (len bytes) below a prefix of bits */

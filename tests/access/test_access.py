@@ -206,7 +206,7 @@ class PerSourceTest(AccessBase):
         c = self.fake(d, '127.0.0.2', name='c')
         c.handshake()
         c.close()
-        scr.wait_until(lambda: count_log(d, r'vp 2 c: (closing|zombie)') > 0,
+        scr.wait_until(lambda: count_log(d, r'vp 2 c: (departed|zombie)') > 0,
                        10, what='c gone')
         # a resumes from the same source: allowed, and then holds the slot
         a.sock_factory = from_source(d.port, '127.0.0.2')
@@ -441,8 +441,8 @@ class BurstTest(AccessBase):
         self.assertEqual(first[1]['id'], 1)
         fss[1].close()        # vp 2 announced (or about to be): freed
         fss[n - 1].close()    # vp 16 freed before the cursor gets there
-        d.wait_log(r'vp 16 d16: closing')
-        d.wait_log(r'vp 2 d02: closing')
+        d.wait_log(r'vp 16 d16: departed')
+        d.wait_log(r'vp 2 d02: departed')
         events = [first]
         while events[-1][0] != 'go':
             events.append(mc.recv(20))

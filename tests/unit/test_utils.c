@@ -589,6 +589,8 @@ static void test_ratelim(void)
   for(i=0; i<200; i++)
     passed += ratelim_check(&rl, &keys[i], "f", 4, 400, &sup);
   CHECK(passed >= RATELIM_SITES - 1);
+}
+
 /* a sockaddr for a literal address, for the CIDR tests */
 static const struct sockaddr *sa_of(const char *addr,
 				    struct sockaddr_storage *ss)
