@@ -1072,6 +1072,7 @@ struct vp
   splaytree_node_t magic_node;
   uint8_t       in_id_tree;
   uint8_t       in_magic_tree;
+  uint64_t      accept_seq;     /* place in vp_list (accept order) */
   dlist_node_t  list_node;      /* accept order */
   uint64_t      zombie_gen;     /* mux client generation when it went zombie */
   uint8_t       again_queued;
@@ -1131,7 +1132,7 @@ struct mclient
   uint8_t       in_paused;      /* not read: a VP's unacked is full */
   uint8_t       in_pause_req;   /* pause after this read */
   uint8_t       bursting;       /* VP_UPDATE burst not finished: no GO yet */
-  uint32_t      burst_cursor;   /* VP ids up to here have been considered */
+  vp_t         *burst_next;     /* next VP of vp_list to consider; NULL: end */
   tw_timer_t    burst_timer;    /* -O mux-burst-timeout */
   dlist_node_t  paused_node;
   dlist_node_t  list_node;
@@ -1140,6 +1141,7 @@ struct mclient
 
 static uint8_t     *scratch = NULL;         /* the shared read buffer */
 static dlist_t      vp_list;                /* all vp_t, accept order */
+static uint64_t     vp_accept_seq = 0;      /* last vp_t.accept_seq given */
 static splaytree_t  vp_by_id;
 static splaytree_t  vp_by_magic;
 static uint32_t     vp_id_next = 1;
@@ -2092,6 +2094,7 @@ static void in_paused_recheck(void);
 static void vp_close(vp_t *vp, const char *why);
 static void mux_announce_vp(vp_t *vp, uint64_t after_gen);
 static void mux_depart_vp(vp_t *vp);
+static void mux_burst_forget(vp_t *vp);
 static int  vp_lev_open(vp_t *vp);
 static void vp_lev_close(vp_t *vp);
 static void chan_vp_gone(chan_t *c);
@@ -2131,14 +2134,6 @@ static vp_t *vp_find_id(uint32_t id)
   vp_t key;
   key.id = id;
   return splaytree_find(&vp_by_id, &key);
-}
-
-/* the VP with the smallest id greater than `id`, or NULL */
-static vp_t *vp_find_next(uint32_t id)
-{
-  vp_t key;
-  key.id = id;
-  return splaytree_find_next(&vp_by_id, &key);
 }
 
 static vp_t *vp_find_magic(const uint8_t *magic, uint8_t len)
@@ -2414,6 +2409,7 @@ static void vp_close(vp_t *vp, const char *why)
   if(vp->in_magic_tree)
     splaytree_remove(&vp_by_magic, vp);
   vp->in_id_tree = vp->in_magic_tree = 0;
+  mux_burst_forget(vp);
   dlist_remove(&vp_list, &vp->list_node);
   if(vp->again_queued)
     {
@@ -3223,6 +3219,7 @@ static vp_t *vp_accept_fd(int fd, const struct sockaddr *sa)
   vp->in_handshake = 1;
   handshake_count++;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+  vp->accept_seq = ++vp_accept_seq;
   dlist_push_tail(&vp_list, &vp->list_node);
   tw_arm(&vp->rx_timer, TIMEOUT_ACCEPT);
   log_dbg("%s: accepted", vp->peer);
@@ -3868,13 +3865,41 @@ static void mc_send_ctl(mclient_t *mc, uint16_t type, uint32_t val,
   return;
 }
 
+/* 1 unless mc is in its burst and its cursor has not yet reached vp */
+static int mc_burst_passed(const mclient_t *mc, const vp_t *vp)
+{
+  return !mc->bursting || mc->burst_next == NULL ||
+    vp->accept_seq < mc->burst_next->accept_seq;
+}
+
+/* the VP after vp in accept order, or NULL */
+static vp_t *vp_list_next(const vp_t *vp)
+{
+  dlist_node_t *n = vp->list_node.next;
+  return n != NULL ? CONTAINER_OF(n, vp_t, list_node) : NULL;
+}
+
+/* vp leaves vp_list: cursors resting on it move to the next VP */
+static void mux_burst_forget(vp_t *vp)
+{
+  dlist_node_t *n;
+  mclient_t *mc;
+  for(n = mc_list.head; n != NULL; n = n->next)
+    {
+      mc = CONTAINER_OF(n, mclient_t, list_node);
+      if(mc->bursting && mc->burst_next == vp)
+	mc->burst_next = vp_list_next(vp);
+    }
+  return;
+}
+
 /*
  * Announce vp to mux clients whose generation is above after_gen: 0 for
  * every client (a new VP), or the generation at which the VP went zombie
  * (a resume: only clients that connected meanwhile lack it).  A client
  * still in its burst whose cursor has not reached vp is skipped: the
- * cursor will announce it (VP ids only grow, so a new VP is always
- * ahead of every cursor).
+ * cursor will announce it (a new VP is appended to vp_list, so it is
+ * always ahead of every cursor).
  */
 static void mux_announce_vp(vp_t *vp, uint64_t after_gen)
 {
@@ -3886,7 +3911,7 @@ static void mux_announce_vp(vp_t *vp, uint64_t after_gen)
     {
       mc = CONTAINER_OF(n, mclient_t, list_node);
       if(mc->dead || mc->gen <= after_gen ||
-	 (mc->bursting && vp->id > mc->burst_cursor))
+	 !mc_burst_passed(mc, vp))
 	continue;
       if(len == 0)
 	len = mux_encode_vp_update(vp);
@@ -3903,7 +3928,7 @@ static void mux_depart_vp(vp_t *vp)
   for(n = mc_list.head; n != NULL; n = n->next)
     {
       mc = CONTAINER_OF(n, mclient_t, list_node);
-      if(!mc->dead && !(mc->bursting && vp->id > mc->burst_cursor))
+      if(!mc->dead && mc_burst_passed(mc, vp))
 	mc_send_ctl(mc, MUX_VP_DEPART, vp->id, 1);
     }
   return;
@@ -4312,11 +4337,12 @@ static void mc_dispatch(mclient_t *mc, int rd, int wr)
 
 /*
  * Queue the next VP_UPDATEs of mc's burst until its output reaches the
- * burst mark, and GO after the last VP.  The cursor walks the VP id
- * index, so a client that does not read costs at most the mark plus one
+ * burst mark, and GO after the last VP.  The cursor walks vp_list, in
+ * accept order as upstream's burst (PROTOCOL.md 5.5; a resumed session
+ * keeps its place), so a client that does not read costs at most the mark plus one
  * frame, not one frame per VP.  VPs in GO are announced as the cursor
  * reaches them; mux_announce_vp() and mux_depart_vp() use the cursor to
- * announce every VP exactly once, in id order, before GO.  The client is
+ * announce every VP exactly once, in accept order, before GO.  The client is
  * not read until GO is queued, so no channel of it can interleave data
  * with its burst (PROTOCOL.md 5.5).
  */
@@ -4325,7 +4351,7 @@ static void mc_burst_fill(mclient_t *mc)
   vp_t *vp;
   while(mc->bursting && !mc->dead && buf_len(&mc->sink.out) < MC_BURST_MARK)
     {
-      if((vp = vp_find_next(mc->burst_cursor)) == NULL)
+      if((vp = mc->burst_next) == NULL)
 	{
 	  mc->bursting = 0;
 	  tw_cancel(&mc->burst_timer);
@@ -4336,7 +4362,7 @@ static void mc_burst_fill(mclient_t *mc)
 		  (unsigned long long)mc->gen);
 	  return;
 	}
-      mc->burst_cursor = vp->id;
+      mc->burst_next = vp_list_next(vp);
       if(vp->state == VP_GO && !vp->dead)
 	mc_out(mc, mux_enc, mux_encode_vp_update(vp));
     }
@@ -4350,14 +4376,14 @@ static void mc_burst_timeout(tw_timer_t *t)
     return;
   stat_mux_burst_timeouts++;
   log_warn("mux client %llu: VP_UPDATE burst not read within %lds "
-	   "(mux-burst-timeout), up to vp %u", (unsigned long long)mc->gen,
-	   opt_mux_burst_timeout, mc->burst_cursor);
+	   "(mux-burst-timeout)", (unsigned long long)mc->gen,
+	   opt_mux_burst_timeout);
   mc_close(mc, "burst timeout");
   return;
 }
 
 /*
- * A new mux client: the VP_UPDATE burst for every VP in GO, in id
+ * A new mux client: the VP_UPDATE burst for every VP in GO, in accept
  * order, then GO, before any other event can interleave (PROTOCOL.md
  * 5.5).  The burst is produced as the client reads (mc_burst_fill).
  */
@@ -4382,7 +4408,8 @@ static mclient_t *mc_open(int fd)
   dlist_push_tail(&mc_list, &mc->list_node);
   log_dbg("mux client %llu: connected", (unsigned long long)mc->gen);
   mc->bursting = 1;
-  mc->burst_cursor = 0;
+  mc->burst_next = vp_list.head != NULL ?
+    CONTAINER_OF(vp_list.head, vp_t, list_node) : NULL;
   tw_arm(&mc->burst_timer, (unsigned int)opt_mux_burst_timeout);
   mc_burst_fill(mc);
   if(mc->bursting && !mc->dead)

@@ -426,6 +426,21 @@ class BurstTest(AccessBase):
         after.handshake()
         self.assertEqual(mc.expect('update', 10)[1]['id'], 26)
 
+    def test_burst_in_accept_order(self):
+        """The burst lists VPs in TCP accept order, as upstream does
+        (PROTOCOL.md 5.5), not in VP id order: a VP that connected first
+        but finished its handshake second comes first."""
+        d = self.daemon(mux=True)
+        first = self.fake(d, '127.0.0.1', name='first').connect()
+        d.wait_log(r'127\.0\.0\.1:%d: accepted' % first.sock.getsockname()[1])
+        second = self.fake(d, '127.0.0.1', name='second')
+        second.handshake()           # vp 1
+        first.handshake()            # vp 2
+        for _ in range(2):           # also while the burst is cut short
+            ups = self.mux(d.mux_path).read_burst(5)
+            self.assertEqual([(v['name'], v['id']) for v in ups],
+                             [('first', 2), ('second', 1)])
+
     def test_depart_during_burst(self):
         n = 16
         names = ['d%02d' % i for i in range(1, n + 1)]
