@@ -155,6 +155,26 @@ void *splaytree_find(splaytree_t *tree, const void *key)
  * root's left subtree holds only smaller keys, so splaying it for the
  * original key brings its maximum up with an empty right subtree.
  */
+/*
+ * Splaying key brings its item, or its in-order neighbour, to the root:
+ * if the root is greater, it is the successor; otherwise the successor is
+ * the leftmost node of the root's right subtree.
+ */
+void *splaytree_find_next(splaytree_t *tree, const void *key)
+{
+  splaytree_node_t *n;
+  if(tree->root == NULL)
+    return NULL;
+  tree->root = splay(tree, tree->root, key);
+  if(key_cmp(tree, key, tree->root) < 0)
+    return node_item(tree, tree->root);
+  if((n = tree->root->right) == NULL)
+    return NULL;
+  while(n->left != NULL)
+    n = n->left;
+  return node_item(tree, n);
+}
+
 static void unlink_root(splaytree_t *tree, const void *key)
 {
   splaytree_node_t *old = tree->root, *root;

@@ -1712,6 +1712,14 @@ static vp_t *vp_find_id(uint32_t id)
   return splaytree_find(&vp_by_id, &key);
 }
 
+/* the VP with the smallest id greater than `id`, or NULL */
+static vp_t *vp_find_next(uint32_t id)
+{
+  vp_t key;
+  key.id = id;
+  return splaytree_find_next(&vp_by_id, &key);
+}
+
 static vp_t *vp_find_magic(const uint8_t *magic, uint8_t len)
 {
   vp_t key;

@@ -417,6 +417,37 @@ static void test_string_keys(void)
   CHECK(splaytree_pop_min(&tree) == NULL);
 }
 
+/* find_next against a brute-force successor, through random inserts */
+static void test_find_next(void)
+{
+  static item_t it[200];
+  splaytree_t tree;
+  item_t k, *got;
+  int i, q, best;
+
+  tree_new(&tree);
+  k.key = 5;
+  CHECK(splaytree_find_next(&tree, &k) == NULL);
+  srand(11);
+  for(i = 0; i < 200; i++)
+    {
+      it[i].key = (rand() % 1000) * 2; /* even keys; duplicates refused */
+      if(splaytree_insert(&tree, &it[i]) != 0)
+	it[i].key = -1;
+    }
+  for(q = -3; q < 2005; q++)
+    {
+      best = -1;
+      for(i = 0; i < 200; i++)
+	if(it[i].key > q && (best < 0 || it[i].key < it[best].key))
+	  best = i;
+      k.key = q;
+      got = splaytree_find_next(&tree, &k);
+      CHECK(best < 0 ? got == NULL : got == &it[best]);
+      CHECK(tree_sound(&tree));
+    }
+}
+
 int main(void)
 {
   UNIT_RUN(test_empty);
@@ -426,5 +457,6 @@ int main(void)
   UNIT_RUN(test_degenerate);
   UNIT_RUN(test_random);
   UNIT_RUN(test_string_keys);
+  UNIT_RUN(test_find_next);
   return unit_exit();
 }
