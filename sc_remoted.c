@@ -4800,7 +4800,8 @@ static void vp_tls_accept(vp_t *vp)
  * /vps is streamed: a cursor (the last VP id written) is advanced through
  * the id tree, and more is rendered only when the output has drained
  * below HC_LOW, so a connection holds O(HC_LOW + one VP) bytes whatever
- * the number of VPs and however slowly it reads.  VPs that leave meanwhile
+ * the number of VPs and however slowly it reads (and its kernel send
+ * buffer is fixed at HC_SNDBUF).  VPs that leave meanwhile
  * are skipped; VPs that arrive with higher ids are included.
  *
  * One timer per connection: while waiting for a request it is the request
@@ -4814,6 +4815,7 @@ static void vp_tls_accept(vp_t *vp)
 #define HC_HEAD_MAX   8192     /* bytes of request head */
 #define HC_LOW        16384    /* refill /vps output below this */
 #define HC_TIMEOUT    10       /* request and write deadline, seconds */
+#define HC_SNDBUF     131072   /* kernel send buffer: bounded too */
 
 typedef struct hclient
 {
@@ -5560,7 +5562,7 @@ static void http_accept(void)
   struct sockaddr_storage ss;
   socklen_t sl;
   hclient_t *hc;
-  int fd, i;
+  int fd, i, sndbuf;
 
   for(i=0; i<64; i++)
     {
@@ -5591,6 +5593,8 @@ static void http_accept(void)
 	  close(fd);
 	  continue;
 	}
+      sndbuf = HC_SNDBUF;
+      setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
       fdev_init(&hc->ev, fd, FD_HC, hc);
       tw_timer_init(&hc->timer, hc_timer);
       dlist_node_init(&hc->list_node);

@@ -439,7 +439,8 @@ static void test_find_next(void)
     {
       best = -1;
       for(i = 0; i < 200; i++)
-	if(it[i].key >= 0 && it[i].key > q && (best < 0 || it[i].key < it[best].key))
+	if(it[i].key >= 0 && it[i].key > q &&
+	   (best < 0 || it[i].key < it[best].key))
 	  best = i;
       k.key = q;
       got = splaytree_find_next(&tree, &k);
