@@ -360,6 +360,22 @@ def certname_seeds(tmp):
     return s
 
 
+def http_seeds():
+    return {
+        "get_metrics": b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        "head_vps_10": b"HEAD /vps?x=1 HTTP/1.0\nConnection: keep-alive\n\n",
+        "pipelined": (b"GET /vps HTTP/1.1\r\n\r\n"
+                      b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        "post_len0": b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        "body": b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+        "fold": b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n",
+        "utf8": "GET /\u00e9 HTTP/1.1\r\nX: \u20ac\xff\r\n\r\n".encode(
+            "utf-8", "surrogateescape"),
+        "binary": bytes(range(256)),
+        "json": b'name "quoted" \\ back\x01\x7f \xc3\xa9 \xed\xa0\x80 \xf4\x90',
+    }
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "corpus")
@@ -369,6 +385,7 @@ def main():
             "fuzz_mux": mux_seeds(),
             "fuzz_meta": meta_seeds(),
             "fuzz_certname": certname_seeds(tmp),
+            "fuzz_http": http_seeds(),
         }
         for target, seeds in targets.items():
             d = os.path.join(out, target)
