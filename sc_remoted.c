@@ -1067,7 +1067,8 @@ static struct
   struct timeval meta_last_ok;         /* wall time; 0 if never */
   uint64_t  http_requests[6];          /* by hc_code_idx() */
   uint64_t  http_refused;              /* over -O metrics-max */
-  uint64_t  http_busy_us;              /* loop time serving HTTP */
+  uint64_t  http_busy_us[3];           /* loop time serving HTTP, by
+					  hc route: other, /metrics, /vps */
   struct timeval start;                /* wall time at startup */
 } stats;
 
@@ -4829,6 +4830,7 @@ typedef struct hclient
   uint8_t       vps;            /* streaming /vps */
   uint8_t       vps_chunked;    /* with chunked transfer coding */
   uint8_t       vps_first;      /* no VP object written yet */
+  uint8_t       route;          /* 0 other, 1 /metrics, 2 /vps */
   uint32_t      cursor;         /* last VP id written */
   tw_timer_t    timer;
   dlist_node_t  list_node;
@@ -5055,11 +5057,12 @@ static int metrics_render(buf_t *b)
   static const char *const res_labels[2] = {"ok", "error"};
   static const char *const code_labels[6] = {"200", "400", "404", "405",
 					     "431", "500"};
+  static const char *const route_labels[3] = {"other", "/metrics", "/vps"};
   const char *backend = ev_backend == EVB_EPOLL ? "epoll" :
     ev_backend == EVB_KQUEUE ? "kqueue" : "select";
   vp_totals_t t;
   uint64_t v[2];
-  int rc = 0;
+  int rc = 0, i;
 
   vp_totals(&t);
   rc |= prom_head(b, "sc_remoted_build_info", "gauge",
@@ -5144,9 +5147,12 @@ static int metrics_render(buf_t *b)
 		 "HTTP connections closed at accept: over -O metrics-max.",
 		 stats.http_refused);
   rc |= prom_head(b, "sc_remoted_http_busy_seconds_total", "counter",
-		  "Time the event loop spent serving HTTP connections.") |
-    bprintf(b, "sc_remoted_http_busy_seconds_total %.6f\n",
-	    (double)stats.http_busy_us / 1e6);
+		  "Time the event loop spent serving HTTP connections, by "
+		  "the path being answered.");
+  for(i=0; i<3; i++)
+    rc |= bprintf(b, "sc_remoted_http_busy_seconds_total{path=\"%s\"} "
+		  "%.6f\n", route_labels[i],
+		  (double)stats.http_busy_us[i] / 1e6);
   rc |= prom_process(b);
   return rc;
 }
@@ -5343,6 +5349,8 @@ static int hc_respond(hclient_t *hc, const http_req_t *req)
   int rc;
 
   hc->busy = 1;
+  hc->route = strcmp(req->path, "/metrics") == 0 ? 1 :
+    strcmp(req->path, "/vps") == 0 ? 2 : 0;
   if(!req->keepalive)
     hc->close_after = 1;
   if(strcmp(req->path, "/metrics") != 0 && strcmp(req->path, "/vps") != 0)
@@ -5552,8 +5560,11 @@ static void hc_dispatch(hclient_t *hc, int rd, int wr)
   else if(rd)
     ev_want_read(&hc->ev, 0);
   time_mono(&t1);
-  stats.http_busy_us += (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000L +
-				   (t1.tv_usec - t0.tv_usec));
+  stats.http_busy_us[hc->route] +=
+    (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000L +
+	       (t1.tv_usec - t0.tv_usec));
+  if(!hc->busy)
+    hc->route = 0;
   return;
 }
 
