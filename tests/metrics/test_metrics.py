@@ -16,8 +16,11 @@
 
 import os
 import resource
+import shutil
 import socket
+import ssl
 import sys
+import tempfile
 import time
 import unittest
 
@@ -442,6 +445,85 @@ class BadInputTest(unittest.TestCase):
             self.assertLess(m[('process_open_fds', ())], 200)
         self.assertGreater(
             m[('sc_remoted_http_connections_refused_total', ())], 0)
+
+
+class TlsTest(unittest.TestCase):
+    """tls_subject on /vps; TLS failures counted by reason."""
+
+    def test_tls(self):
+        if os.environ.get('SC_HAVE_OPENSSL', 'yes') != 'yes' or \
+                shutil.which('openssl') is None:
+            print('SKIP: no OpenSSL build or openssl command')
+            return
+        sys.path.insert(0, os.path.join(os.environ.get(
+            'SC_TOP_SRCDIR', os.path.join(os.path.dirname(
+                os.path.abspath(__file__)), '..', '..')), 'tests', 'tls'))
+        import certs as certmod
+        tmp = tempfile.mkdtemp(prefix='scr-mtls-')
+        self.addCleanup(shutil.rmtree, tmp, True)
+        cs = certmod.CertSet(tmp)
+        d = Daemon(udir=True, metrics=True, tls={
+            'cert': cs.server_cert, 'key': cs.server_key, 'ca': cs.ca_cert},
+            start=False)
+        self.addCleanup(d.__exit__, None, None, None)
+        d.start()
+        d.wait_listening()
+
+        def ctx(client):
+            c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            c.check_hostname = False
+            c.verify_mode = ssl.CERT_NONE
+            if client is not None:
+                c.load_cert_chain(*cs.clients[client])
+            return c
+
+        def factory(client):
+            def f():
+                raw = socket.create_connection(('127.0.0.1', d.port), 5)
+                return ctx(client).wrap_socket(raw, server_hostname=None)
+            return f
+
+        fs = scr.FakeScamper(d.port, name='vp1.example.org',
+                             sock_factory=factory('vp1'))
+        self.addCleanup(fs.close)
+        fs.handshake()
+        hs_failures = ('handshake', 'no_certificate', 'verify')
+        # wait_listening's plain probe failed its TLS handshake before
+        m0 = d.scrape()
+        base = sum(prom_value(m0, 'sc_remoted_tls_handshake_failures_total',
+                              reason=r) for r in hs_failures)
+        vps = d.vps()
+        self.assertEqual(len(vps), 1)
+        self.assertIn('CN=vp1 client', vps[0]['tls_subject'])
+        # the monitor name is not in the certificate
+        bad = scr.FakeScamper(d.port, name='other.example.org',
+                              sock_factory=factory('vp1'))
+        self.addCleanup(bad.close)
+        bad.connect()
+        bad.send_new()
+        bad.expect_closed()
+        # no client certificate at all
+        try:
+            s = factory(None)()
+            s.settimeout(5)
+            s.recv(1)
+            s.close()
+        except (OSError, ssl.SSLError):
+            pass
+        m = scr.wait_until(
+            lambda: (lambda m: m if sum(prom_value(
+                m, 'sc_remoted_tls_handshake_failures_total', reason=r)
+                for r in hs_failures) > base
+                else None)(d.scrape()), 10, what='TLS failure counted')
+        self.assertEqual(prom_value(
+            m, 'sc_remoted_tls_handshake_failures_total',
+            reason='name_mismatch'), 1)
+        self.assertEqual(sum(prom_value(
+            m, 'sc_remoted_tls_handshake_failures_total', reason=r)
+            for r in hs_failures), base + 1)
+        self.assertGreaterEqual(prom_value(
+            m, 'sc_remoted_vp_rejects_total', reason='tls_error'), 3)
+        self.assertEqual(prom_value(m, 'sc_remoted_vps', state='go'), 1)
 
 
 if __name__ == '__main__':
