@@ -4817,6 +4817,7 @@ static void vp_tls_accept(vp_t *vp)
 #define HC_LOW        16384    /* refill /vps output below this */
 #define HC_TIMEOUT    10       /* request and write deadline, seconds */
 #define HC_SNDBUF     131072   /* kernel send buffer: bounded too */
+#define HC_BUDGET     65536    /* /vps bytes rendered per dispatch */
 
 typedef struct hclient
 {
@@ -5005,8 +5006,16 @@ static int prom_process(buf_t *b)
   FILE *fp;
   DIR *dir;
   struct dirent *de;
+  struct stat sb;
   uint64_t fds = 0;
-  if((dir = opendir("/proc/self/fd")) != NULL)
+  /*
+   * Linux >= 6.2 gives the count as the directory's size; reading a
+   * directory of 19,000 entries would hold the loop for milliseconds.
+   */
+  if(stat("/proc/self/fd", &sb) == 0 && sb.st_size > 0)
+    rc |= prom_u64(b, "process_open_fds", "gauge",
+		   "Number of open file descriptors.", (uint64_t)sb.st_size);
+  else if((dir = opendir("/proc/self/fd")) != NULL)
     {
       while((de = readdir(dir)) != NULL)
 	if(de->d_name[0] != '.')
@@ -5471,20 +5480,35 @@ static void hc_process(hclient_t *hc)
 
 /*
  * Write what is queued, refilling /vps output as it drains, until the
- * socket is full or the answer is complete.  A complete answer either
+ * socket is full, the answer is complete, or HC_BUDGET bytes of /vps were
+ * rendered in this call (the rest waits for the next writable event, so
+ * other connections get their turn between).  A complete answer either
  * closes the connection or makes it idle (a fresh request deadline) and
  * waits for the next request (the caller looks for a pipelined one).
  */
 static void hc_write(hclient_t *hc)
 {
-  size_t before;
+  size_t before, budget = HC_BUDGET;
 
   for(;;)
     {
-      if(hc->vps && buf_len(&hc->out) < HC_LOW && vps_fill(hc) != 0)
+      if(hc->vps && buf_len(&hc->out) < HC_LOW)
 	{
-	  hc_close(hc, "out of memory");
-	  return;
+	  /* a fast reader must not hold the loop for the whole answer */
+	  if(budget == 0)
+	    {
+	      if(ev_set(&hc->ev, 0, 1) != 0)
+		hc_close(hc, "could not watch for writability");
+	      return;
+	    }
+	  before = buf_len(&hc->out);
+	  if(vps_fill(hc) != 0)
+	    {
+	      hc_close(hc, "out of memory");
+	      return;
+	    }
+	  before = buf_len(&hc->out) - before;
+	  budget = before >= budget ? 0 : budget - before;
 	}
       if(buf_len(&hc->out) == 0)
 	break;
