@@ -1041,9 +1041,11 @@ typedef enum
   TLSF_MAX
 } tlsfail_t;
 
+#ifdef HAVE_OPENSSL
 static const char *const tlsf_label[TLSF_MAX] = {
   "handshake", "no_certificate", "verify", "name_mismatch",
 };
+#endif
 
 #define DIR_FROM_VP 0
 #define DIR_TO_VP   1

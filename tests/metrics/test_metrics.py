@@ -77,9 +77,11 @@ class HttpTest(unittest.TestCase):
         self.assertEqual(len(build), 1)
         labels = dict(build[0][1])
         self.assertIn(labels['backend'], ('epoll', 'kqueue', 'select'))
-        self.assertEqual(labels['tls'],
-                         'yes' if os.environ.get('SC_HAVE_OPENSSL') == 'yes'
-                         else labels['tls'])
+        self.assertEqual(labels['tls'], 'no' if os.environ.get(
+            'SC_HAVE_OPENSSL', '1') == '0' else 'yes')
+        self.assertEqual((prom_value(
+            m, 'sc_remoted_tls_handshake_failures_total', reason='handshake')
+            is None), labels['tls'] == 'no')
         if sys.platform.startswith('linux'):
             self.assertGreater(m[('process_open_fds', ())], 3)
             self.assertGreater(m[('process_resident_memory_bytes', ())], 0)
@@ -392,6 +394,7 @@ class BadInputTest(unittest.TestCase):
         idle = [HttpConn(d.metrics_port) for _ in range(8)]
         self.addCleanup(close_quietly, idle)
         over = HttpConn(d.metrics_port)
+        self.addCleanup(over.close)
         self.assertTrue(over.closed(5))
         d.wait_log(r'metrics connections open \(-O metrics-max\)')
         relay_roundtrip(self, fs, uc, ch, b'still\n', b'working\n')
@@ -451,7 +454,7 @@ class TlsTest(unittest.TestCase):
     """tls_subject on /vps; TLS failures counted by reason."""
 
     def test_tls(self):
-        if os.environ.get('SC_HAVE_OPENSSL', 'yes') != 'yes' or \
+        if os.environ.get('SC_HAVE_OPENSSL', '1') == '0' or \
                 shutil.which('openssl') is None:
             print('SKIP: no OpenSSL build or openssl command')
             return
