@@ -30,10 +30,11 @@
  * so releasing the oldest message is dropping its bytes from the head.
  *
  * Sections, in order: options and usage; logging; buffers; objects;
- * event loop and backends; timer wheel; transport (plain/TLS);
+ * statistics; event loop and backends; timer wheel; transport (plain/TLS);
  * backpressure (watermarks toward local consumers, the unacked limit
  * toward VPs); remote protocol; channels; per-VP unix sockets; mux
- * protocol; metadata; TLS context and name matching; signals; main.
+ * protocol; metadata; TLS context and name matching; metrics over HTTP;
+ * signals; main.
  */
 
 #ifdef HAVE_CONFIG_H
