@@ -5378,7 +5378,7 @@ static int hc_respond(hclient_t *hc, const http_req_t *req)
 	  hc->close_after = 1;
 	  return hc_text(hc, req, 500, "");
 	}
-      rc = hc_head(hc, req, 200, "text/plain; version=0.0.4", 
+      rc = hc_head(hc, req, 200, "text/plain; version=0.0.4",
 		   (long)buf_len(&page), "");
       if(!head)
 	rc |= buf_append_buf(&hc->out, &page, 0);
