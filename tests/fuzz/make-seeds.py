@@ -371,6 +371,8 @@ def svc_seeds():
     s["flood-sites"] = bytes(b for i in range(60) for b in (i, i % 3))
     s["flood-expire"] = bytes([1, 0] * 10 + [1, 255] + [2, 2] * 8 + [3, 255])
     return s
+
+
 # ---- CIDR networks (fuzz_cidr.c: 16 address bytes, then the text) ---------
 
 def cidr_seeds():
@@ -398,6 +400,22 @@ def cidr_seeds():
     return {k: a + t.encode() for k, (a, t) in texts.items()}
 
 
+def http_seeds():
+    return {
+        "get_metrics": b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        "head_vps_10": b"HEAD /vps?x=1 HTTP/1.0\nConnection: keep-alive\n\n",
+        "pipelined": (b"GET /vps HTTP/1.1\r\n\r\n"
+                      b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        "post_len0": b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        "body": b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+        "fold": b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n",
+        "utf8": "GET /\u00e9 HTTP/1.1\r\nX: \u20ac\xff\r\n\r\n".encode(
+            "utf-8", "surrogateescape"),
+        "binary": bytes(range(256)),
+        "json": b'name "quoted" \\ back\x01\x7f \xc3\xa9 \xed\xa0\x80 \xf4\x90',
+    }
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "corpus")
@@ -409,6 +427,7 @@ def main():
             "fuzz_certname": certname_seeds(tmp),
             "fuzz_svc": svc_seeds(),
             "fuzz_cidr": cidr_seeds(),
+            "fuzz_http": http_seeds(),
         }
         for target, seeds in targets.items():
             d = os.path.join(out, target)
