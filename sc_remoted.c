@@ -4713,44 +4713,40 @@ static void mux_accept(fdev_t *lev)
 #define MUX_TCP_KEEPINTVL  10   /* seconds between probes */
 #define MUX_TCP_KEEPCNT    6    /* unanswered probes before giving up */
 
+/* set an int socket option and return what the kernel kept (-1: none) */
+static int sockopt_int(int fd, int level, int name, int v)
+{
+  socklen_t vl = sizeof(v);
+  setsockopt(fd, level, name, &v, sizeof(v));
+  if(getsockopt(fd, level, name, &v, &vl) != 0)
+    return -1;
+  return v;
+}
+
 /* socket options of an accepted TCP mux client; failures are harmless */
 static void mux_tcp_setup(int fd, const struct sockaddr *sa)
 {
   char addr[INET6_ADDRSTRLEN];
-  int on = 1, v;
-  int idle = -1, intvl = -1, cnt = -1, ka = -1;
-  socklen_t vl;
+  int idle = -1, intvl = -1, cnt = -1, ka;
 
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
-  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
+  sockopt_int(fd, IPPROTO_TCP, TCP_NODELAY, 1);
+  ka = sockopt_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
 #ifdef TCP_KEEPIDLE
-  v = MUX_TCP_KEEPIDLE;
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &v, sizeof(v));
-  vl = sizeof(idle);
-  getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, &vl);
+  idle = sockopt_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, MUX_TCP_KEEPIDLE);
 #endif
 #ifdef TCP_KEEPINTVL
-  v = MUX_TCP_KEEPINTVL;
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &v, sizeof(v));
-  vl = sizeof(intvl);
-  getsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, &vl);
+  intvl = sockopt_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, MUX_TCP_KEEPINTVL);
 #endif
 #ifdef TCP_KEEPCNT
-  v = MUX_TCP_KEEPCNT;
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &v, sizeof(v));
-  vl = sizeof(cnt);
-  getsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, &vl);
+  cnt = sockopt_int(fd, IPPROTO_TCP, TCP_KEEPCNT, MUX_TCP_KEEPCNT);
 #endif
-  (void)v;
   if(opt_flags & OPT_DEBUG)
     {
-      /* read back, so the debug log shows what the kernel took */
-      vl = sizeof(ka);
-      getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &ka, &vl);
+      /* what the kernel took, so the debug log shows the real values */
       if(sockaddr_tostr(sa, addr, sizeof(addr)) == NULL)
 	snprintf(addr, sizeof(addr), "?");
       log_dbg("%s.%d: mux over tcp: keepalive %d idle %d intvl %d cnt %d",
-	      addr, sockaddr_port(sa), ka != 0, idle, intvl, cnt);
+	      addr, sockaddr_port(sa), ka > 0, idle, intvl, cnt);
     }
   return;
 }

@@ -475,15 +475,22 @@ int logsock_connect(logsock_t *ls, time_t now)
   return 0;
 }
 
-int logsock_send(logsock_t *ls, const char *buf, size_t len, time_t now)
+/* send(2) flags for a datagram that must never block or raise SIGPIPE */
+static int dgram_send_flags(void)
 {
-  int flags = 0, tries;
+  int flags = 0;
 #ifdef MSG_DONTWAIT
   flags |= MSG_DONTWAIT;
 #endif
 #ifdef MSG_NOSIGNAL
   flags |= MSG_NOSIGNAL;
 #endif
+  return flags;
+}
+
+int logsock_send(logsock_t *ls, const char *buf, size_t len, time_t now)
+{
+  int flags = dgram_send_flags(), tries;
   /* a second try only after reconnecting a socket whose peer went away */
   for(tries = 0; tries < 2; tries++)
     {
@@ -540,13 +547,7 @@ int sdnotify_open(const char *addr)
 
 int sdnotify_send(int fd, const char *msg)
 {
-  int flags = 0;
-#ifdef MSG_DONTWAIT
-  flags |= MSG_DONTWAIT;
-#endif
-#ifdef MSG_NOSIGNAL
-  flags |= MSG_NOSIGNAL;
-#endif
+  int flags = dgram_send_flags();
   if(fd < 0)
     {
       errno = EBADF;
