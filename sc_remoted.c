@@ -1161,6 +1161,9 @@ static void tw_now_update(void);
  * Wait for events for at most timeout_ms (-1: forever) and dispatch them.
  * Objects torn down while dispatching are only marked; their memory is
  * freed after the batch, so later events in the batch see fd == -1.
+ * Returns 0, -1 when the wait failed, or 1 when a signal interrupted it
+ * before anything was dispatched (e.g. SIGCONT after SIGSTOP: epoll_wait
+ * is never restarted after a stop).
  */
 static int ev_poll(int timeout_ms)
 {
@@ -1175,7 +1178,7 @@ static int ev_poll(int timeout_ms)
 	n = epoll_wait(ev_fd, evs, EV_BATCH, timeout_ms);
 	tw_now_update(); /* "now" is current before any handler runs */
 	if(n < 0)
-	  return errno == EINTR ? 0 : -1;
+	  return errno == EINTR ? 1 : -1;
 	for(i=0; i<n; i++)
 	  {
 	    uint32_t e = evs[i].events;
@@ -1200,7 +1203,7 @@ static int ev_poll(int timeout_ms)
 	n = kevent(ev_fd, NULL, 0, evs, EV_BATCH, tsp);
 	tw_now_update();
 	if(n < 0)
-	  return errno == EINTR ? 0 : -1;
+	  return errno == EINTR ? 1 : -1;
 	for(i=0; i<n; i++)
 	  ev_dispatch(evs[i].udata, evs[i].filter == EVFILT_READ,
 		      evs[i].filter == EVFILT_WRITE);
@@ -1223,7 +1226,7 @@ static int ev_poll(int timeout_ms)
 	n = select(sel_maxfd + 1, &rfds, &wfds, NULL, tvp);
 	tw_now_update();
 	if(n < 0)
-	  return errno == EINTR ? 0 : -1;
+	  return errno == EINTR ? 1 : -1;
 	for(fd=0; fd <= sel_maxfd && cnt < n; fd++)
 	  {
 	    int r = FD_ISSET(fd, &rfds), w = FD_ISSET(fd, &wfds);
@@ -5105,14 +5108,22 @@ static int globals_init(void)
 /* run until SIGINT/SIGTERM (0) or a failure of the wait itself (-1) */
 static int loop_run(void)
 {
+  int rc;
   log_loop_started = 1;
   while(!loop_stop)
     {
-      if(ev_poll(vp_again.count > 0 ? 0 : tw_timeout_ms()) != 0)
+      if((rc = ev_poll(vp_again.count > 0 ? 0 : tw_timeout_ms())) < 0)
 	{
 	  log_err("wait failed: %s", strerror(errno));
 	  return -1;
 	}
+      /*
+       * Interrupted before dispatch (a signal; SIGCONT after a stop):
+       * wait again before judging timers, so frames that arrived while
+       * the daemon was stopped are read before silence is.
+       */
+      if(rc > 0)
+	continue;
       vp_again_run();
       tw_advance(tw_tick); /* after dispatch: read before judging silence */
       flush_pending();
