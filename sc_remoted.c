@@ -5124,6 +5124,17 @@ static int loop_run(void)
        */
       if(rc > 0)
 	continue;
+      /*
+       * More than a tick passed since the wheel last fired (the process
+       * was stopped or starved): the wait may have ended on its timeout
+       * without reporting what arrived meanwhile, so read once more,
+       * without blocking, before timers judge silence.
+       */
+      if(tw_count > 0 && tw_tick > tw_done + 1 && ev_poll(0) < 0)
+	{
+	  log_err("wait failed: %s", strerror(errno));
+	  return -1;
+	}
       vp_again_run();
       tw_advance(tw_tick); /* after dispatch: read before judging silence */
       flush_pending();

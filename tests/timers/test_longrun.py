@@ -11,7 +11,7 @@ daemon B (epoll, -Z 10800, stall-timeout=120):
   * silent VPs: after MASTER_ID they send nothing; the daemon sends one
     KEEPALIVE at 30 s, aborts at 60 s (rx_abort), keeps the zombie for
     -Z 10800 s (longer than the wheel's 1024 slots) and expires it once;
-  * slow handshakes (MASTER_NEW 15 s after connecting: accepted) and
+  * slow handshakes (MASTER_NEW 12 s after connecting: accepted) and
     connections that never handshake (closed at the 30 s deadline);
   * a local client on a VP's -U socket that stops reading while the VP
     sends it 1 MiB: disconnected once, at stall-timeout;
@@ -22,8 +22,9 @@ daemon A (-O select, -Z 0): with nothing connected it sleeps without a
   slowly (20 s) and relays both ways, or a connection that never
   handshakes is closed at exactly its 30 s deadline.
 
-Every timer is checked to fire at its time +/- 1 tick (plus tlib.SLACK
-for what the peers cannot see, see tlib) and exactly once.
+Every timer is checked to fire exactly once, at its time +/- 1 tick plus
+tlib.SLACK (real scheduling jitter seen in daemon time, see tlib); the
+share within 1 tick is printed per timer kind.
 """
 
 import os
@@ -52,10 +53,10 @@ SAMPLE_AT = (HOUR, 6 * HOUR)
 IDLE_GAPS = (31, 45, 60, 90, 120, 240, 300, 600, 900, 1200)
 # A peer's margins are daemon seconds too, i.e. milliseconds of real time
 # at x240: a VP keeps itself alive every 20 s (rx_abort is 60 s), a slow
-# handshake waits 15 s of the 30 s deadline.  W bounds waits for things
+# handshake waits 12 s of the 30 s deadline.  W bounds waits for things
 # that should happen at once (2.5 real seconds at x240).
 KA_EVERY = 20
-SLOW_WAIT = 15
+SLOW_WAIT = 12
 W = 600
 
 
@@ -112,10 +113,8 @@ class LongRunTest(unittest.TestCase):
                 break
             if data:
                 stamp = kernel_stamp(anc)
-                slack = 0
                 if stamp is None:
                     stamp = clk.now() / tlib.SPEED
-                    slack = tlib.SLACK
                 for f in reader.feed(data):
                     if f.chan != 0 or f.type != KEEPALIVE:
                         rec.fail('long%d: unexpected %r' % (i, f))
@@ -123,7 +122,7 @@ class LongRunTest(unittest.TestCase):
                     if last is not None:
                         dt = (stamp - last) * tlib.SPEED
                         rec.interval('keepalive', 'long%d#%d' % (i, n), 30,
-                                     dt, dt, slack)
+                                     dt, dt)
                     last, n = stamp, n + 1
             if clk.now() >= next_ka:
                 fs.send_keepalive()
@@ -247,10 +246,9 @@ class LongRunTest(unittest.TestCase):
         if hup is None:
             rec.fail('stall: client not disconnected in %d s' % (3 * STALL))
         else:
-            # last_progress lies in the burst (or just after it, as the
-            # daemon catches up): SLACK on both sides
+            # last_progress lies in the burst (or just after it)
             rec.interval('stall', 'stall@%d' % int(b0), STALL,
-                         hup - b1, hup - b0, tlib.SLACK)
+                         hup - b1, hup - b0)
             rec.count('stalls')
         c.close()
 

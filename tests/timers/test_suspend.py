@@ -63,6 +63,9 @@ class SuspendTest(unittest.TestCase):
             fs.pump(2)
         pending = socket.create_connection((d.connect_host, d.port), W)
         self.addCleanup(pending.close)      # accept deadline ~127
+        # accepted before the stop (else its deadline rightly counts
+        # from the accept after the wake)
+        d.wait_log(r':%d: accepted' % pending.getsockname()[1], W)
         clk.sleep_until(STOP_AT)
 
         d.signal(signal.SIGSTOP)
