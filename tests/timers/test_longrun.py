@@ -347,6 +347,7 @@ class LongRunTest(unittest.TestCase):
             'fds_1h_6h': [first[1], last[1]],
         }
         self.check_zombies(b)
+        rec.check_precision()
         summary['timers'] = rec.summary()
         print(tlib.dump(summary))
         if rec.failures:

@@ -14,10 +14,12 @@ observations of them, and every real millisecond a process waits for a
 CPU is SPEED milliseconds of daemon time (at x240 a 10 ms stall on a
 loaded machine is 2.4 daemon seconds).  So Recorder.interval() accepts
 T +/- (1 tick + SLACK), where SLACK is SC_TIMERS_SLACK_MS of real time
-(default 40 ms, 9.6 daemon seconds at x240), and reports per timer kind
-how many observations fell within 1 tick.  Exactly-once is what the
-bounds really pin down: a timer firing twice shows an interval near 0,
-a missed one near 2T, a wheel wrap error near T +/- 1024 s.
+(default 80 ms, 19.2 daemon seconds at x240; loaded runs showed 40 ms),
+and reports per timer kind how many observations fell within 1 tick;
+the long-run test requires most of them to (check_precision).  So the
+bounds pin down exactly-once -- a timer firing twice shows an interval
+near 0, a missed one near 2T, a wheel wrap error near T +/- 1024 s --
+and the share within one tick shows the precision.
 """
 
 import json
@@ -33,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
 import scr  # noqa: E402
 
 SPEED = float(os.environ.get('SC_TIMERS_SPEED', '240'))
-SLACK = float(os.environ.get('SC_TIMERS_SLACK_MS', '40')) / 1000 * SPEED
+SLACK = float(os.environ.get('SC_TIMERS_SLACK_MS', '80')) / 1000 * SPEED
 TICK = 1.0
 INNER = 'SC_TIMERS_INNER'
 
@@ -112,6 +114,14 @@ class Recorder:
             if late:
                 self.failures.append('%s %s: late: %.3f s > %g + 1 + %g'
                                      % (kind, who, latest, T, SLACK))
+
+    def check_precision(self, min_n=30, share=0.5):
+        """Record a failure for each timer kind with at least min_n
+        observations of which fewer than share were within 1 tick."""
+        for kind, s in sorted(self.summary().items()):
+            if s['n'] >= min_n and s['within_1_tick'] < share * s['n']:
+                self.fail('%s: only %d of %d within 1 tick'
+                          % (kind, s['within_1_tick'], s['n']))
 
     def summary(self):
         """Per kind: count, min earliest, max latest, how many within
