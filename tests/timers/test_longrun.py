@@ -116,9 +116,16 @@ class LongRunTest(unittest.TestCase):
                 stamp = kernel_stamp(anc)
                 if stamp is None:
                     stamp = clk.now() / tlib.SPEED
-                for f in reader.feed(data):
+                frames = reader.feed(data)
+                for f in frames:
                     if f.chan != 0 or f.type != KEEPALIVE:
                         rec.fail('long%d: unexpected %r' % (i, f))
+                        continue
+                    if len(frames) > 1:
+                        # this thread was starved and TCP merged the
+                        # segments: one stamp for several, no interval
+                        rec.count('keepalives read together', 1)
+                        last, last_seen, n = stamp, clk.now(), n + 1
                         continue
                     if last is not None:
                         dt = (stamp - last) * tlib.SPEED
