@@ -1265,7 +1265,10 @@ static int ev_poll(int timeout_ms)
  *  - tw_done is how far the wheel has fired.  tw_advance() moves it up to
  *    tw_tick only after the iteration's events were dispatched, so frames
  *    already waiting in a socket are read (and last_rx refreshed) before
- *    the lazy rx_abort / keepalive timers judge silence.
+ *    the lazy rx_abort / keepalive timers judge silence.  For the same
+ *    reason loop_run() does not fire timers after a wait a signal
+ *    interrupted (SIGCONT after SIGSTOP), and polls once more, without
+ *    blocking, when more than a tick passed since the wheel last fired.
  * Catch-up after a long stop (SIGSTOP, a suspended machine) is bounded:
  * at most TW_SLOTS slot visits whatever the gap, then the due timers are
  * merge-sorted by expiry so each fires once, in order.
