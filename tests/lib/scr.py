@@ -255,6 +255,8 @@ class Daemon:
         self.host = host
         self.connect_host = host if host else '127.0.0.1'
         self.port = port if port is not None else free_port(self.connect_host)
+        self._auto_port = port is None
+        self._port_retries = 0
         self.stderr_path = os.path.join(self.tmp, 'stderr.log')
         self.stdin_data = stdin_data
         self.env = env
@@ -422,12 +424,32 @@ class Daemon:
                                '%s; log:\n%s' % (self.proc.returncode, what,
                                                  self.log()[-3000:]))
 
+    def _retry_port_in_use(self):
+        """The port free_port() picked was taken by another process
+        before the daemon bound it (a busy shared machine): start again on
+        a new one, at most 3 times, and only for a port picked here."""
+        if not self._auto_port or self._port_retries >= 3 or \
+                self.proc is None or self.proc.poll() is None or \
+                'Address already in use' not in self.log():
+            return False
+        self._port_retries += 1
+        old = str(self.port)
+        self.port = free_port(self.connect_host)
+        i = self.args.index('-P') + 1
+        self.args[i] = self.args[i][:-len(old)] + str(self.port)
+        self._close_fh()
+        self.proc = None
+        self.start()
+        return True
+
     def wait_listening(self, timeout=10):
         """Poll-connect the TCP port until it accepts (and, with -M, until
         the mux socket exists)."""
         deadline = time.monotonic() + timeout
         fam = socket.AF_INET6 if ':' in self.connect_host else socket.AF_INET
         while True:
+            if self._retry_port_in_use():
+                continue
             self._check_alive('listening')
             ok = False
             s = socket.socket(fam, socket.SOCK_STREAM)
