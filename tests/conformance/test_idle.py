@@ -81,7 +81,7 @@ class IdleTest(unittest.TestCase):
         # depart: a zombie for -Z seconds, then gone; the wheel empties
         c.close()
         fs.close()
-        d.wait_log(r'vp \d+ %s: closing: zombie expired' % name,
+        d.wait_log(r'vp \d+ %s: departed: zombie expired' % name,
                    self.real(ZOMBIE + 5))
         d.wait_socket_gone(fs.expected_socket_name(), 10)
 

@@ -393,7 +393,7 @@ class LongRunTest(unittest.TestCase):
         for t, m in tlib.log_times(log, r'vp \d+ (\S+): zombie for \d+s'):
             born.setdefault(m.group(1), []).append(t)
         died = {}
-        for t, m in tlib.log_times(log, r'vp \d+ (\S+): closing: zombie '
+        for t, m in tlib.log_times(log, r'vp \d+ (\S+): departed: zombie '
                                    r'expired'):
             died.setdefault(m.group(1), []).append(t)
         t0 = None

@@ -84,7 +84,7 @@ class SuspendTest(unittest.TestCase):
         waiting.expect_control(KEEPALIVE, 60)
         t2 = clk.now()
         silent.expect_closed(W)
-        d.wait_log(r'zombie3: closing: zombie expired', W)
+        d.wait_log(r'zombie3: departed: zombie expired', W)
         clk.sleep_until(clk.now() + 5)
         pending.settimeout(W)
         self.assertEqual(pending.recv(1), b'', 'pending connection open')
@@ -93,9 +93,9 @@ class SuspendTest(unittest.TestCase):
         events = []
         for pat in (r'closing: accept timeout',
                     r'vp \d+ silent: zombie for \d+s: rx_abort',
-                    r'vp \d+ zombie1: closing: zombie expired',
-                    r'vp \d+ zombie2: closing: zombie expired',
-                    r'vp \d+ zombie3: closing: zombie expired'):
+                    r'vp \d+ zombie1: departed: zombie expired',
+                    r'vp \d+ zombie2: departed: zombie expired',
+                    r'vp \d+ zombie3: departed: zombie expired'):
             hits = tlib.log_times(log, pat)
             self.assertEqual(len(hits), 1, '%s fired %d times; log:\n%s'
                              % (pat, len(hits), log[-3000:]))
