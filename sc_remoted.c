@@ -4619,7 +4619,7 @@ static void w_put(upg_w_t *w, const void *d, size_t n)
 {
   uint8_t *np;
   size_t cap;
-  if(w->err)
+  if(w->err || n == 0)
     return;
   if(w->len + n > w->cap)
     {

@@ -34,6 +34,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
   uint32_t slen;
   int i, rc;
 
+  if(size == 0)
+    return 0;
   if(size > cap)
     {
       free(buf);
