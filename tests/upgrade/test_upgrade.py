@@ -29,6 +29,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 
@@ -312,6 +313,64 @@ class TestUpgrade(unittest.TestCase):
                                         r'upgrade refused', d.log())),
                          len(cases))
         self.assert_open(mc.sock, 'mux client')
+        self.assertEqual(d.stop(), 0)
+
+
+def copy_with_libs(binary, root, dest):
+    """Copy binary to root+dest with the shared libraries it needs (per
+    ldd) at their paths under root, so it can run inside a chroot."""
+    os.makedirs(os.path.dirname(root + dest), exist_ok=True)
+    shutil.copy(binary, root + dest)
+    out = subprocess.run(['ldd', binary], stdout=subprocess.PIPE,
+                         timeout=T).stdout.decode()
+    for lib in re.findall(r'(/\S+)', out):
+        if os.path.exists(lib):
+            os.makedirs(os.path.dirname(root + lib), exist_ok=True)
+            shutil.copy(lib, root + lib)
+
+
+@unittest.skipUnless(os.geteuid() == 0 and shutil.which('ldd'),
+                     'chroot needs root (and ldd)')
+class TestUpgradeChroot(unittest.TestCase):
+
+    def test_upgrade_inside_chroot(self):
+        """Under -R the binary is run by its path inside the chroot: an
+        upgrade works when it is reachable there, and is refused with a
+        log line naming the chroot when it is not."""
+        root = tempfile.mkdtemp(prefix='scr-upg-chroot-')
+        self.addCleanup(shutil.rmtree, root, True)
+        os.chmod(root, 0o755)
+        os.mkdir(os.path.join(root, 'u'))
+        copy_with_libs(scr.SC_REMOTED, root, '/bin/sc_remoted')
+        env = dict(os.environ)
+        env['ASAN_OPTIONS'] = (env.get('ASAN_OPTIONS', '') +
+                               ':detect_leaks=0').lstrip(':')
+        d = Daemon(udir=False, env=env, start=False, extra_args=[
+            '-R', root, '-U', '/u', '-e', '/sc.pid'])
+        self.addCleanup(d.__exit__, None, None, None)
+        d.args[0] = root + '/bin/sc_remoted'
+        d.udir = os.path.join(root, 'u')
+        d.start()
+        d.wait_listening()
+        fs = d.fake(name='chrt')
+        self.addCleanup(fs.close)
+        fs.handshake(T)
+        d.wait_socket(fs.expected_socket_name(), T)
+        uc = UnixClient(os.path.join(d.udir, fs.expected_socket_name()), T)
+        self.addCleanup(uc.close)
+        chan = fs.wait_channel_new(T)
+        pid, _ = d.upgrade(T)
+        self.assertEqual(os.readlink('/proc/%d/root' % pid),
+                         os.path.realpath(root))
+        with open(os.path.join(root, 'sc.pid')) as f:
+            self.assertEqual(int(f.read()), pid)
+        fs.send_data(chan, b'inside')
+        self.assertEqual(uc.recv_exact(6, T), b'inside')
+        os.unlink(root + '/bin/sc_remoted')
+        line = d.upgrade_fails(T)
+        self.assertIn('/bin/sc_remoted inside the -R chroot', line)
+        uc.send(b'still')
+        self.assertEqual(fs.recv_channel_data(chan, 5, T), b'still')
         self.assertEqual(d.stop(), 0)
 
 
