@@ -337,15 +337,19 @@ class TestUpgradeChroot(unittest.TestCase):
         """Under -R the binary is run by its path inside the chroot: an
         upgrade works when it is reachable there, and is refused with a
         log line naming the chroot when it is not."""
+        sys.path.insert(0, os.path.join(os.path.dirname(
+            os.path.abspath(__file__)), '..', 'hardening'))
+        import hlib
+        if hlib.is_asan():
+            # the sanitizer runtime reads its options from /proc, absent
+            # in the chroot, so the successor would run LeakSanitizer
+            self.skipTest('AddressSanitizer build: no /proc in the chroot')
         root = tempfile.mkdtemp(prefix='scr-upg-chroot-')
         self.addCleanup(shutil.rmtree, root, True)
         os.chmod(root, 0o755)
         os.mkdir(os.path.join(root, 'u'))
         copy_with_libs(scr.SC_REMOTED, root, '/bin/sc_remoted')
-        env = dict(os.environ)
-        env['ASAN_OPTIONS'] = (env.get('ASAN_OPTIONS', '') +
-                               ':detect_leaks=0').lstrip(':')
-        d = Daemon(udir=False, env=env, start=False, extra_args=[
+        d = Daemon(udir=False, start=False, extra_args=[
             '-R', root, '-U', '/u', '-e', '/sc.pid'])
         self.addCleanup(d.__exit__, None, None, None)
         d.args[0] = root + '/bin/sc_remoted'
