@@ -105,12 +105,18 @@ class TestUpgrade(unittest.TestCase):
         kw.setdefault('zombie', 120)
         d = Daemon(start=False, **kw)
         self.addCleanup(d.__exit__, None, None, None)
+        self.addCleanup(self.assert_no_sanitizer, d)
         up = Upgrader(d)
         if pidfile:
             d.args += ['-e', os.path.join(d.tmp, 'pid')]
         d.start()
         d.wait_listening()
         return d, up
+
+    def assert_no_sanitizer(self, d):
+        m = re.search(r'^.*(Sanitizer|runtime error).*$', d.log(), re.M)
+        if m:
+            self.fail('sanitizer report in the log: %s' % m.group(0))
 
     def session(self, d, name):
         fs = d.fake(name=name)
