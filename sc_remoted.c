@@ -82,6 +82,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <syslog.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -151,6 +152,7 @@
 #define OPT_SELECT         0x0008
 #define OPT_SKIPNAMEVERIFY 0x0010
 #define OPT_NOTIMES        0x0020
+#define OPT_SYSLOG         0x0040
 
 /* ---------------------------------------------------------------------
  * Options and usage
@@ -238,7 +240,7 @@ static void usage(unsigned int which)
 #ifdef HAVE_OPENSSL
 	    " skipnameverification,"
 #endif
-	    " notimes\n"
+	    " notimes, syslog\n"
 	    "        buffer-high=BYTES, buffer-low=BYTES (local client output"
 	    " watermarks)\n"
 	    "        stall-timeout=SECS, unacked-max=BYTES, handshake-max=N\n");
@@ -328,6 +330,7 @@ static int parse_O(const char *opt)
     {"skipnameverification", OPT_SKIPNAMEVERIFY},
 #endif
     {"notimes",    OPT_NOTIMES},
+    {"syslog",     OPT_SYSLOG},
   };
   size_t i;
   if(strchr(opt, '=') != NULL)
@@ -397,21 +400,127 @@ static int parse_P(const char *arg)
 /* ---------------------------------------------------------------------
  * Logging
  *
- * Errors are always printed; debug lines only with -O debug.  Once the
- * loop runs, lines carry a [HH:MM:SS:mmm] local-time prefix unless
- * -O notimes.  After -D daemonises, stderr is /dev/null and nothing shows.
+ * Four levels: log_err (LOG_ERR), log_warn (LOG_WARNING: problems the
+ * daemon survives), log_notice (LOG_NOTICE: one line per VP lifecycle
+ * event; logged by default) and log_dbg (LOG_DEBUG, only with -O debug).
+ *
+ * Where lines go: stderr in the foreground, with a [HH:MM:SS:mmm] local
+ * time prefix once the loop runs (unless -O notimes); when stderr is the
+ * journal (JOURNAL_STREAM names it) with sd-daemon "<N>" level prefixes
+ * and no time; with -D or -O syslog to syslog (ident sc_remoted, LOG_PID,
+ * LOG_DAEMON) through our own non-blocking /dev/log socket (utils.c says
+ * why not syslog(3)).  Startup errors, before the loop runs, also go to
+ * stderr so that whoever started the daemon sees them; an unreachable
+ * /dev/log is said on stderr with -O syslog, and under -D (whose stderr
+ * is for startup failures only) shows later as a count of dropped lines.
+ *
+ * Floods: each call site (keyed by its format string) may log LOG_BURST
+ * lines per LOG_INTERVAL seconds; the rest are counted and reported as
+ * "N similar messages suppressed" when the site next logs or, from the
+ * service tick, when its interval ends.  -O debug turns the limit off.
+ * Logging never blocks: syslog datagrams that do not fit are dropped and
+ * counted, and the journal stream is non-blocking.
  * --------------------------------------------------------------------- */
 
-static int log_loop_started = 0;
+#define LOG_BURST     20
+#define LOG_INTERVAL  5
+#define LOG_DEVLOG    "/dev/log"
 
-static void log_vmsg(const char *func, const char *fmt, va_list ap)
+static int       log_loop_started = 0;
+static int       log_syslog = 0;      /* -D or -O syslog */
+static int       log_journal = 0;     /* stderr is the journal */
+static int       log_stderr = 1;      /* stderr is still worth writing */
+static logsock_t log_sock;
+static ratelim_t log_rl;
+
+static void svc_tick_need(void);
+
+/* seconds on the monotonic clock, for the rate limiter */
+static time_t log_now(void)
 {
-  char msg[512], ts[32];
+  struct timeval tv;
+  time_mono(&tv);
+  return tv.tv_sec;
+}
+
+/*
+ * Choose the outputs; called once after the options are parsed and
+ * before any chroot (so /dev/log is reachable).  The /dev/log socket is
+ * connected now; if it is missing, the first log line says so on stderr.
+ */
+static void log_init(void)
+{
+  ratelim_init(&log_rl, LOG_BURST, LOG_INTERVAL);
+  logsock_init(&log_sock, LOG_DEVLOG);
+  if(opt_daemon || (opt_flags & OPT_SYSLOG))
+    {
+      log_syslog = 1;
+      /* -D keeps stderr for startup failures only (PROTOCOL.md 8) */
+      if(logsock_connect(&log_sock, log_now()) != 0 && !opt_daemon)
+	fprintf(stderr, "sc_remoted: %s: %s: logging to syslog will be "
+		"retried\n", LOG_DEVLOG, strerror(log_sock.err));
+    }
+  else if(journal_stream_match(getenv("JOURNAL_STREAM"), STDERR_FILENO))
+    {
+      log_journal = 1;
+      fd_nonblock(STDERR_FILENO);
+    }
+  return;
+}
+
+/* the loop is starting: from now on, syslog mode writes only to syslog */
+static void log_started(void)
+{
+  log_loop_started = 1;
+  if(log_syslog)
+    log_stderr = 0;
+  return;
+}
+
+/* write one finished line to every output of the current mode */
+static void log_emit(int level, const char *func, const char *msg)
+{
+  char line[640], ts[32], dg[700];
   struct timeval tv;
   struct tm tm;
   time_t t;
+  size_t len;
+  int n;
 
-  vsnprintf(msg, sizeof(msg), fmt, ap);
+  if(log_syslog)
+    {
+      snprintf(line, sizeof(line), "%s: %s", func, msg);
+      time_wall(&tv);
+      if(log_sock.dropped > 0 && log_sock.fd >= 0)
+	{
+	  char note[96];
+	  unsigned long d = log_sock.dropped;
+	  snprintf(note, sizeof(note), "log: %lu messages dropped (syslog "
+		   "socket full or unreachable)", d);
+	  len = syslog_format(dg, sizeof(dg), LOG_DAEMON | LOG_WARNING,
+			      tv.tv_sec, "sc_remoted", (long)getpid(), note);
+	  if(logsock_send(&log_sock, dg, len, log_now()) == 0)
+	    log_sock.dropped -= d;
+	}
+      len = syslog_format(dg, sizeof(dg), LOG_DAEMON | level, tv.tv_sec,
+			  "sc_remoted", (long)getpid(), line);
+      logsock_send(&log_sock, dg, len, log_now());
+    }
+  if(!log_stderr)
+    return;
+  if(log_journal)
+    {
+      /* one write per line: the stream is non-blocking, never wait */
+      n = snprintf(line, sizeof(line), "<%d>%s: %s\n", level, func, msg);
+      if(n > 0)
+	{
+	  len = (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1;
+	  line[len - 1] = '\n';
+	  if(write(STDERR_FILENO, line, len) < 0)
+	    { /* the journal is busy: the line is lost */ }
+	}
+      return;
+    }
   ts[0] = '\0';
   if(log_loop_started && (opt_flags & OPT_NOTIMES) == 0)
     {
@@ -425,25 +534,74 @@ static void log_vmsg(const char *func, const char *fmt, va_list ap)
   return;
 }
 
+/* report a site's suppressed count (from a log call or the service tick) */
+static void log_suppressed(int level, const char *func, unsigned long n)
+{
+  char msg[64];
+  snprintf(msg, sizeof(msg), "%lu similar message%s suppressed", n,
+	   n == 1 ? "" : "s");
+  log_emit(level, func, msg);
+  return;
+}
+
+static void log_vmsg(int level, const char *func, const char *fmt,
+		     va_list ap)
+{
+  char msg[512];
+  unsigned long sup = 0;
+
+  if((opt_flags & OPT_DEBUG) == 0)
+    {
+      if(level == LOG_DEBUG)
+	return;
+      if(ratelim_check(&log_rl, fmt, func, level, log_now(), &sup) == 0)
+	{
+	  svc_tick_need();
+	  return;
+	}
+      if(sup > 0)
+	log_suppressed(level, func, sup);
+    }
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  log_emit(level, func, msg);
+  return;
+}
+
+/* sites whose interval ended with suppressed lines: say so now */
+static int log_flush_suppressed(void)
+{
+  const ratelim_site_t *s;
+  unsigned long n;
+  size_t iter = 0;
+  int left = 0, i;
+
+  while((s = ratelim_expired(&log_rl, log_now(), &iter, &n)) != NULL)
+    log_suppressed(s->level, (const char *)s->tag, n);
+  for(i=0; i<=RATELIM_SITES; i++)
+    if(log_rl.site[i].suppressed > 0)
+      left = 1;
+  return left;
+}
+
 #if defined(__GNUC__)
-static void log_msg(const char *func, const char *fmt, ...)
-  __attribute__((format(printf, 2, 3)));
+static void log_msg(int level, const char *func, const char *fmt, ...)
+  __attribute__((format(printf, 3, 4)));
 #endif
 
-static void log_msg(const char *func, const char *fmt, ...)
+static void log_msg(int level, const char *func, const char *fmt, ...)
 {
   va_list ap;
   va_start(ap, fmt);
-  log_vmsg(func, fmt, ap);
+  log_vmsg(level, func, fmt, ap);
   va_end(ap);
   return;
 }
 
-#define log_err(...) log_msg(__func__, __VA_ARGS__)
-#define log_warn(...) log_msg(__func__, __VA_ARGS__)   /* survived */
-#define log_notice(...) log_msg(__func__, __VA_ARGS__) /* VP lifecycle */
+#define log_err(...) log_msg(LOG_ERR, __func__, __VA_ARGS__)
+#define log_warn(...) log_msg(LOG_WARNING, __func__, __VA_ARGS__)
+#define log_notice(...) log_msg(LOG_NOTICE, __func__, __VA_ARGS__)
 #define log_dbg(...) do {						\
-    if(opt_flags & OPT_DEBUG) log_msg(__func__, __VA_ARGS__);		\
+    if(opt_flags & OPT_DEBUG) log_msg(LOG_DEBUG, __func__, __VA_ARGS__); \
   } while(0)
 
 /* ---------------------------------------------------------------------
@@ -1981,7 +2139,7 @@ static void vp_close(vp_t *vp, const char *why)
     return;
   vp->dead = 1;
   if(vp->id != 0)
-    log_dbg("%s: vp %u %s: closing: %s", vp->peer, vp->id,
+    log_notice("%s: vp %u %s: departed: %s", vp->peer, vp->id,
 	    vp->name != NULL ? vp->name : "", why);
   else
     log_dbg("%s: closing: %s", vp->peer, why);
@@ -2059,8 +2217,8 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
 	  idb[1] = (uint8_t)idlen;
 	  memcpy(idb + 2, vp->peer, idlen);
 	  vp_send_raw(vp, vp->snd_nxt, idb, (uint16_t)(2 + idlen));
-	  log_dbg("%s: vp %u %s: new session (%s)", vp->peer, vp->id,
-		  vp->name != NULL ? vp->name : "", why);
+	  log_notice("%s: vp %u %s: arrived, new session (%s)", vp->peer,
+		     vp->id, vp->name != NULL ? vp->name : "", why);
 	  mux_announce_vp(vp, 0);
 	}
       else
@@ -2071,7 +2229,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
 	  if(buf_append_buf(&vp->out, &vp->unacked, 0) != 0)
 	    log_err("%s: out of memory replaying", vp->peer);
 	  out_queue(&vp->ev);
-	  log_dbg("%s: vp %u %s: resumed (%s), replaying %u frames",
+	  log_notice("%s: vp %u %s: resumed (%s), replaying %u frames",
 		  vp->peer, vp->id, vp->name != NULL ? vp->name : "", why,
 		  vp->snd_nxt - vp->snd_una);
 	  if(old == VP_ZOMBIE)
@@ -2084,7 +2242,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
       vp->state = VP_ZOMBIE;
       vp->zombie_gen = mc_gen;
       tw_arm(&vp->rx_timer, (unsigned int)opt_zombie);
-      log_dbg("%s: vp %u %s: zombie for %lds: %s", vp->peer, vp->id,
+      log_notice("%s: vp %u %s: zombie for %lds: %s", vp->peer, vp->id,
 	      vp->name != NULL ? vp->name : "", opt_zombie, why);
       return 0;
 
@@ -2092,7 +2250,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
       vp->state = VP_FLUSH;
       vp->rd_blocked = 1;
       ev_want_read(&vp->ev, 0);
-      log_dbg("%s: %s", vp->peer, why);
+      log_warn("%s: %s", vp->peer, why);
       return 0;
 
     case VP_HANDSHAKE:
@@ -2119,6 +2277,7 @@ static void vp_lost(vp_t *vp, const char *why)
 /* a protocol violation: freed at once, never a zombie */
 static int vp_proto_error(vp_t *vp, const char *why)
 {
+  log_warn("%s: protocol error: %s", vp->peer, why);
   vp_close(vp, why);
   return -1;
 }
@@ -2241,7 +2400,7 @@ static int vp_handle_master_new(vp_t *vp, const uint8_t *b, size_t len)
 #endif
   if(splaytree_insert(&vp_by_magic, vp) != 0)
     {
-      log_dbg("%s: duplicate magic %s", vp->peer,
+      log_warn("%s: duplicate magic %s", vp->peer,
 	      magic_str(magic, ml, ms, sizeof(ms)));
       return vp_proto_error(vp, "duplicate magic in MASTER_NEW");
     }
@@ -2275,13 +2434,13 @@ static int vp_handle_master_res(vp_t *t, const uint8_t *b, size_t len,
     return vp_reject(t, "MASTER_RES: unknown magic, rejected");
   if(serial_cmp(s[0], m->snd_una) < 0 || serial_cmp(s[0], m->snd_nxt) > 0)
     {
-      log_dbg("%s: resume of vp %u: rcv_nxt %u outside %u..%u", t->peer,
+      log_warn("%s: resume of vp %u: rcv_nxt %u outside %u..%u", t->peer,
 	      m->id, s[0], m->snd_una, m->snd_nxt);
       return vp_reject(t, "MASTER_RES: inconsistent rcv_nxt, rejected");
     }
   if(serial_cmp(s[1], m->rcv_nxt) > 0 || serial_cmp(m->rcv_nxt, s[2]) > 0)
     {
-      log_dbg("%s: resume of vp %u: our rcv_nxt %u outside %u..%u",
+      log_warn("%s: resume of vp %u: our rcv_nxt %u outside %u..%u",
 	      t->peer, m->id, m->rcv_nxt, s[1], s[2]);
       return vp_reject(t, "MASTER_RES: inconsistent snd_una/snd_nxt, "
 		       "rejected");
@@ -2759,7 +2918,7 @@ static void accept_pause(const char *what)
   if(accept_paused)
     return;
   accept_paused = 1;
-  log_err("%s: out of file descriptors, pausing accepts for 1s", what);
+  log_warn("%s: out of file descriptors, pausing accepts for 1s", what);
   accept_listen_all(0);
   tw_arm(&accept_timer, 1);
   return;
@@ -2785,7 +2944,7 @@ static vp_t *vp_accept_fd(int fd, const struct sockaddr *sa)
   if(handshake_count >= opt_handshake_max)
     {
       if(hs_cap_logged != tw_tick)
-	log_err("%ld connections in handshake: refusing new ones",
+	log_warn("%ld connections in handshake: refusing new ones",
 		handshake_count);
       hs_cap_logged = tw_tick;
       close(fd);
@@ -2794,7 +2953,7 @@ static vp_t *vp_accept_fd(int fd, const struct sockaddr *sa)
   if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
      (vp = vp_alloc(fd, sa)) == NULL)
     {
-      log_err("could not take connection fd %d", fd);
+      log_warn("could not take connection fd %d", fd);
       close(fd);
       return NULL;
     }
@@ -2834,7 +2993,7 @@ static void tcp_accept(fdev_t *lev)
 	    accept_pause("tcp_accept");
 	  else if(errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
 		  errno != ECONNABORTED)
-	    log_err("accept failed: %s", strerror(errno));
+	    log_warn("accept failed: %s", strerror(errno));
 	  return;
 	}
       vp_accept_fd(fd, (struct sockaddr *)&ss);
@@ -3184,7 +3343,7 @@ static void uc_stall(tw_timer_t *t)
   uclient_t *uc = CONTAINER_OF(t, uclient_t, sink.stall_timer);
   if(sink_stalled(&uc->sink))
     {
-      log_err("%s: local client stalled: %zu bytes unread for %lds",
+      log_warn("%s: local client stalled: %zu bytes unread for %lds",
 	      uc->vp != NULL ? uc->vp->peer : "?", buf_len(&uc->sink.out),
 	      opt_stall);
       uc_close(uc, "stalled");
@@ -3415,7 +3574,7 @@ static size_t mux_encode_vp_update(const vp_t *vp)
   if(vp->name != NULL && (m = meta_find(vp->name)) != NULL)
     meta_attrs(m, mux_upd_attr, &u);
   if(u.truncated > 0)
-    log_err("vp %u %s: %d attributes left out of VP_UPDATE (over %d bytes)",
+    log_warn("vp %u %s: %d attributes left out of VP_UPDATE (over %d bytes)",
 	    vp->id, vp->name != NULL ? vp->name : "", u.truncated,
 	    MUX_UPDATE_MAX);
   bytes_htonl(mux_enc, 0);
@@ -3715,7 +3874,7 @@ static void mc_stall(tw_timer_t *t)
   mclient_t *mc = CONTAINER_OF(t, mclient_t, sink.stall_timer);
   if(sink_stalled(&mc->sink))
     {
-      log_err("mux client %llu stalled: %zu bytes unread for %lds",
+      log_warn("mux client %llu stalled: %zu bytes unread for %lds",
 	      (unsigned long long)mc->gen, buf_len(&mc->sink.out), opt_stall);
       mc_close(mc, "stalled");
     }
@@ -3910,7 +4069,7 @@ static void mux_accept(void)
       if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
 	 mc_open(fd) == NULL)
 	{
-	  log_err("could not take mux client fd %d", fd);
+	  log_warn("could not take mux client fd %d", fd);
 	  close(fd);
 	}
     }
@@ -4362,7 +4521,7 @@ static void tls_reload(void)
     return;
   if((ctx = tls_ctx_build()) == NULL)
     {
-      log_err("TLS reload failed; keeping the previous certificate");
+      log_warn("TLS reload failed; keeping the previous certificate");
       return;
     }
   SSL_CTX_free(tls_ctx); /* sessions keep their own reference */
@@ -4461,7 +4620,7 @@ static int tls_check_name(vp_t *vp)
   X509_free(cert);
   if(!ok)
     {
-      log_dbg("%s: monitor name %s not in the client certificate",
+      log_warn("%s: monitor name %s not in the client certificate",
 	      vp->peer, vp->name);
       return vp_proto_error(vp, "monitor name does not match the client "
 			    "certificate");
@@ -4474,7 +4633,7 @@ static int vp_tls_start(vp_t *vp)
   if((vp->ssl = SSL_new(tls_ctx)) == NULL ||
      SSL_set_fd(vp->ssl, vp->ev.fd) != 1)
     {
-      log_err("%s: could not create TLS session: %s", vp->peer,
+      log_warn("%s: could not create TLS session: %s", vp->peer,
 	      tls_errstr());
       return -1;
     }
@@ -4506,7 +4665,7 @@ static void vp_tls_accept(vp_t *vp)
 	    vp_close(vp, "could not register");
 	  return;
 	}
-      log_dbg("%s: TLS handshake failed: %s", vp->peer,
+      log_warn("%s: TLS handshake failed: %s", vp->peer,
 	      err == SSL_ERROR_SSL ? tls_errstr() : "connection error");
       vp_close(vp, "TLS handshake failed");
       return;
@@ -4516,14 +4675,15 @@ static void vp_tls_accept(vp_t *vp)
     {
       if((cert = tls_peer_cert(vp->ssl)) == NULL)
 	{
+	  log_warn("%s: no client certificate", vp->peer);
 	  vp_close(vp, "no client certificate");
 	  return;
 	}
       X509_free(cert);
       if((vr = SSL_get_verify_result(vp->ssl)) != X509_V_OK)
 	{
-	  log_dbg("%s: client certificate: %s", vp->peer,
-		  X509_verify_cert_error_string(vr));
+	  log_warn("%s: client certificate refused: %s", vp->peer,
+		   X509_verify_cert_error_string(vr));
 	  vp_close(vp, "client certificate did not verify");
 	  return;
 	}
@@ -4538,6 +4698,186 @@ static void vp_tls_accept(vp_t *vp)
   return;
 }
 #endif /* HAVE_OPENSSL */
+
+/* ---------------------------------------------------------------------
+ * Service manager (sd_notify)
+ *
+ * Under systemd (Type=notify) NOTIFY_SOCKET names a datagram socket: we
+ * send READY=1 once every listener is up (with MAINPID= if -D forked),
+ * RELOADING=1 / READY=1 around a SIGHUP reload, STOPPING=1 on SIGINT or
+ * SIGTERM, STATUS= with the counts of live VPs, zombies and clients when
+ * they changed (checked once a second), and WATCHDOG=1 every
+ * WATCHDOG_USEC/2 (rounded down to whole ticks, at least one) when
+ * WATCHDOG_PID is ours or unset.  The socket is connected at startup,
+ * before any chroot, and sends never block: a notification that cannot be
+ * sent is lost (systemd's own sd_notify behaves the same).  The once-a-
+ * second service tick also reports rate-limited log sites whose interval
+ * ended; it runs only while there is something for it to do.
+ * --------------------------------------------------------------------- */
+
+static int        svc_fd = -1;          /* connected NOTIFY_SOCKET */
+static pid_t      svc_pid0 = 0;         /* our pid before any -D fork */
+static uint64_t   svc_wd_ticks = 0;     /* watchdog period; 0: none */
+static uint64_t   svc_wd_last = 0;      /* tick of the last WATCHDOG=1 */
+static char       svc_status[96];       /* the last STATUS= sent */
+static tw_timer_t svc_timer;
+
+static void svc_tick(tw_timer_t *t);
+
+/* send one notification; a failure is logged (rate-limited), never fatal */
+static void svc_send(const char *msg)
+{
+  if(svc_fd < 0)
+    return;
+  if(sdnotify_send(svc_fd, msg) != 0)
+    log_warn("NOTIFY_SOCKET: could not send %.*s: %s",
+	     (int)strcspn(msg, "\n"), msg, strerror(errno));
+  return;
+}
+
+/*
+ * Read NOTIFY_SOCKET, WATCHDOG_USEC and WATCHDOG_PID and connect the
+ * socket; called before chroot and -D.  A bad NOTIFY_SOCKET (missing,
+ * not a socket, unsupported form) is one warning and no notifications.
+ */
+static void svc_init(void)
+{
+  const char *ns = getenv("NOTIFY_SOCKET");
+  const char *wu = getenv("WATCHDOG_USEC");
+  const char *wp = getenv("WATCHDOG_PID");
+  long pid;
+  unsigned long long usec;
+  char *end;
+
+  svc_pid0 = getpid();
+  tw_timer_init(&svc_timer, svc_tick);
+  if(ns == NULL || ns[0] == '\0')
+    return;
+  if((svc_fd = sdnotify_open(ns)) < 0)
+    {
+      log_warn("NOTIFY_SOCKET=%s: %s; not notifying the service manager",
+	       ns, strerror(errno));
+      return;
+    }
+  if(wu == NULL || wu[0] < '0' || wu[0] > '9')
+    return;
+  if(wp != NULL && (string_tolong(wp, &pid) != 0 || pid != (long)svc_pid0))
+    return;
+  errno = 0;
+  usec = strtoull(wu, &end, 10);
+  if(errno != 0 || *end != '\0' || usec == 0)
+    return;
+  svc_wd_ticks = usec / 2000000ULL;
+  if(svc_wd_ticks == 0)
+    svc_wd_ticks = 1;
+  return;
+}
+
+/* one chan of a VP: count it if a -U client consumes it */
+static int svc_count_uc(void *item, void *param)
+{
+  if(((chan_t *)item)->uc != NULL)
+    (*(unsigned long *)param)++;
+  return 0;
+}
+
+/* send STATUS= if the counts changed since the last one sent */
+static void svc_status_update(void)
+{
+  unsigned long live = 0, zombies = 0, clients = 0;
+  char msg[sizeof(svc_status)];
+  dlist_node_t *n;
+  vp_t *vp;
+
+  if(svc_fd < 0)
+    return;
+  for(n = vp_list.head; n != NULL; n = n->next)
+    {
+      vp = CONTAINER_OF(n, vp_t, list_node);
+      if(vp->state == VP_GO)
+	live++;
+      else if(vp->state == VP_ZOMBIE)
+	zombies++;
+      splaytree_inorder(&vp->chans, svc_count_uc, &clients);
+    }
+  clients += (unsigned long)mc_list.count;
+  snprintf(msg, sizeof(msg), "STATUS=%lu VPs live, %lu zombies, %lu clients",
+	   live, zombies, clients);
+  if(strcmp(msg, svc_status) == 0)
+    return;
+  memcpy(svc_status, msg, sizeof(svc_status));
+  svc_send(msg);
+  return;
+}
+
+/* the service tick: suppressed-log reports, STATUS=, WATCHDOG=1 */
+static void svc_tick(tw_timer_t *t)
+{
+  int again = log_flush_suppressed();
+  if(svc_fd >= 0)
+    {
+      svc_status_update();
+      if(svc_wd_ticks > 0 && tw_tick >= svc_wd_last + svc_wd_ticks)
+	{
+	  svc_send("WATCHDOG=1");
+	  svc_wd_last = tw_tick;
+	}
+      again = 1;
+    }
+  if(again)
+    tw_arm(t, 1);
+  return;
+}
+
+/* a log site began suppressing: make sure the tick will report it */
+static void svc_tick_need(void)
+{
+  if(log_loop_started && svc_timer.fn != NULL && svc_timer.slot == NULL)
+    tw_arm(&svc_timer, 1);
+  return;
+}
+
+/* every listener is up and the loop is about to run */
+static void svc_ready(void)
+{
+  char msg[64];
+  if(svc_fd < 0)
+    return;
+  if(getpid() != svc_pid0)
+    snprintf(msg, sizeof(msg), "READY=1\nMAINPID=%ld", (long)getpid());
+  else
+    snprintf(msg, sizeof(msg), "READY=1");
+  svc_send(msg);
+  svc_status_update();
+  svc_wd_last = tw_tick;
+  tw_arm(&svc_timer, 1);
+  return;
+}
+
+/* RELOADING=1 with the monotonic time newer systemd asks for */
+static void svc_reloading(void)
+{
+  struct timeval tv;
+  char msg[64];
+  if(svc_fd < 0)
+    return;
+  time_mono(&tv);
+  snprintf(msg, sizeof(msg), "RELOADING=1\nMONOTONIC_USEC=%llu",
+	   (unsigned long long)tv.tv_sec * 1000000ULL +
+	   (unsigned long long)tv.tv_usec);
+  svc_send(msg);
+  return;
+}
+
+static void svc_close(void)
+{
+  tw_cancel(&svc_timer);
+  if(svc_fd >= 0)
+    close(svc_fd);
+  svc_fd = -1;
+  svc_status[0] = '\0';
+  return;
+}
 
 /* ---------------------------------------------------------------------
  * Live upgrade (SIGUSR2)
@@ -5034,6 +5374,7 @@ static void upg_save(upg_w_t *w)
   for(i=0; i<tcp_lev_count; i++)
     w_fd(w, tcp_lev[i].fd);
   w_fd(w, mux_lev.fd);
+  w_fd(w, svc_fd); /* NOTIFY_SOCKET may be out of reach under -R */
 
   for(cnt = 0, n = mc_list.head; n != NULL; n = n->next)
     cnt++;
@@ -5437,6 +5778,13 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
       fdev_init(&mux_lev, fd, FD_MUX_LISTEN, NULL);
       r_ev(r, &mux_lev, 1, 0);
     }
+  if((fd = r_fd(r)) >= 0)
+    {
+      if(svc_fd < 0)
+	svc_fd = fd;
+      else
+	close(fd);
+    }
   if(r->err || tcp_lev_count == 0)
     return -1;
 
@@ -5650,8 +5998,11 @@ static char **upg_envp(int fd)
     n++;
   if((envp = calloc(n + 3, sizeof(char *))) == NULL)
     return NULL;
+  /* WATCHDOG_PID names this process: without it the successor, which
+   * becomes the main pid, keeps the watchdog */
   for(n=0; environ[n] != NULL; n++)
-    if(strncmp(environ[n], UPG_ENV, strlen(UPG_ENV)) != 0)
+    if(strncmp(environ[n], UPG_ENV, strlen(UPG_ENV)) != 0 &&
+       strncmp(environ[n], "WATCHDOG_PID=", 13) != 0)
       envp[k++] = environ[n];
   if((envp[k] = malloc(64)) == NULL)
     {
@@ -5683,12 +6034,15 @@ static void upg_envp_free(char **envp)
 }
 
 /*
- * The old process is done: TLS VPs get a close_notify (their sessions
- * went across as zombies), and the process exits without touching
- * anything else the successor now serves.
+ * The old process is done: the service manager learns the new main pid
+ * (from this process, the one NotifyAccess=main trusts) and that it is
+ * ready; TLS VPs get a close_notify (their sessions went across as
+ * zombies); the process exits without touching anything else the
+ * successor now serves.
  */
-static void upg_exit(void)
+static void upg_exit(long newpid)
 {
+  char msg[64];
 #ifdef HAVE_OPENSSL
   dlist_node_t *n;
   vp_t *vp;
@@ -5702,6 +6056,8 @@ static void upg_exit(void)
 	}
     }
 #endif
+  snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1", newpid);
+  svc_send(msg);
   fflush(NULL);
   _exit(0);
 }
@@ -5850,7 +6206,7 @@ static void upg_run(void)
 	     (uint8_t *)reply + 5), reply + 9,
 	     (long long)timeval_diff_ms(&tv, &t0), (long)getpid(),
 	     PACKAGE_VERSION);
-  upg_exit();
+  upg_exit((long)bytes_ntohl((uint8_t *)reply + 5));
   return;
 
  lost:
@@ -6101,10 +6457,12 @@ static void sig_handler(int sig)
 static void reload(void)
 {
   log_dbg("SIGHUP: reloading");
+  svc_reloading();
   meta_load();
 #ifdef HAVE_OPENSSL
   tls_reload();
 #endif
+  svc_send("READY=1");
   return;
 }
 
@@ -6119,7 +6477,11 @@ static void sig_drain(void)
 	  if(b[i] == SIGHUP)
 	    reload();
 	  else if(b[i] == SIGINT || b[i] == SIGTERM)
-	    loop_stop = 1;
+	    {
+	      if(!loop_stop)
+		svc_send("STOPPING=1");
+	      loop_stop = 1;
+	    }
 	  else if(b[i] == SIGUSR2)
 	    upg_requested = 1;
 	}
@@ -6471,10 +6833,10 @@ static int privileges_settle(uid_t ruid, uid_t euid)
   /* -D is silent unless startup fails */
 #ifdef HAVE_CHROOT
   if(ruid == 0 && opt_chroot == NULL && !opt_daemon && !upg_successor)
-    log_err("warning: running as root without -R");
+    log_warn("warning: running as root without -R");
 #else
   if(ruid == 0 && !opt_daemon && !upg_successor)
-    log_err("warning: running as root");
+    log_warn("warning: running as root");
 #endif
   return 0;
 }
@@ -6504,6 +6866,7 @@ static void shutdown_all(void)
     close(sig_pipe[1]);
   sig_pipe[0] = sig_pipe[1] = -1;
   tw_cancel(&accept_timer);
+  svc_close();
   if(ev_fd >= 0)
     close(ev_fd);
   ev_fd = -1;
@@ -6549,7 +6912,7 @@ static int globals_init(void)
 /* run until SIGINT/SIGTERM (0) or a failure of the wait itself (-1) */
 static int loop_run(void)
 {
-  log_loop_started = 1;
+  log_started();
   while(!loop_stop)
     {
       if(ev_poll(vp_again.count > 0 ? 0 : tw_timeout_ms()) != 0)
@@ -6583,6 +6946,8 @@ int main(int argc, char *argv[])
     return 255;
   if((rc = check_options(argc, argv)) != 0)
     return rc == 1 ? 0 : rc;
+  log_init();
+  svc_init();
   upg_chroot_path();
   if(privileges_settle(ruid, euid) != 0)
     return 255;
@@ -6626,6 +6991,7 @@ int main(int argc, char *argv[])
       goto fail;
   if(mux_lev.fd >= 0 && ev_set(&mux_lev, 1, 0) != 0)
     goto fail;
+  svc_ready();
 
   rc = loop_run();
   shutdown_all();

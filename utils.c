@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <sys/un.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
 
@@ -20,6 +21,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -379,4 +381,290 @@ int file_read_all(const char *path, char **buf, size_t *len)
   close(fd);
   errno = err;
   return rc;
+}
+
+/* ---- syslog datagrams ----
+ *
+ * Why not syslog(3): glibc's syslog() writes to a blocking datagram
+ * socket, so a stalled or busy syslog daemon (its receive queue full)
+ * would stall the whole event loop; it also reconnects on every failure.
+ * These functions send the same datagram syslog(3) sends to /dev/log on
+ * a non-blocking socket: a message that does not fit is dropped and
+ * counted, and the caller reports the count later.
+ */
+
+size_t syslog_format(char *buf, size_t len, int pri, time_t t,
+		     const char *ident, long pid, const char *msg)
+{
+  static const char mon[12][4] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+				   "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  struct tm tm;
+  int n;
+
+  if(len == 0)
+    return 0;
+  if(localtime_r(&t, &tm) == NULL)
+    memset(&tm, 0, sizeof(tm));
+  n = snprintf(buf, len, "<%d>%s %2d %02d:%02d:%02d %s[%ld]: %s", pri,
+	       mon[tm.tm_mon >= 0 && tm.tm_mon < 12 ? tm.tm_mon : 0],
+	       tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ident, pid, msg);
+  if(n < 0)
+    {
+      buf[0] = '\0';
+      return 0;
+    }
+  return (size_t)n < len ? (size_t)n : len - 1;
+}
+
+void logsock_init(logsock_t *ls, const char *path)
+{
+  ls->fd = -1;
+  ls->path = path;
+  ls->next_try = 0;
+  ls->dropped = 0;
+  ls->err = 0;
+  return;
+}
+
+void logsock_close(logsock_t *ls)
+{
+  if(ls->fd >= 0)
+    close(ls->fd);
+  ls->fd = -1;
+  return;
+}
+
+/* a non-blocking, close-on-exec datagram socket connected to sun */
+static int dgram_connect(const struct sockaddr_un *sun, socklen_t sl)
+{
+  int fd, err;
+  if((fd = socket(AF_UNIX, SOCK_DGRAM, 0)) < 0)
+    return -1;
+  if(fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
+     connect(fd, (const struct sockaddr *)sun, sl) != 0)
+    {
+      err = errno;
+      close(fd);
+      errno = err;
+      return -1;
+    }
+  return fd;
+}
+
+int logsock_connect(logsock_t *ls, time_t now)
+{
+  struct sockaddr_un sun;
+
+  if(ls->fd >= 0)
+    return 0;
+  ls->next_try = now + 1;
+  memset(&sun, 0, sizeof(sun));
+  sun.sun_family = AF_UNIX;
+  if(ls->path == NULL || strlen(ls->path) >= sizeof(sun.sun_path))
+    {
+      ls->err = errno = EINVAL;
+      return -1;
+    }
+  memcpy(sun.sun_path, ls->path, strlen(ls->path));
+  if((ls->fd = dgram_connect(&sun, (socklen_t)sizeof(sun))) < 0)
+    {
+      ls->err = errno;
+      return -1;
+    }
+  ls->err = 0;
+  return 0;
+}
+
+int logsock_send(logsock_t *ls, const char *buf, size_t len, time_t now)
+{
+  int flags = 0, tries;
+#ifdef MSG_DONTWAIT
+  flags |= MSG_DONTWAIT;
+#endif
+#ifdef MSG_NOSIGNAL
+  flags |= MSG_NOSIGNAL;
+#endif
+  /* a second try only after reconnecting a socket whose peer went away */
+  for(tries = 0; tries < 2; tries++)
+    {
+      if(ls->fd < 0 && (now < ls->next_try || logsock_connect(ls, now) != 0))
+	break;
+      if(send(ls->fd, buf, len, flags) >= 0)
+	{
+	  ls->err = 0;
+	  return 0;
+	}
+      ls->err = errno;
+      if(errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS ||
+	 errno == EINTR || errno == EMSGSIZE)
+	break;
+      /* ECONNREFUSED, ENOTCONN...: the receiver was restarted */
+      logsock_close(ls);
+      ls->next_try = now;
+    }
+  ls->dropped++;
+  return -1;
+}
+
+/* ---- service manager (systemd) ---- */
+
+int sdnotify_open(const char *addr)
+{
+  struct sockaddr_un sun;
+  size_t len;
+
+  if(addr == NULL || (addr[0] != '/' && addr[0] != '@'))
+    {
+      errno = addr == NULL || addr[0] == '\0' ? EINVAL : EAFNOSUPPORT;
+      return -1;
+    }
+  len = strlen(addr);
+  if(len < 2 || len > sizeof(sun.sun_path) ||
+     (addr[0] == '/' && len == sizeof(sun.sun_path)))
+    {
+      errno = EINVAL;
+      return -1;
+    }
+  memset(&sun, 0, sizeof(sun));
+  sun.sun_family = AF_UNIX;
+  memcpy(sun.sun_path, addr, len);
+  if(addr[0] == '@')
+    {
+      /* abstract: a leading NUL and exactly the name's bytes */
+      sun.sun_path[0] = '\0';
+      return dgram_connect(&sun, (socklen_t)(offsetof(struct sockaddr_un,
+						      sun_path) + len));
+    }
+  return dgram_connect(&sun, (socklen_t)sizeof(sun));
+}
+
+int sdnotify_send(int fd, const char *msg)
+{
+  int flags = 0;
+#ifdef MSG_DONTWAIT
+  flags |= MSG_DONTWAIT;
+#endif
+#ifdef MSG_NOSIGNAL
+  flags |= MSG_NOSIGNAL;
+#endif
+  if(fd < 0)
+    {
+      errno = EBADF;
+      return -1;
+    }
+  return send(fd, msg, strlen(msg), flags) < 0 ? -1 : 0;
+}
+
+int journal_stream_match(const char *env, int fd)
+{
+  unsigned long long dev, ino;
+  struct stat sb;
+  char tail;
+
+  if(env == NULL || sscanf(env, "%llu:%llu%c", &dev, &ino, &tail) != 2)
+    return 0;
+  if(fstat(fd, &sb) != 0)
+    return 0;
+  return (unsigned long long)sb.st_dev == dev &&
+    (unsigned long long)sb.st_ino == ino;
+}
+
+/* ---- per-site rate limiting ---- */
+
+void ratelim_init(ratelim_t *rl, unsigned int burst, time_t interval)
+{
+  memset(rl->site, 0, sizeof(rl->site));
+  rl->burst = burst > 0 ? burst : 1;
+  rl->interval = interval > 0 ? interval : 1;
+  return;
+}
+
+/*
+ * The site for key: its own slot, a free one, or one whose window ended
+ * with nothing left to report (reused); else the shared overflow slot.
+ * Probing starts at a hash of the pointer, so a lookup is usually one
+ * comparison; the table is small enough that a full probe is cheap.
+ */
+static ratelim_site_t *ratelim_find(ratelim_t *rl, const void *key,
+				    time_t now)
+{
+  ratelim_site_t *s, *reuse = NULL;
+  size_t h = (size_t)((uintptr_t)key >> 3) * 2654435761U, i, j;
+
+  for(i=0; i<RATELIM_SITES; i++)
+    {
+      j = (h + i) % RATELIM_SITES;
+      s = &rl->site[j];
+      if(s->key == key)
+	return s;
+      if(s->key == NULL)
+	{
+	  if(reuse == NULL)
+	    reuse = s;
+	  break;
+	}
+      if(reuse == NULL && s->suppressed == 0 && now - s->start >= rl->interval)
+	reuse = s;
+    }
+  if(reuse == NULL)
+    return &rl->site[RATELIM_SITES];
+  /* key may still sit further along the probe chain: keep looking */
+  for(; i<RATELIM_SITES; i++)
+    {
+      s = &rl->site[(h + i) % RATELIM_SITES];
+      if(s->key == key)
+	return s;
+      if(s->key == NULL)
+	break;
+    }
+  memset(reuse, 0, sizeof(*reuse));
+  reuse->key = key;
+  reuse->start = now;
+  return reuse;
+}
+
+int ratelim_check(ratelim_t *rl, const void *key, const void *tag,
+		  int level, time_t now, unsigned long *suppressed)
+{
+  ratelim_site_t *s = ratelim_find(rl, key, now);
+
+  *suppressed = 0;
+  if(s == &rl->site[RATELIM_SITES] && s->key == NULL)
+    s->key = s;   /* mark the overflow slot as in use */
+  if(now - s->start >= rl->interval || now < s->start)
+    {
+      *suppressed = s->suppressed;
+      s->suppressed = 0;
+      s->n = 0;
+      s->start = now;
+    }
+  s->tag = tag;
+  s->level = level;
+  if(s->n < rl->burst)
+    {
+      s->n++;
+      return 1;
+    }
+  s->suppressed++;
+  return 0;
+}
+
+const ratelim_site_t *ratelim_expired(ratelim_t *rl, time_t now,
+				      size_t *iter, unsigned long *suppressed)
+{
+  ratelim_site_t *s;
+  while(*iter <= RATELIM_SITES)
+    {
+      s = &rl->site[(*iter)++];
+      if(s->key != NULL && s->suppressed > 0 &&
+	 (now - s->start >= rl->interval || now < s->start))
+	{
+	  *suppressed = s->suppressed;
+	  s->suppressed = 0;
+	  s->n = 0;
+	  s->start = now;
+	  return s;
+	}
+    }
+  return NULL;
 }

@@ -10,6 +10,7 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
 
 /* big-endian (network order) encode/decode into byte buffers */
 void     bytes_htons(uint8_t *b, uint16_t v);
@@ -65,5 +66,98 @@ int      file_read_all(const char *path, char **buf, size_t *len);
 
 /* case-insensitive ASCII compare of at most n bytes, like strncasecmp */
 int      ascii_strncasecmp(const char *a, const char *b, size_t n);
+
+
+/* ---- syslog datagrams ---- */
+
+/*
+ * Format one syslog(3)-style datagram as glibc sends it to /dev/log:
+ * "<pri>Mmm dd hh:mm:ss ident[pid]: msg" (RFC 3164; local time, no
+ * trailing newline).  Returns the length written (truncated to len-1).
+ */
+size_t   syslog_format(char *buf, size_t len, int pri, time_t t,
+		       const char *ident, long pid, const char *msg);
+
+/*
+ * A non-blocking datagram connection to a local syslog socket.  A send
+ * that would block, or any send while the socket is unreachable, is
+ * dropped and counted; reconnection is tried at most once a second.
+ */
+typedef struct logsock
+{
+  int            fd;        /* -1 while not connected */
+  const char    *path;      /* e.g. "/dev/log"; not copied */
+  time_t         next_try;  /* earliest (caller's clock) reconnect attempt */
+  unsigned long  dropped;   /* messages lost since the caller last reset */
+  int            err;       /* errno of the last failure, 0 after success */
+} logsock_t;
+
+void     logsock_init(logsock_t *ls, const char *path);
+/* connect now if not connected; 0 or -1 (errno and ls->err set) */
+int      logsock_connect(logsock_t *ls, time_t now);
+/* 0 if the datagram was handed to the socket, -1 if it was dropped */
+int      logsock_send(logsock_t *ls, const char *buf, size_t len, time_t now);
+void     logsock_close(logsock_t *ls);
+
+/* ---- service manager (systemd) ---- */
+
+/*
+ * Open a non-blocking datagram socket connected to NOTIFY_SOCKET's value
+ * (a path, or '@' for an abstract name).  Returns the fd, or -1 with
+ * errno set (EAFNOSUPPORT for an unsupported address form, EINVAL for an
+ * empty or too long one, or connect's error: ENOENT, ECONNREFUSED...).
+ */
+int      sdnotify_open(const char *addr);
+/* send one notification; 0, or -1 with errno set (never blocks) */
+int      sdnotify_send(int fd, const char *msg);
+/*
+ * 1 if JOURNAL_STREAM's "dev:inode" value names the file open on fd (the
+ * service manager connected it to the journal), else 0.
+ */
+int      journal_stream_match(const char *env, int fd);
+
+/* ---- per-site rate limiting ---- */
+
+/*
+ * A bounded table of rate-limited sites, each keyed by a pointer (e.g. a
+ * format string).  A site may pass `burst` messages per `interval`
+ * seconds; the rest are counted as suppressed.  Sites the table has no
+ * room for share one overflow slot.  No allocation.
+ */
+#define RATELIM_SITES 64
+
+typedef struct ratelim_site
+{
+  const void    *key;         /* NULL: free */
+  const void    *tag;         /* caller's data, returned with the key */
+  int            level;       /* caller's data */
+  time_t         start;       /* start of the current window */
+  unsigned int   n;           /* messages passed in this window */
+  unsigned long  suppressed;  /* messages refused in this window */
+} ratelim_site_t;
+
+typedef struct ratelim
+{
+  ratelim_site_t site[RATELIM_SITES + 1]; /* the last is the overflow */
+  unsigned int   burst;
+  time_t         interval;
+} ratelim_t;
+
+void     ratelim_init(ratelim_t *rl, unsigned int burst, time_t interval);
+/*
+ * A message from site key at time now: returns 1 if it may be emitted,
+ * 0 if it is suppressed.  When it returns 1 after a window in which
+ * messages were suppressed, *suppressed is that count (report it first);
+ * otherwise 0.
+ */
+int      ratelim_check(ratelim_t *rl, const void *key, const void *tag,
+		       int level, time_t now, unsigned long *suppressed);
+/*
+ * Visit sites whose window has ended with suppressed messages: returns
+ * such a site (its count in *suppressed, then reset) or NULL when none
+ * remain.  *iter starts at 0.
+ */
+const ratelim_site_t *ratelim_expired(ratelim_t *rl, time_t now,
+				      size_t *iter, unsigned long *suppressed);
 
 #endif /* UTILS_H */

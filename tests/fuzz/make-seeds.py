@@ -360,6 +360,18 @@ def certname_seeds(tmp):
     return s
 
 
+def svc_seeds():
+    """fuzz_svc: JOURNAL_STREAM values and syslog messages, then
+    (site, clock step) pairs for the rate limiter."""
+    s = {}
+    s["journal"] = b"2049:123456"
+    s["journal-junk"] = b"2049:123456x"
+    s["message"] = b"vp_set_state: 192.0.2.1:4000: vp 1 vp1: arrived"
+    s["flood-one-site"] = bytes([7, 0] * 40)
+    s["flood-sites"] = bytes(b for i in range(60) for b in (i, i % 3))
+    s["flood-expire"] = bytes([1, 0] * 10 + [1, 255] + [2, 2] * 8 + [3, 255])
+    return s
+
 # ---- live-upgrade state (sc_remoted.c, section "Live upgrade") -------------
 
 UPG_MAGIC, UPG_VERSION, NONE = 0x53435255, 1, 0xffffffff
@@ -403,7 +415,7 @@ def st_vp(state, vid, magic, name, fd, lev, chans=b"", nchans=0, out=b"",
 def state_seeds():
     hdr = struct.pack(">II", UPG_MAGIC, UPG_VERSION) + st_str("1.0.0")
     hdr += struct.pack(">QIQIQQ", 0, 0, 0, 4, 1, 1)
-    lev = bytes([1]) + struct.pack(">II", 0, NONE)
+    lev = bytes([1]) + struct.pack(">III", 0, NONE, NONE)
     mc = struct.pack(">IQBB", 1, 1, 1, 0) + st_sink(b"\0\0\0\0\0\0\0\2\0\2")
     mc += bytes([8]) + struct.pack(">IIII", 0, 6, 4, 2) + b"\0\3"
     mc += bytes([0, 0])
@@ -434,6 +446,7 @@ def main():
             "fuzz_meta": meta_seeds(),
             "fuzz_state": state_seeds(),
             "fuzz_certname": certname_seeds(tmp),
+            "fuzz_svc": svc_seeds(),
         }
         for target, seeds in targets.items():
             d = os.path.join(out, target)

@@ -1706,3 +1706,79 @@ def warts_record(rtype, body=b''):
 def main():
     """unittest.main with verbosity 2; exit status non-zero on failure."""
     unittest.main(verbosity=2)
+
+
+# ---------------------------------------------------------------------------
+# Service manager and syslog receivers (issue 10)
+# ---------------------------------------------------------------------------
+
+
+class DgramReceiver:
+    """A unix datagram socket bound at path, as a test-owned NOTIFY_SOCKET
+    or /dev/log.  recv() returns one message as str, or None on timeout;
+    wait_for(pred) collects messages until pred(msg) holds."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        os.chmod(path, 0o666)
+        self.seen = []
+
+    def recv(self, timeout=10):
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return None
+        msg = data.decode('utf-8', 'replace')
+        self.seen.append(msg)
+        return msg
+
+    def wait_for(self, pred, timeout=10, what='message'):
+        """Receive until pred(msg); return msg.  Raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError('no %s within %.1fs; got %r'
+                                   % (what, timeout, self.seen[-20:]))
+            msg = self.recv(left)
+            if msg is not None and pred(msg):
+                return msg
+
+    def close(self):
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+# one syslog datagram as syslog(3) writes it to /dev/log
+SYSLOG_RX = re.compile(r'^<(\d+)>([A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) '
+                       r'([^\[:]+)\[(\d+)\]: (.*)$', re.S)
+
+
+def parse_syslog(msg):
+    """(facility, severity, ident, pid, text) of a syslog datagram, or
+    None if it is not one."""
+    m = SYSLOG_RX.match(msg)
+    if not m:
+        return None
+    pri = int(m.group(1))
+    return (pri >> 3, pri & 7, m.group(3), int(m.group(4)), m.group(5))
+
+
+def read_pidfile(path):
+    """The pid in a complete "<pid>\\n" pid file, or None."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    return int(text) if re.fullmatch(r'\d+\n', text) else None

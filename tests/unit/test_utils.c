@@ -380,6 +380,217 @@ static void test_file_read_all(void)
   free(data);
 }
 
+/* ---- syslog datagrams ---- */
+
+static void test_syslog_format(void)
+{
+  char buf[128], want[128];
+  struct tm tm;
+  time_t t = 86400 * 365;
+  size_t n;
+
+  localtime_r(&t, &tm);
+  snprintf(want, sizeof(want), "<29>Jan %2d %02d:%02d:%02d id[42]: hello",
+	   tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+  if(tm.tm_mon == 0)
+    {
+      n = syslog_format(buf, sizeof(buf), 29, t, "id", 42, "hello");
+      CHECK(strcmp(buf, want) == 0);
+      CHECK(n == strlen(want));
+    }
+  /* truncation keeps a terminated prefix and reports its length */
+  n = syslog_format(buf, 8, 29, t, "id", 42, "hello");
+  CHECK(n == 7 && strlen(buf) == 7 && memcmp(buf, "<29>", 4) == 0);
+  CHECK(syslog_format(buf, 0, 29, t, "id", 42, "x") == 0);
+}
+
+/* a bound unix datagram socket at a fresh temporary path */
+static int dgram_bind(char *path, size_t len)
+{
+  struct sockaddr_un sun;
+  int fd;
+  snprintf(path, len, "/tmp/test_utils.%ld.sock", (long)getpid());
+  unlink(path);
+  if((fd = socket(AF_UNIX, SOCK_DGRAM, 0)) < 0)
+    return -1;
+  memset(&sun, 0, sizeof(sun));
+  sun.sun_family = AF_UNIX;
+  snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path);
+  if(bind(fd, (struct sockaddr *)&sun, sizeof(sun)) != 0)
+    {
+      close(fd);
+      return -1;
+    }
+  return fd;
+}
+
+static void test_logsock(void)
+{
+  char path[108], buf[64];
+  logsock_t ls;
+  ssize_t n;
+  int rx, i, sent = 0;
+
+  logsock_init(&ls, "/nonexistent/dev/log");
+  CHECK(logsock_connect(&ls, 100) == -1 && ls.err == ENOENT);
+  CHECK(logsock_send(&ls, "x", 1, 100) == -1 && ls.dropped == 1);
+  logsock_close(&ls);
+
+  if((rx = dgram_bind(path, sizeof(path))) < 0)
+    return;
+  logsock_init(&ls, path);
+  CHECK(logsock_send(&ls, "<30>hi", 6, 10) == 0 && ls.dropped == 0);
+  n = recv(rx, buf, sizeof(buf), 0);
+  CHECK(n == 6 && memcmp(buf, "<30>hi", 6) == 0);
+
+  /* a full receiver: sends are dropped and counted, never block */
+  for(i=0; i<100000 && ls.dropped == 0; i++)
+    if(logsock_send(&ls, "<30>flood", 9, 10) == 0)
+      sent++;
+  CHECK(ls.dropped > 0 && sent > 0);
+
+  /* the receiver goes away and comes back: reconnect, at most 1/s */
+  close(rx);
+  unlink(path);
+  CHECK(logsock_send(&ls, "a", 1, 10) == -1);
+  CHECK(ls.fd == -1);
+  if((rx = dgram_bind(path, sizeof(path))) < 0)
+    return;
+  CHECK(logsock_send(&ls, "b", 1, 10) == -1);     /* too soon */
+  CHECK(logsock_send(&ls, "c", 1, 11) == 0);      /* a second later */
+  n = recv(rx, buf, sizeof(buf), 0);
+  CHECK(n == 1 && buf[0] == 'c');
+  logsock_close(&ls);
+  close(rx);
+  unlink(path);
+}
+
+/* ---- service manager ---- */
+
+static void test_sdnotify(void)
+{
+  char path[108], buf[64], longp[200];
+  ssize_t n;
+  int rx, fd;
+
+  errno = 0;
+  CHECK(sdnotify_open(NULL) == -1 && errno == EINVAL);
+  CHECK(sdnotify_open("") == -1 && errno == EINVAL);
+  CHECK(sdnotify_open("vsock:2:123") == -1 && errno == EAFNOSUPPORT);
+  CHECK(sdnotify_open("/nonexistent/notify") == -1 && errno == ENOENT);
+  memset(longp, 'a', sizeof(longp));
+  longp[0] = '/';
+  longp[sizeof(longp) - 1] = '\0';
+  CHECK(sdnotify_open(longp) == -1 && errno == EINVAL);
+  /* a regular file is not a socket */
+  CHECK(sdnotify_open("/etc/passwd") == -1 && errno == ECONNREFUSED);
+  CHECK(sdnotify_send(-1, "READY=1") == -1);
+
+  if((rx = dgram_bind(path, sizeof(path))) < 0)
+    return;
+  CHECK((fd = sdnotify_open(path)) >= 0);
+  CHECK(sdnotify_send(fd, "READY=1") == 0);
+  n = recv(rx, buf, sizeof(buf), 0);
+  CHECK(n == 7 && memcmp(buf, "READY=1", 7) == 0);
+  close(fd);
+  close(rx);
+  unlink(path);
+
+#ifdef __linux__
+  {
+    struct sockaddr_un sun;
+    socklen_t sl;
+    char name[64];
+    snprintf(name, sizeof(name), "@test_utils.%ld", (long)getpid());
+    memset(&sun, 0, sizeof(sun));
+    sun.sun_family = AF_UNIX;
+    memcpy(sun.sun_path + 1, name + 1, strlen(name) - 1);
+    sl = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(name));
+    if((rx = socket(AF_UNIX, SOCK_DGRAM, 0)) >= 0 &&
+       bind(rx, (struct sockaddr *)&sun, sl) == 0)
+      {
+	CHECK((fd = sdnotify_open(name)) >= 0);
+	CHECK(sdnotify_send(fd, "STOPPING=1") == 0);
+	n = recv(rx, buf, sizeof(buf), 0);
+	CHECK(n == 10 && memcmp(buf, "STOPPING=1", 10) == 0);
+	close(fd);
+      }
+    if(rx >= 0)
+      close(rx);
+  }
+#endif
+}
+
+static void test_journal_stream(void)
+{
+  struct stat sb;
+  char env[64];
+  int fd = open("/dev/null", O_RDONLY);
+
+  CHECK(fd >= 0 && fstat(fd, &sb) == 0);
+  snprintf(env, sizeof(env), "%llu:%llu", (unsigned long long)sb.st_dev,
+	   (unsigned long long)sb.st_ino);
+  CHECK(journal_stream_match(env, fd) == 1);
+  snprintf(env, sizeof(env), "%llu:%llu", (unsigned long long)sb.st_dev,
+	   (unsigned long long)sb.st_ino + 1);
+  CHECK(journal_stream_match(env, fd) == 0);
+  CHECK(journal_stream_match(NULL, fd) == 0);
+  CHECK(journal_stream_match("", fd) == 0);
+  CHECK(journal_stream_match("12", fd) == 0);
+  CHECK(journal_stream_match("1:2x", fd) == 0);
+  CHECK(journal_stream_match(env, -1) == 0);
+  close(fd);
+}
+
+/* ---- rate limiting ---- */
+
+static void test_ratelim(void)
+{
+  static const char a[] = "a", b[] = "b";
+  static char keys[200];
+  const ratelim_site_t *s;
+  ratelim_t rl;
+  unsigned long sup;
+  size_t iter;
+  int i, passed = 0;
+
+  ratelim_init(&rl, 3, 5);
+  for(i=0; i<10; i++)
+    passed += ratelim_check(&rl, a, "fa", 4, 100, &sup);
+  CHECK(passed == 3);
+  /* another site is independent */
+  CHECK(ratelim_check(&rl, b, "fb", 5, 100, &sup) == 1 && sup == 0);
+  /* nothing to report before the interval ends */
+  iter = 0;
+  CHECK(ratelim_expired(&rl, 104, &iter, &sup) == NULL);
+  /* the next message after the interval carries the count */
+  CHECK(ratelim_check(&rl, a, "fa", 4, 105, &sup) == 1 && sup == 7);
+  CHECK(ratelim_check(&rl, a, "fa", 4, 105, &sup) == 1 && sup == 0);
+
+  /* or the tick reports it when the site stays quiet */
+  for(i=0; i<5; i++)
+    ratelim_check(&rl, a, "fa", 4, 106, &sup);
+  iter = 0;
+  s = ratelim_expired(&rl, 110, &iter, &sup);
+  CHECK(s != NULL && s->key == a && sup == 4 && s->level == 4 &&
+	strcmp((const char *)s->tag, "fa") == 0);
+  CHECK(ratelim_expired(&rl, 110, &iter, &sup) == NULL);
+  iter = 0;
+  CHECK(ratelim_expired(&rl, 200, &iter, &sup) == NULL);
+
+  /* more sites than slots: bounded, the rest share the overflow slot */
+  ratelim_init(&rl, 1, 5);
+  passed = 0;
+  for(i=0; i<200; i++)
+    passed += ratelim_check(&rl, &keys[i], "f", 4, 300, &sup);
+  CHECK(passed >= RATELIM_SITES && passed <= RATELIM_SITES + 1);
+  /* quiet sites are reused after their interval */
+  passed = 0;
+  for(i=0; i<200; i++)
+    passed += ratelim_check(&rl, &keys[i], "f", 4, 400, &sup);
+  CHECK(passed >= RATELIM_SITES - 1);
+}
+
 int main(void)
 {
   UNIT_RUN(test_bytes);
@@ -393,5 +604,10 @@ int main(void)
   UNIT_RUN(test_sockaddr_v6);
   UNIT_RUN(test_sockaddr_other);
   UNIT_RUN(test_file_read_all);
+  UNIT_RUN(test_syslog_format);
+  UNIT_RUN(test_logsock);
+  UNIT_RUN(test_sdnotify);
+  UNIT_RUN(test_journal_stream);
+  UNIT_RUN(test_ratelim);
   return unit_exit();
 }

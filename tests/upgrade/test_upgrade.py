@@ -27,6 +27,7 @@ import re
 import resource
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -319,6 +320,67 @@ class TestUpgrade(unittest.TestCase):
                                         r'upgrade refused', d.log())),
                          len(cases))
         self.assert_open(mc.sock, 'mux client')
+        self.assertEqual(d.stop(), 0)
+
+
+class NotifyRx:
+    """A NOTIFY_SOCKET that reports each datagram with its sender's pid
+    (SO_PASSCRED)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(path)
+
+    def recv(self, timeout):
+        self.sock.settimeout(timeout)
+        data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        pid = None
+        for level, kind, blob in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = struct.unpack('iII', blob[:12])[0]
+        return pid, data.decode()
+
+    def wait_for(self, pred, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            rem = deadline - time.monotonic()
+            if rem <= 0:
+                raise TimeoutError('no such notification')
+            pid, msg = self.recv(rem)
+            if pred(pid, msg):
+                return pid, msg
+
+    def close(self):
+        self.sock.close()
+
+
+class TestUpgradeNotify(unittest.TestCase):
+
+    def test_mainpid_and_ready(self):
+        """Under Type=notify with NotifyAccess=main: the old (main)
+        process announces MAINPID=<new pid> with READY=1 before it exits,
+        and the new process then keeps the watchdog."""
+        d = Daemon(start=False, env=dict(
+            (k, v) for k, v in os.environ.items()
+            if k not in ('NOTIFY_SOCKET', 'WATCHDOG_PID', 'WATCHDOG_USEC')))
+        self.addCleanup(d.__exit__, None, None, None)
+        rx = NotifyRx(os.path.join(d.tmp, 'notify'))
+        self.addCleanup(rx.close)
+        d.env['NOTIFY_SOCKET'] = rx.path
+        d.env['WATCHDOG_USEC'] = '2000000'
+        up = Upgrader(d)
+        d.start()
+        old = d.pid
+        rx.wait_for(lambda p, m: m == 'READY=1', T)
+        up.install(ALT)
+        new, _ = d.upgrade(T)
+        pid, msg = rx.wait_for(lambda p, m: m.startswith('MAINPID='), T)
+        self.assertEqual(pid, old)
+        self.assertEqual(msg, 'MAINPID=%d\nREADY=1' % new)
+        pid, msg = rx.wait_for(lambda p, m: m == 'WATCHDOG=1' and p == new,
+                               T)
         self.assertEqual(d.stop(), 0)
 
 
