@@ -5375,6 +5375,7 @@ static void upg_save(upg_w_t *w)
     w_fd(w, tcp_lev[i].fd);
   w_fd(w, mux_lev.fd);
   w_fd(w, svc_fd); /* NOTIFY_SOCKET may be out of reach under -R */
+  w_fd(w, log_sock.fd); /* and so may /dev/log */
 
   for(cnt = 0, n = mc_list.head; n != NULL; n = n->next)
     cnt++;
@@ -5782,6 +5783,13 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
     {
       if(svc_fd < 0)
 	svc_fd = fd;
+      else
+	close(fd);
+    }
+  if((fd = r_fd(r)) >= 0)
+    {
+      if(log_syslog && log_sock.fd < 0)
+	log_sock.fd = fd;
       else
 	close(fd);
     }

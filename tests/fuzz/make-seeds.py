@@ -415,7 +415,7 @@ def st_vp(state, vid, magic, name, fd, lev, chans=b"", nchans=0, out=b"",
 def state_seeds():
     hdr = struct.pack(">II", UPG_MAGIC, UPG_VERSION) + st_str("1.0.0")
     hdr += struct.pack(">QIQIQQ", 0, 0, 0, 4, 1, 1)
-    lev = bytes([1]) + struct.pack(">III", 0, NONE, NONE)
+    lev = bytes([1]) + struct.pack(">IIII", 0, NONE, NONE, NONE)
     mc = struct.pack(">IQBB", 1, 1, 1, 0) + st_sink(b"\0\0\0\0\0\0\0\2\0\2")
     mc += bytes([8]) + struct.pack(">IIII", 0, 6, 4, 2) + b"\0\3"
     mc += bytes([0, 0])
