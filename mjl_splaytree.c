@@ -190,6 +190,28 @@ void *splaytree_min(splaytree_t *tree)
   return node_item(tree, tree->root);
 }
 
+/*
+ * The smallest item greater than key, or NULL.  Splaying around key
+ * leaves either key's successor at the root (when key is absent and the
+ * search ended on the larger side) or something <= key there, whose
+ * successor is then the minimum of its right subtree.
+ */
+void *splaytree_find_next(splaytree_t *tree, const void *key)
+{
+  splaytree_node_t *n;
+
+  if(tree->root == NULL)
+    return NULL;
+  tree->root = splay(tree, tree->root, key);
+  if(key_cmp(tree, key, tree->root) < 0)
+    return node_item(tree, tree->root);
+  if((n = tree->root->right) == NULL)
+    return NULL;
+  while(n->left != NULL)
+    n = n->left;
+  return node_item(tree, n);
+}
+
 size_t splaytree_count(const splaytree_t *tree)
 {
   return tree->count;

@@ -30,11 +30,11 @@
  * so releasing the oldest message is dropping its bytes from the head.
  *
  * Sections, in order: options and usage; logging; buffers; objects;
- * event loop and backends; timer wheel; transport (plain/TLS);
- * backpressure (watermarks toward local consumers, the unacked limit
- * toward VPs); remote protocol; channels; per-VP unix sockets; mux
- * protocol; metadata; TLS context and name matching; live upgrade;
- * signals; main.
+ * event loop and backends; timer wheel; access control (allow-lists,
+ * per-source limits); transport (plain/TLS); backpressure (watermarks
+ * toward local consumers, the unacked limit toward VPs); remote
+ * protocol; channels; per-VP unix sockets; mux protocol; mux over TCP;
+ * metadata; TLS context and name matching; live upgrade; signals; main.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -120,6 +120,7 @@
 #define MUX_CHANNEL_CLOSE  4
 #define MUX_CTL_MAX        65536   /* cap on a buffered control message */
 #define MUX_UPDATE_MAX     65536   /* libscamperctrl's limit on a payload */
+#define MC_BURST_MARK      4096    /* refill a mux client's burst below */
 
 #define MUX_ATTR_NAME      1
 #define MUX_ATTR_ARRIVAL   2
@@ -181,6 +182,18 @@ static long          opt_stall     = 60;     /* secs over high, no progress */
 static size_t        opt_unacked_max = 16 * 1024 * 1024;
 static long          opt_handshake_max = 1024;
 static long          opt_upgrade_timeout = 10; /* secs for a successor */
+
+/* who may connect (-O allow, mux-allow, per-source-max, mux-*) */
+static cidr_t       *opt_allow     = NULL;   /* VP sources; none: any */
+static size_t        opt_allow_count = 0;
+static cidr_t       *opt_mux_allow = NULL;   /* TCP mux sources */
+static size_t        opt_mux_allow_count = 0;
+static long          opt_per_source_max = 0; /* 0: no cap */
+static const char   *opt_mux_listen = NULL;  /* -O mux-listen as given */
+static long          opt_mux_max   = 0;      /* 0: no cap */
+static long          opt_mux_burst_timeout = 60;
+static struct sockaddr_storage mux_tcp_ss;   /* the parsed mux-listen */
+static socklen_t     mux_tcp_sslen = 0;
 #ifdef HAVE_OPENSSL
 static char         *opt_certfile  = NULL;  /* -c */
 static char         *opt_privfile  = NULL;  /* -p */
@@ -243,7 +256,10 @@ static void usage(unsigned int which)
 	    " notimes, syslog\n"
 	    "        buffer-high=BYTES, buffer-low=BYTES (local client output"
 	    " watermarks)\n"
-	    "        stall-timeout=SECS, unacked-max=BYTES, handshake-max=N\n");
+	    "        stall-timeout=SECS, unacked-max=BYTES, handshake-max=N\n"
+	    "        allow=CIDR, per-source-max=N (who may be a VP)\n"
+	    "        mux-listen=[addr:]port, mux-allow=CIDR, mux-max=N,"
+	    " mux-burst-timeout=SECS\n");
 #ifdef HAVE_CHROOT
   if(which & USAGE_R)
     fprintf(stderr, "     -R chroot into this directory after startup\n");
@@ -296,6 +312,68 @@ static int parse_count(const char *s, long max, long *out)
   return 0;
 }
 
+/* append one CIDR (a repeatable -O option) to a list */
+static int parse_cidr_add(const char *val, cidr_t **list, size_t *count)
+{
+  cidr_t c, *nl;
+  if(cidr_parse(val, &c) != 0)
+    {
+      fprintf(stderr, "sc_remoted: %s: not an address or CIDR network\n",
+	      val);
+      return -1;
+    }
+  if((nl = realloc(*list, (*count + 1) * sizeof(cidr_t))) == NULL)
+    return -1;
+  nl[(*count)++] = c;
+  *list = nl;
+  return 0;
+}
+
+/*
+ * -O mux-listen: a bare port binds 127.0.0.1 only; otherwise addr:port
+ * or [v6addr]:port with a literal address.
+ */
+static int parse_mux_listen(const char *arg)
+{
+  char buf[INET6_ADDRSTRLEN + 16], *addr, *port, *p;
+  long lo;
+
+  opt_mux_listen = arg;
+  if(string_isdigits(arg))
+    {
+      addr = "127.0.0.1";
+      port = (char *)arg;
+    }
+  else
+    {
+      if(strlen(arg) >= sizeof(buf))
+	return -1;
+      strcpy(buf, arg);
+      if(buf[0] == '[')
+	{
+	  if((p = strchr(buf, ']')) == NULL || p[1] != ':')
+	    return -1;
+	  *p = '\0';
+	  addr = buf + 1;
+	  port = p + 2;
+	}
+      else
+	{
+	  if((p = strrchr(buf, ':')) == NULL || strchr(buf, ':') != p)
+	    return -1;
+	  *p = '\0';
+	  addr = buf;
+	  port = p + 1;
+	}
+    }
+  if(!string_isdigits(port) || strlen(port) > 5 ||
+     string_tolong(port, &lo) != 0 || lo < 1 || lo > 65535)
+    return -1;
+  if(sockaddr_fromstr(addr, (int)lo, &mux_tcp_ss, &mux_tcp_sslen) < 0)
+    return -1;
+  return 0;
+}
+
 /* -O name=value: the resource limits */
 static int parse_O_value(const char *opt)
 {
@@ -313,6 +391,18 @@ static int parse_O_value(const char *opt)
     return parse_count(val, 86400, &opt_stall);
   if(nl == 13 && strncasecmp(opt, "handshake-max", nl) == 0)
     return parse_count(val, 10000000, &opt_handshake_max);
+  if(nl == 5 && strncasecmp(opt, "allow", nl) == 0)
+    return parse_cidr_add(val, &opt_allow, &opt_allow_count);
+  if(nl == 9 && strncasecmp(opt, "mux-allow", nl) == 0)
+    return parse_cidr_add(val, &opt_mux_allow, &opt_mux_allow_count);
+  if(nl == 14 && strncasecmp(opt, "per-source-max", nl) == 0)
+    return parse_count(val, 10000000, &opt_per_source_max);
+  if(nl == 10 && strncasecmp(opt, "mux-listen", nl) == 0)
+    return parse_mux_listen(val);
+  if(nl == 7 && strncasecmp(opt, "mux-max", nl) == 0)
+    return parse_count(val, 10000000, &opt_mux_max);
+  if(nl == 17 && strncasecmp(opt, "mux-burst-timeout", nl) == 0)
+    return parse_count(val, 86400, &opt_mux_burst_timeout);
   if(nl == 15 && strncasecmp(opt, "upgrade-timeout", nl) == 0)
     return parse_count(val, 3600, &opt_upgrade_timeout) != 0 ||
       opt_upgrade_timeout < 1 ? -1 : 0;
@@ -891,7 +981,7 @@ typedef enum
   FD_VP,              /* a scamper connection */
   FD_VP_LISTEN,       /* a per-VP unix listener (-U) */
   FD_UC,              /* a local client on a per-VP socket */
-  FD_MUX_LISTEN,      /* the -M listener */
+  FD_MUX_LISTEN,      /* the -M or -O mux-listen listener */
   FD_MC,              /* a mux client */
   FD_SIGNAL,          /* the self-pipe */
 } fdtype_t;
@@ -993,10 +1083,12 @@ struct vp
   splaytree_node_t magic_node;
   uint8_t       in_id_tree;
   uint8_t       in_magic_tree;
+  uint64_t      accept_seq;     /* place in vp_list (accept order) */
   dlist_node_t  list_node;      /* accept order */
   uint64_t      zombie_gen;     /* mux client generation when it went zombie */
   uint8_t       again_queued;
   dlist_node_t  again_node;
+  struct src_ent *src;          /* per-source count held by the connection */
   slist_node_t  gc_node;
 };
 
@@ -1050,6 +1142,9 @@ struct mclient
   uint8_t       dead;
   uint8_t       in_paused;      /* not read: a VP's unacked is full */
   uint8_t       in_pause_req;   /* pause after this read */
+  uint8_t       bursting;       /* VP_UPDATE burst not finished: no GO yet */
+  vp_t         *burst_next;     /* next VP of vp_list to consider; NULL: end */
+  tw_timer_t    burst_timer;    /* -O mux-burst-timeout */
   dlist_node_t  paused_node;
   dlist_node_t  list_node;
   slist_node_t  gc_node;
@@ -1057,6 +1152,7 @@ struct mclient
 
 static uint8_t     *scratch = NULL;         /* the shared read buffer */
 static dlist_t      vp_list;                /* all vp_t, accept order */
+static uint64_t     vp_accept_seq = 0;      /* last vp_t.accept_seq given */
 static splaytree_t  vp_by_id;
 static splaytree_t  vp_by_magic;
 static uint32_t     vp_id_next = 1;
@@ -1071,6 +1167,7 @@ static long         handshake_count = 0;
 static fdev_t       tcp_lev[2];             /* -P listeners */
 static int          tcp_lev_count = 0;
 static fdev_t       mux_lev;                /* -M listener */
+static fdev_t       mux_tcp_lev;            /* -O mux-listen listener */
 static fdev_t       sig_ev;                 /* self-pipe, read end */
 static int          sig_pipe[2] = {-1, -1};
 
@@ -1082,7 +1179,7 @@ static void uc_flush(uclient_t *uc);
 static void mc_dispatch(mclient_t *mc, int rd, int wr);
 static void mc_flush(mclient_t *mc);
 static void tcp_accept(fdev_t *lev);
-static void mux_accept(void);
+static void mux_accept(fdev_t *lev);
 static void sig_drain(void);
 
 /* ---------------------------------------------------------------------
@@ -1266,7 +1363,7 @@ static void ev_dispatch(fdev_t *ev, int rd, int wr)
     case FD_VP:         vp_dispatch(ev->obj, rd, wr); break;
     case FD_VP_LISTEN:  vp_lev_accept(ev->obj); break;
     case FD_UC:         uc_dispatch(ev->obj, rd, wr); break;
-    case FD_MUX_LISTEN: mux_accept(); break;
+    case FD_MUX_LISTEN: mux_accept(ev); break;
     case FD_MC:         mc_dispatch(ev->obj, rd, wr); break;
     case FD_SIGNAL:     sig_drain(); break;
     }
@@ -1537,6 +1634,172 @@ static int tw_timeout_ms(void)
 }
 
 /* ---------------------------------------------------------------------
+ * Access control: source allow-lists and per-source limits
+ *
+ * Decided at accept, from the peer address alone, before a byte is read:
+ * -O allow for scamper connections, -O mux-allow for TCP mux clients,
+ * -O per-source-max for the connections (in handshake or GO; a zombie
+ * holds none) one source may hold at once, where a source is an IPv4
+ * address or an IPv6 /64 (one host usually owns a whole /64), and
+ * -O mux-max for mux clients of both kinds together.  An address is no
+ * identity: this limits exposure, it does not authenticate (-C does).
+ * The stat_ counters are for the metrics.
+ * --------------------------------------------------------------------- */
+
+#define SRC_V6_BITS 64
+
+static uint64_t stat_vp_refused_allow      = 0;
+static uint64_t stat_vp_refused_per_source = 0;
+static uint64_t stat_mux_refused_allow     = 0;
+static uint64_t stat_mux_refused_max       = 0;
+static uint64_t stat_mux_burst_timeouts    = 0;
+
+/* live connections of one source; exists while count > 0 */
+typedef struct src_ent
+{
+  cidr_t           key;
+  long             count;
+  splaytree_node_t node;
+} src_ent_t;
+
+static splaytree_t src_index;
+static int         src_index_ready = 0;
+
+static int src_cmp(const void *a, const void *b)
+{
+  return cidr_cmp(&((const src_ent_t *)a)->key, &((const src_ent_t *)b)->key);
+}
+
+static void src_index_init(void)
+{
+  if(src_index_ready)
+    return;
+  splaytree_init(&src_index, src_cmp, offsetof(src_ent_t, node));
+  src_index_ready = 1;
+  return;
+}
+
+/* 1 if sa lies in one of the n networks */
+static int cidr_list_match(const cidr_t *list, size_t n,
+			   const struct sockaddr *sa)
+{
+  size_t i;
+  for(i=0; i<n; i++)
+    if(cidr_match(&list[i], sa))
+      return 1;
+  return 0;
+}
+
+/* the live connection count of sa's source (0 when none) */
+static long src_count(const struct sockaddr *sa)
+{
+  src_ent_t key, *e;
+  src_index_init();
+  if(cidr_of_sockaddr(sa, SRC_V6_BITS, &key.key) != 0)
+    return 0;
+  if((e = splaytree_find(&src_index, &key)) == NULL)
+    return 0;
+  return e->count;
+}
+
+/*
+ * The constructor side of a source count: vp's connection from sa now
+ * counts against its source.  Only kept with -O per-source-max.  Without
+ * memory the connection is simply not counted.
+ */
+static void src_hold(vp_t *vp, const struct sockaddr *sa)
+{
+  src_ent_t key, *e;
+  if(opt_per_source_max == 0 || vp->src != NULL)
+    return;
+  src_index_init();
+  if(cidr_of_sockaddr(sa, SRC_V6_BITS, &key.key) != 0)
+    return;
+  if((e = splaytree_find(&src_index, &key)) == NULL)
+    {
+      if((e = calloc(1, sizeof(src_ent_t))) == NULL)
+	return;
+      e->key = key.key;
+      splaytree_insert(&src_index, e);
+    }
+  e->count++;
+  vp->src = e;
+  return;
+}
+
+/* the teardown side: vp's connection is gone; the last one frees it */
+static void src_release(vp_t *vp)
+{
+  src_ent_t *e = vp->src;
+  if(e == NULL)
+    return;
+  vp->src = NULL;
+  if(--e->count > 0)
+    return;
+  splaytree_remove(&src_index, e);
+  free(e);
+  return;
+}
+
+/*
+ * May a scamper connection from sa be taken?  Returns 0, or -1 after a
+ * log line and a count (the caller closes the fd unread).
+ */
+static int access_vp_check(const struct sockaddr *sa)
+{
+  char addr[INET6_ADDRSTRLEN];
+  long n;
+
+  if(opt_allow_count == 0 && opt_per_source_max == 0)
+    return 0;
+  if(sockaddr_tostr(sa, addr, sizeof(addr)) == NULL)
+    snprintf(addr, sizeof(addr), "?");
+  if(opt_allow_count > 0 &&
+     !cidr_list_match(opt_allow, opt_allow_count, sa))
+    {
+      stat_vp_refused_allow++;
+      log_warn("%s: connection refused: source not in -O allow", addr);
+      return -1;
+    }
+  if(opt_per_source_max > 0 && (n = src_count(sa)) >= opt_per_source_max)
+    {
+      stat_vp_refused_per_source++;
+      log_warn("%s: connection refused: source holds %ld connections "
+	       "(per-source-max)", addr, n);
+      return -1;
+    }
+  return 0;
+}
+
+/*
+ * May a mux client be taken?  tcp_sa is its address on the TCP mux, NULL
+ * on the unix socket.  Returns 0, or -1 after a log line and a count.
+ */
+static int access_mux_check(const struct sockaddr *tcp_sa)
+{
+  char addr[INET6_ADDRSTRLEN];
+
+  if(tcp_sa != NULL && opt_mux_allow_count > 0 &&
+     !cidr_list_match(opt_mux_allow, opt_mux_allow_count, tcp_sa))
+    {
+      if(sockaddr_tostr(tcp_sa, addr, sizeof(addr)) == NULL)
+	snprintf(addr, sizeof(addr), "?");
+      stat_mux_refused_allow++;
+      log_warn("%s: mux connection refused: source not in -O mux-allow",
+	       addr);
+      return -1;
+    }
+  if(opt_mux_max > 0 && (long)mc_list.count >= opt_mux_max)
+    {
+      stat_mux_refused_max++;
+      log_warn("%ld mux clients connected (mux-max): refusing a new one",
+	       (long)mc_list.count);
+      return -1;
+    }
+  return 0;
+}
+
+/* ---------------------------------------------------------------------
  * Transport (plain/TLS)
  *
  * vp_conn_read / vp_conn_flush hide whether a VP's connection is TLS.
@@ -1669,6 +1932,7 @@ static void vp_conn_close(vp_t *vp)
 #endif
   ev_close(&vp->ev);
   buf_clear(&vp->out);
+  src_release(vp);
   return;
 }
 
@@ -1841,6 +2105,7 @@ static void in_paused_recheck(void);
 static void vp_close(vp_t *vp, const char *why);
 static void mux_announce_vp(vp_t *vp, uint64_t after_gen);
 static void mux_depart_vp(vp_t *vp);
+static void mux_burst_forget(vp_t *vp);
 static int  vp_lev_open(vp_t *vp);
 static void vp_lev_close(vp_t *vp);
 static void chan_vp_gone(chan_t *c);
@@ -2155,6 +2420,7 @@ static void vp_close(vp_t *vp, const char *why)
   if(vp->in_magic_tree)
     splaytree_remove(&vp_by_magic, vp);
   vp->in_id_tree = vp->in_magic_tree = 0;
+  mux_burst_forget(vp);
   dlist_remove(&vp_list, &vp->list_node);
   if(vp->again_queued)
     {
@@ -2468,6 +2734,8 @@ static int vp_handle_master_res(vp_t *t, const uint8_t *b, size_t len,
   m->ssl = t->ssl;
   t->ssl = NULL;
 #endif
+  m->src = t->src;   /* the connection's per-source count moves too */
+  t->src = NULL;
   m->family = t->family;
   memcpy(m->addr, t->addr, sizeof(m->addr));
   memcpy(m->peer, t->peer, sizeof(m->peer));
@@ -2892,6 +3160,8 @@ static void accept_listen_all(int rd)
     ev_want_read(&tcp_lev[i], rd);
   if(mux_lev.fd >= 0)
     ev_want_read(&mux_lev, rd);
+  if(mux_tcp_lev.fd >= 0)
+    ev_want_read(&mux_tcp_lev, rd);
   for(n = vp_list.head; n != NULL; n = n->next)
     {
       vp = CONTAINER_OF(n, vp_t, list_node);
@@ -2960,6 +3230,7 @@ static vp_t *vp_accept_fd(int fd, const struct sockaddr *sa)
   vp->in_handshake = 1;
   handshake_count++;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+  vp->accept_seq = ++vp_accept_seq;
   dlist_push_tail(&vp_list, &vp->list_node);
   tw_arm(&vp->rx_timer, TIMEOUT_ACCEPT);
   log_dbg("%s: accepted", vp->peer);
@@ -2982,6 +3253,7 @@ static void tcp_accept(fdev_t *lev)
 {
   struct sockaddr_storage ss;
   socklen_t sl;
+  vp_t *vp;
   int fd, i;
 
   for(i=0; i<64; i++)
@@ -2996,7 +3268,13 @@ static void tcp_accept(fdev_t *lev)
 	    log_warn("accept failed: %s", strerror(errno));
 	  return;
 	}
-      vp_accept_fd(fd, (struct sockaddr *)&ss);
+      if(access_vp_check((struct sockaddr *)&ss) != 0)
+	{
+	  close(fd);
+	  continue;
+	}
+      if((vp = vp_accept_fd(fd, (struct sockaddr *)&ss)) != NULL)
+	src_hold(vp, (struct sockaddr *)&ss);
     }
   return;
 }
@@ -3598,10 +3876,41 @@ static void mc_send_ctl(mclient_t *mc, uint16_t type, uint32_t val,
   return;
 }
 
+/* 1 unless mc is in its burst and its cursor has not yet reached vp */
+static int mc_burst_passed(const mclient_t *mc, const vp_t *vp)
+{
+  return !mc->bursting || mc->burst_next == NULL ||
+    vp->accept_seq < mc->burst_next->accept_seq;
+}
+
+/* the VP after vp in accept order, or NULL */
+static vp_t *vp_list_next(const vp_t *vp)
+{
+  dlist_node_t *n = vp->list_node.next;
+  return n != NULL ? CONTAINER_OF(n, vp_t, list_node) : NULL;
+}
+
+/* vp leaves vp_list: cursors resting on it move to the next VP */
+static void mux_burst_forget(vp_t *vp)
+{
+  dlist_node_t *n;
+  mclient_t *mc;
+  for(n = mc_list.head; n != NULL; n = n->next)
+    {
+      mc = CONTAINER_OF(n, mclient_t, list_node);
+      if(mc->bursting && mc->burst_next == vp)
+	mc->burst_next = vp_list_next(vp);
+    }
+  return;
+}
+
 /*
  * Announce vp to mux clients whose generation is above after_gen: 0 for
  * every client (a new VP), or the generation at which the VP went zombie
- * (a resume: only clients that connected meanwhile lack it).
+ * (a resume: only clients that connected meanwhile lack it).  A client
+ * still in its burst whose cursor has not reached vp is skipped: the
+ * cursor will announce it (a new VP is appended to vp_list, so it is
+ * always ahead of every cursor).
  */
 static void mux_announce_vp(vp_t *vp, uint64_t after_gen)
 {
@@ -3612,7 +3921,8 @@ static void mux_announce_vp(vp_t *vp, uint64_t after_gen)
   for(n = mc_list.head; n != NULL; n = n->next)
     {
       mc = CONTAINER_OF(n, mclient_t, list_node);
-      if(mc->dead || mc->gen <= after_gen)
+      if(mc->dead || mc->gen <= after_gen ||
+	 !mc_burst_passed(mc, vp))
 	continue;
       if(len == 0)
 	len = mux_encode_vp_update(vp);
@@ -3621,6 +3931,7 @@ static void mux_announce_vp(vp_t *vp, uint64_t after_gen)
   return;
 }
 
+/* VP_DEPART to every client, except a bursting one not yet told of vp */
 static void mux_depart_vp(vp_t *vp)
 {
   dlist_node_t *n;
@@ -3628,7 +3939,7 @@ static void mux_depart_vp(vp_t *vp)
   for(n = mc_list.head; n != NULL; n = n->next)
     {
       mc = CONTAINER_OF(n, mclient_t, list_node);
-      if(!mc->dead)
+      if(!mc->dead && mc_burst_passed(mc, vp))
 	mc_send_ctl(mc, MUX_VP_DEPART, vp->id, 1);
     }
   return;
@@ -3689,6 +4000,7 @@ static void mc_close(mclient_t *mc, const char *why)
     return;
   mc->dead = 1;
   log_dbg("mux client %llu: closing: %s", (unsigned long long)mc->gen, why);
+  tw_cancel(&mc->burst_timer);
   if(mc->in_paused)
     {
       dlist_remove(&mc_in_paused, &mc->paused_node);
@@ -3990,19 +4302,31 @@ static int chan_wake_vp(void *item, void *param)
   return 0;
 }
 
+static void mc_burst_fill(mclient_t *mc);
+
+/*
+ * Write what is queued.  A client in its burst gets the next VP_UPDATEs
+ * each time its output drains below the burst mark, in this same call
+ * while the socket takes them, so a fast client is not slowed down.
+ */
 static void mc_flush(mclient_t *mc)
 {
   int rc;
-  if(mc->dead || mc->ev.fd < 0)
-    return;
-  if((rc = sink_flush(&mc->sink, &mc->ev)) < 0)
+  for(;;)
     {
-      mc_close(mc, "write error");
-      return;
+      if(mc->dead || mc->ev.fd < 0)
+	return;
+      if((rc = sink_flush(&mc->sink, &mc->ev)) < 0)
+	{
+	  mc_close(mc, "write error");
+	  return;
+	}
+      if(rc == 1)
+	splaytree_inorder(&mc->chans, chan_wake_vp, NULL);
+      if(!mc->bursting || buf_len(&mc->sink.out) >= MC_BURST_MARK)
+	return;
+      mc_burst_fill(mc);
     }
-  if(rc == 1)
-    splaytree_inorder(&mc->chans, chan_wake_vp, NULL);
-  return;
 }
 
 static void mc_dispatch(mclient_t *mc, int rd, int wr)
@@ -4020,20 +4344,69 @@ static void mc_dispatch(mclient_t *mc, int rd, int wr)
   return;
 }
 
+/* ---- the VP_UPDATE burst ---- */
+
 /*
- * A new mux client: queue VP_UPDATE for every VP in GO, in accept order,
- * then GO, before any other event can interleave (PROTOCOL.md 5.5).
+ * Queue the next VP_UPDATEs of mc's burst until its output reaches the
+ * burst mark, and GO after the last VP.  The cursor walks vp_list, in
+ * accept order as upstream's burst (PROTOCOL.md 5.5; a resumed session
+ * keeps its place), so a client that does not read costs at most the mark plus one
+ * frame, not one frame per VP.  VPs in GO are announced as the cursor
+ * reaches them; mux_announce_vp() and mux_depart_vp() use the cursor to
+ * announce every VP exactly once, in accept order, before GO.  The client is
+ * not read until GO is queued, so no channel of it can interleave data
+ * with its burst (PROTOCOL.md 5.5).
+ */
+static void mc_burst_fill(mclient_t *mc)
+{
+  vp_t *vp;
+  while(mc->bursting && !mc->dead && buf_len(&mc->sink.out) < MC_BURST_MARK)
+    {
+      if((vp = mc->burst_next) == NULL)
+	{
+	  mc->bursting = 0;
+	  tw_cancel(&mc->burst_timer);
+	  mc_send_ctl(mc, MUX_GO, 0, 0);
+	  if(!mc->dead && !mc->in_paused)
+	    ev_want_read(&mc->ev, 1);
+	  log_dbg("mux client %llu: burst done",
+		  (unsigned long long)mc->gen);
+	  return;
+	}
+      mc->burst_next = vp_list_next(vp);
+      if(vp->state == VP_GO && !vp->dead)
+	mc_out(mc, mux_enc, mux_encode_vp_update(vp));
+    }
+  return;
+}
+
+static void mc_burst_timeout(tw_timer_t *t)
+{
+  mclient_t *mc = CONTAINER_OF(t, mclient_t, burst_timer);
+  if(!mc->bursting || mc->dead)
+    return;
+  stat_mux_burst_timeouts++;
+  log_warn("mux client %llu: VP_UPDATE burst not read within %lds "
+	   "(mux-burst-timeout)", (unsigned long long)mc->gen,
+	   opt_mux_burst_timeout);
+  mc_close(mc, "burst timeout");
+  return;
+}
+
+/*
+ * A new mux client: the VP_UPDATE burst for every VP in GO, in accept
+ * order, then GO, before any other event can interleave (PROTOCOL.md
+ * 5.5).  The burst is produced as the client reads (mc_burst_fill).
  */
 static mclient_t *mc_open(int fd)
 {
-  dlist_node_t *n;
   mclient_t *mc;
-  vp_t *vp;
 
   if((mc = calloc(1, sizeof(mclient_t))) == NULL)
     return NULL;
   fdev_init(&mc->ev, fd, FD_MC, mc);
   sink_init(&mc->sink, mc_stall);
+  tw_timer_init(&mc->burst_timer, mc_burst_timeout);
   dlist_node_init(&mc->paused_node);
   splaytree_init(&mc->chans, chan_mc_cmp, offsetof(chan_t, mc_node));
   mc->gen = ++mc_gen;
@@ -4044,28 +4417,41 @@ static mclient_t *mc_open(int fd)
       return NULL;
     }
   dlist_push_tail(&mc_list, &mc->list_node);
-  for(n = vp_list.head; n != NULL && !mc->dead; n = n->next)
-    {
-      vp = CONTAINER_OF(n, vp_t, list_node);
-      if(vp->state == VP_GO && !vp->dead)
-	mc_out(mc, mux_enc, mux_encode_vp_update(vp));
-    }
-  mc_send_ctl(mc, MUX_GO, 0, 0);
   log_dbg("mux client %llu: connected", (unsigned long long)mc->gen);
+  mc->bursting = 1;
+  mc->burst_next = vp_list.head != NULL ?
+    CONTAINER_OF(vp_list.head, vp_t, list_node) : NULL;
+  tw_arm(&mc->burst_timer, (unsigned int)opt_mux_burst_timeout);
+  mc_burst_fill(mc);
+  if(mc->bursting && !mc->dead)
+    ev_want_read(&mc->ev, 0);
   return mc;
 }
 
-static void mux_accept(void)
+static void mux_tcp_setup(int fd, const struct sockaddr *sa);
+
+/* a client on the -M socket or, with lev == &mux_tcp_lev, over TCP */
+static void mux_accept(fdev_t *lev)
 {
-  int fd, i;
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  int fd, i, tcp = (lev == &mux_tcp_lev);
   for(i=0; i<16; i++)
     {
-      if((fd = accept(mux_lev.fd, NULL, NULL)) < 0)
+      sl = sizeof(ss);
+      if((fd = accept(lev->fd, (struct sockaddr *)&ss, &sl)) < 0)
 	{
 	  if(errno == EMFILE || errno == ENFILE)
 	    accept_pause("mux_accept");
 	  return;
 	}
+      if(access_mux_check(tcp ? (struct sockaddr *)&ss : NULL) != 0)
+	{
+	  close(fd);
+	  continue;
+	}
+      if(tcp)
+	mux_tcp_setup(fd, (struct sockaddr *)&ss);
       if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
 	 mc_open(fd) == NULL)
 	{
@@ -4074,6 +4460,92 @@ static void mux_accept(void)
 	}
     }
   return;
+}
+
+/* ---------------------------------------------------------------------
+ * Mux over TCP (-O mux-listen)
+ *
+ * libscamperctrl's scamper_mux_add_inet(): a TCP connection speaking
+ * exactly the mux protocol.  Only the listener and accept differ from
+ * the -M socket (mux_accept() checks -O mux-allow and -O mux-max); the
+ * clients are ordinary mclient_t.  Keepalive probes notice a client
+ * whose host vanished without a FIN in about a minute and a half.
+ * --------------------------------------------------------------------- */
+
+#define MUX_TCP_KEEPIDLE   30   /* seconds idle before the first probe */
+#define MUX_TCP_KEEPINTVL  10   /* seconds between probes */
+#define MUX_TCP_KEEPCNT    6    /* unanswered probes before giving up */
+
+/* socket options of an accepted TCP mux client; failures are harmless */
+static void mux_tcp_setup(int fd, const struct sockaddr *sa)
+{
+  char addr[INET6_ADDRSTRLEN];
+  int on = 1, v;
+  int idle = -1, intvl = -1, cnt = -1, ka = -1;
+  socklen_t vl;
+
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
+#ifdef TCP_KEEPIDLE
+  v = MUX_TCP_KEEPIDLE;
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &v, sizeof(v));
+  vl = sizeof(idle);
+  getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, &vl);
+#endif
+#ifdef TCP_KEEPINTVL
+  v = MUX_TCP_KEEPINTVL;
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &v, sizeof(v));
+  vl = sizeof(intvl);
+  getsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, &vl);
+#endif
+#ifdef TCP_KEEPCNT
+  v = MUX_TCP_KEEPCNT;
+  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &v, sizeof(v));
+  vl = sizeof(cnt);
+  getsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, &vl);
+#endif
+  (void)v;
+  if(opt_flags & OPT_DEBUG)
+    {
+      /* read back, so the debug log shows what the kernel took */
+      vl = sizeof(ka);
+      getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &ka, &vl);
+      if(sockaddr_tostr(sa, addr, sizeof(addr)) == NULL)
+	snprintf(addr, sizeof(addr), "?");
+      log_dbg("%s.%d: mux over tcp: keepalive %d idle %d intvl %d cnt %d",
+	      addr, sockaddr_port(sa), ka != 0, idle, intvl, cnt);
+    }
+  return;
+}
+
+/* open the -O mux-listen socket; 0 when done or not configured */
+static int mux_tcp_listen(void)
+{
+  const struct sockaddr *sa = (struct sockaddr *)&mux_tcp_ss;
+  int fd, on = 1;
+
+  fdev_init(&mux_tcp_lev, -1, FD_MUX_LISTEN, NULL);
+  if(opt_mux_listen == NULL)
+    return 0;
+  if((fd = socket(sa->sa_family, SOCK_STREAM, 0)) < 0)
+    {
+      log_err("could not create the mux-listen socket: %s", strerror(errno));
+      return -1;
+    }
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
+  if(sa->sa_family == AF_INET6)
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof(on));
+  if(bind(fd, sa, mux_tcp_sslen) != 0 || listen(fd, SOMAXCONN) != 0 ||
+     fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0)
+    {
+      log_err("could not listen on mux-listen %s: %s", opt_mux_listen,
+	      strerror(errno));
+      close(fd);
+      return -1;
+    }
+  mux_tcp_lev.fd = fd;
+  log_dbg("mux over tcp on %s", opt_mux_listen);
+  return 0;
 }
 
 /* ---------------------------------------------------------------------
@@ -5217,6 +5689,35 @@ static void r_sink(upg_r_t *r, sink_t *s)
 
 /* ---- saving ---- */
 
+static int vp_is_tls(const vp_t *vp);
+
+/* whether vp crosses: TLS connections not in GO do not */
+static int upg_vp_saved(const vp_t *vp)
+{
+  return !vp_is_tls(vp) || vp->state == VP_GO;
+}
+
+/*
+ * The position among the VPs saved of vp, or of the first saved VP after
+ * it; UPG_NONE for the end of the list (NULL).
+ */
+static uint32_t upg_vp_index(const vp_t *vp)
+{
+  dlist_node_t *n;
+  uint32_t i = 0;
+  if(vp == NULL)
+    return UPG_NONE;
+  for(n = vp_list.head; n != NULL; n = n->next)
+    {
+      const vp_t *x = CONTAINER_OF(n, vp_t, list_node);
+      if(x->accept_seq >= vp->accept_seq && upg_vp_saved(x))
+	return i;
+      if(upg_vp_saved(x))
+	i++;
+    }
+  return UPG_NONE;
+}
+
 /* a mux client: its socket, generation, output, parser state, pauses */
 static void upg_save_mc(upg_w_t *w, const mclient_t *mc)
 {
@@ -5235,6 +5736,10 @@ static void upg_save_mc(upg_w_t *w, const mclient_t *mc)
     }
   w_u8(w, mc->in_paused);
   w_u8(w, mc->in_pause_req);
+  /* the VP_UPDATE burst cursor: the saved VP it stands at */
+  w_u8(w, mc->bursting);
+  w_u32(w, mc->bursting ? upg_vp_index(mc->burst_next) : UPG_NONE);
+  w_timer(w, &mc->burst_timer);
   return;
 }
 
@@ -5312,6 +5817,7 @@ static void upg_save_vp(upg_w_t *w, const vp_t *vp)
   w_u8(w, vp->in_magic_tree);
   w_u8(w, vp->in_handshake);
   w_u64(w, tls ? mc_gen : vp->zombie_gen);
+  w_u8(w, tls ? 0 : (vp->src != NULL));
   w_buf(w, &vp->unacked);
   w_u64(w, vp->last_rx);
   w_u64(w, vp->last_tx);
@@ -5374,8 +5880,17 @@ static void upg_save(upg_w_t *w)
   for(i=0; i<tcp_lev_count; i++)
     w_fd(w, tcp_lev[i].fd);
   w_fd(w, mux_lev.fd);
+  w_fd(w, mux_tcp_lev.fd);
   w_fd(w, svc_fd); /* NOTIFY_SOCKET may be out of reach under -R */
   w_fd(w, log_sock.fd); /* and so may /dev/log */
+
+  /* counters: how many, then each; a loader takes those it knows */
+  w_u32(w, 5);
+  w_u64(w, stat_vp_refused_allow);
+  w_u64(w, stat_vp_refused_per_source);
+  w_u64(w, stat_mux_refused_allow);
+  w_u64(w, stat_mux_refused_max);
+  w_u64(w, stat_mux_burst_timeouts);
 
   for(cnt = 0, n = mc_list.head; n != NULL; n = n->next)
     cnt++;
@@ -5384,18 +5899,12 @@ static void upg_save(upg_w_t *w)
     upg_save_mc(w, CONTAINER_OF(n, mclient_t, list_node));
 
   for(cnt = 0, n = vp_list.head; n != NULL; n = n->next)
-    {
-      vp_t *vp = CONTAINER_OF(n, vp_t, list_node);
-      if(!vp_is_tls(vp) || vp->state == VP_GO)
-	cnt++;
-    }
+    if(upg_vp_saved(CONTAINER_OF(n, vp_t, list_node)))
+      cnt++;
   w_u32(w, cnt);
   for(n = vp_list.head; n != NULL; n = n->next)
-    {
-      vp_t *vp = CONTAINER_OF(n, vp_t, list_node);
-      if(!vp_is_tls(vp) || vp->state == VP_GO)
-	upg_save_vp(w, vp);
-    }
+    if(upg_vp_saved(CONTAINER_OF(n, vp_t, list_node)))
+      upg_save_vp(w, CONTAINER_OF(n, vp_t, list_node));
   w_u32(w, UPG_MAGIC); /* trailer: a truncated state is detected */
   return;
 }
@@ -5425,7 +5934,7 @@ static void r_ev(upg_r_t *r, fdev_t *ev, uint8_t rd, uint8_t wr)
   return;
 }
 
-static int upg_load_mc(upg_r_t *r)
+static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
 {
   const uint8_t *p;
   mclient_t *mc;
@@ -5436,6 +5945,7 @@ static int upg_load_mc(upg_r_t *r)
     return -1;
   fdev_init(&mc->ev, -1, FD_MC, mc);
   sink_init(&mc->sink, mc_stall);
+  tw_timer_init(&mc->burst_timer, mc_burst_timeout);
   dlist_node_init(&mc->paused_node);
   splaytree_init(&mc->chans, chan_mc_cmp, offsetof(chan_t, mc_node));
   dlist_node_init(&mc->list_node);
@@ -5476,7 +5986,11 @@ static int upg_load_mc(upg_r_t *r)
     return -1;
   mc->in_paused = r_flag(r);
   mc->in_pause_req = r_flag(r);
-  if(r->err || (mc->list_node.prev != NULL &&
+  mc->bursting = r_flag(r);
+  *burst_idx = r_u32(r);
+  r_timer(r, &mc->burst_timer);
+  if(r->err || (!mc->bursting && *burst_idx != UPG_NONE) ||
+     (mc->list_node.prev != NULL &&
 		CONTAINER_OF(mc->list_node.prev, mclient_t,
 			     list_node)->gen >= mc->gen))
     return -1; /* generations are unique and ascending */
@@ -5583,7 +6097,9 @@ static int upg_load_vp(upg_r_t *r)
   const uint8_t *p;
   vp_t *vp;
   uint32_t i, nchans, have;
-  uint8_t rd = 0, wr = 0, fam, st;
+  uint8_t rd = 0, wr = 0, fam, st, src;
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof(ss);
   size_t k;
 
   if((vp = calloc(1, sizeof(vp_t))) == NULL)
@@ -5597,6 +6113,7 @@ static int upg_load_vp(upg_r_t *r)
   dlist_node_init(&vp->list_node);
   dlist_node_init(&vp->again_node);
   dlist_push_tail(&vp_list, &vp->list_node);
+  vp->accept_seq = ++vp_accept_seq;
 
   st = r_u8(r);
   vp->state = (vpstate_t)st;
@@ -5634,6 +6151,7 @@ static int upg_load_vp(upg_r_t *r)
   vp->in_magic_tree = r_flag(r);
   vp->in_handshake = r_flag(r);
   vp->zombie_gen = r_u64(r);
+  src = r_flag(r);
   r_buf(r, &vp->unacked);
   vp->last_rx = r_past(r);
   vp->last_tx = r_past(r);
@@ -5686,6 +6204,10 @@ static int upg_load_vp(upg_r_t *r)
     }
   if(vp->in_handshake)
     handshake_count++;
+  /* the connection counts against its source again (per-source-max) */
+  if(src && vp->ev.fd >= 0 &&
+     getpeername(vp->ev.fd, (struct sockaddr *)&ss, &sl) == 0)
+    src_hold(vp, (struct sockaddr *)&ss);
   if(vp->lev.fd >= 0)
     {
       if((vp->sockpath = upg_sockpath(vp)) == NULL)
@@ -5718,7 +6240,8 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
   upg_r_t rr, *r = &rr;
   struct timeval epoch;
   uint64_t tick, now;
-  uint32_t i, cnt, ver;
+  uint32_t i, cnt, ver, nmc, *burst = NULL;
+  dlist_node_t *n;
   uint8_t nlev;
   int fd;
 
@@ -5781,6 +6304,16 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
     }
   if((fd = r_fd(r)) >= 0)
     {
+      if(opt_mux_listen == NULL)
+	{
+	  close(fd);
+	  return -1;
+	}
+      fdev_init(&mux_tcp_lev, fd, FD_MUX_LISTEN, NULL);
+      r_ev(r, &mux_tcp_lev, 1, 0);
+    }
+  if((fd = r_fd(r)) >= 0)
+    {
       if(svc_fd < 0)
 	svc_fd = fd;
       else
@@ -5796,20 +6329,57 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
   if(r->err || tcp_lev_count == 0)
     return -1;
 
-  *why = "mux clients";
+  *why = "counters";
   cnt = r_u32(r);
   for(i=0; i<cnt && !r->err; i++)
-    if(upg_load_mc(r) != 0)
-      return -1;
+    {
+      uint64_t v = r_u64(r);
+      switch(i)
+	{
+	case 0: stat_vp_refused_allow = v; break;
+	case 1: stat_vp_refused_per_source = v; break;
+	case 2: stat_mux_refused_allow = v; break;
+	case 3: stat_mux_refused_max = v; break;
+	case 4: stat_mux_burst_timeouts = v; break;
+	}
+    }
+
+  *why = "mux clients";
+  nmc = r_u32(r);
+  if(r->err || nmc > r->len - r->off ||
+     (burst = malloc(((size_t)nmc + 1) * sizeof(uint32_t))) == NULL)
+    return -1;
+  for(i=0; i<nmc && !r->err; i++)
+    if(upg_load_mc(r, &burst[i]) != 0)
+      goto err;
   *why = "VPs";
   cnt = r_u32(r);
   for(i=0; i<cnt && !r->err; i++)
     if(upg_load_vp(r) != 0)
-      return -1;
+      goto err;
+  *why = "mux burst cursors";
+  for(i=0, n = mc_list.head; i<nmc && n != NULL; i++, n = n->next)
+    {
+      mclient_t *mc = CONTAINER_OF(n, mclient_t, list_node);
+      dlist_node_t *v = vp_list.head;
+      uint32_t k;
+      if(burst[i] != UPG_NONE && burst[i] >= cnt)
+	goto err;
+      for(k=0; burst[i] != UPG_NONE && k < burst[i]; k++)
+	v = v->next;
+      mc->burst_next = (burst[i] != UPG_NONE && v != NULL) ?
+	CONTAINER_OF(v, vp_t, list_node) : NULL;
+    }
+  free(burst);
+  burst = NULL;
   *why = "trailer";
   if(r_u32(r) != UPG_MAGIC || r->off != r->len)
     return -1;
   return 0;
+
+ err:
+  free(burst);
+  return -1;
 }
 
 /* ---- the handover: messages over the socketpair ---- */
@@ -6767,7 +7337,7 @@ static int check_options(int argc, char *argv[])
       usage(USAGE_P | USAGE_46);
       return 255;
     }
-  if(opt_udir == NULL && opt_muxpath == NULL)
+  if(opt_udir == NULL && opt_muxpath == NULL && opt_mux_listen == NULL)
     {
       usage(USAGE_U | USAGE_M);
       return 255;
@@ -6793,6 +7363,16 @@ static int check_options(int argc, char *argv[])
     {
       fprintf(stderr, "sc_remoted: buffer-low must be below buffer-high\n");
       usage(USAGE_O);
+      return 255;
+    }
+  /* the mux has no authentication: off loopback only to named networks */
+  if(opt_mux_listen != NULL && opt_mux_allow_count == 0 &&
+     !sockaddr_is_loopback((struct sockaddr *)&mux_tcp_ss))
+    {
+      fprintf(stderr, "sc_remoted: -O mux-listen=%s is not a loopback "
+	      "address: the mux protocol has no authentication, so give the "
+	      "networks that may connect with -O mux-allow=CIDR\n",
+	      opt_mux_listen);
       return 255;
     }
   return 0;
@@ -6867,6 +7447,8 @@ static void shutdown_all(void)
       ev_close(&mux_lev);
       unlink(opt_muxpath);
     }
+  if(mux_tcp_lev.fd >= 0)
+    ev_close(&mux_tcp_lev);
   tcp_lev_count = 0;
   if(sig_ev.fd >= 0)
     ev_close(&sig_ev);
@@ -6909,6 +7491,7 @@ static int globals_init(void)
   dlist_init(&mc_in_paused);
   handshake_count = 0;
   fdev_init(&mux_lev, -1, FD_MUX_LISTEN, NULL);
+  fdev_init(&mux_tcp_lev, -1, FD_MUX_LISTEN, NULL);
   fdev_init(&sig_ev, -1, FD_SIGNAL, NULL);
   tw_init();
   tw_timer_init(&accept_timer, accept_resume);
@@ -6986,8 +7569,8 @@ int main(int argc, char *argv[])
     }
   else
     {
-      if(tcp_listen() != 0 || mux_listen() != 0 || meta_load() != 0 ||
-	 pidfile_open() != 0)
+      if(tcp_listen() != 0 || mux_listen() != 0 || mux_tcp_listen() != 0 ||
+	 meta_load() != 0 || pidfile_open() != 0)
 	goto fail;
       if(opt_daemon && become_daemon() != 0)
 	goto fail;
@@ -6998,6 +7581,8 @@ int main(int argc, char *argv[])
     if(ev_set(&tcp_lev[i], 1, 0) != 0)
       goto fail;
   if(mux_lev.fd >= 0 && ev_set(&mux_lev, 1, 0) != 0)
+    goto fail;
+  if(mux_tcp_lev.fd >= 0 && ev_set(&mux_tcp_lev, 1, 0) != 0)
     goto fail;
   svc_ready();
 

@@ -668,3 +668,156 @@ const ratelim_site_t *ratelim_expired(ratelim_t *rl, time_t now,
     }
   return NULL;
 }
+
+/* ---- CIDR networks ---- */
+
+/* clear the bits of addr (len bytes) below a prefix of bits */
+static void cidr_mask(uint8_t *addr, size_t len, int bits)
+{
+  size_t i;
+  for(i = 0; i < len; i++)
+    {
+      if(bits >= 8)
+	bits -= 8;
+      else if(bits > 0)
+	{
+	  addr[i] &= (uint8_t)(0xff << (8 - bits));
+	  bits = 0;
+	}
+      else
+	addr[i] = 0;
+    }
+  return;
+}
+
+int cidr_parse(const char *s, cidr_t *out)
+{
+  char buf[INET6_ADDRSTRLEN + 1];
+  const char *slash;
+  size_t al;
+  int max, bits = -1;
+
+  if(s == NULL || out == NULL)
+    return -1;
+  memset(out, 0, sizeof(*out));
+  if((slash = strchr(s, '/')) != NULL)
+    {
+      /* 1 to 3 decimal digits, nothing else: no sign, no spaces */
+      if(!string_isdigits(slash + 1) || strlen(slash + 1) > 3)
+	return -1;
+      bits = atoi(slash + 1);
+      al = (size_t)(slash - s);
+    }
+  else
+    al = strlen(s);
+  if(al == 0 || al >= sizeof(buf))
+    return -1;
+  memcpy(buf, s, al);
+  buf[al] = '\0';
+  if(strchr(buf, ':') != NULL)
+    {
+      if(inet_pton(AF_INET6, buf, out->addr) != 1)
+	return -1;
+      out->family = AF_INET6;
+      max = 128;
+    }
+  else
+    {
+      if(inet_pton(AF_INET, buf, out->addr) != 1)
+	return -1;
+      out->family = AF_INET;
+      max = 32;
+    }
+  if(bits < 0)
+    bits = max;
+  if(bits > max)
+    return -1;
+  /* an IPv4-mapped rule is the IPv4 rule: sources are matched that way */
+  if(max == 128 && bits >= 96 &&
+     memcmp(out->addr, "\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0)
+    {
+      memmove(out->addr, out->addr + 12, 4);
+      memset(out->addr + 4, 0, 12);
+      out->family = AF_INET;
+      bits -= 96;
+      max = 32;
+    }
+  out->bits = bits;
+  cidr_mask(out->addr, (size_t)max / 8, bits);
+  return 0;
+}
+
+/*
+ * The address bytes of sa as matched: a v4-mapped IPv6 address becomes
+ * IPv4.  Returns the family, or -1.
+ */
+static int sockaddr_addr(const struct sockaddr *sa, uint8_t *addr)
+{
+  const struct sockaddr_in6 *s6;
+  static const uint8_t mapped[12] = {0,0,0,0,0,0,0,0,0,0,0xff,0xff};
+
+  if(sa == NULL)
+    return -1;
+  if(sa->sa_family == AF_INET)
+    {
+      memcpy(addr, &((const struct sockaddr_in *)(const void *)sa)->sin_addr,
+	     4);
+      return AF_INET;
+    }
+  if(sa->sa_family != AF_INET6)
+    return -1;
+  s6 = (const struct sockaddr_in6 *)(const void *)sa;
+  if(memcmp(s6->sin6_addr.s6_addr, mapped, 12) == 0)
+    {
+      memcpy(addr, s6->sin6_addr.s6_addr + 12, 4);
+      return AF_INET;
+    }
+  memcpy(addr, s6->sin6_addr.s6_addr, 16);
+  return AF_INET6;
+}
+
+int cidr_match(const cidr_t *c, const struct sockaddr *sa)
+{
+  uint8_t a[16];
+  int fam;
+
+  if(c == NULL || (fam = sockaddr_addr(sa, a)) != c->family)
+    return 0;
+  cidr_mask(a, fam == AF_INET ? 4 : 16, c->bits);
+  return memcmp(a, c->addr, fam == AF_INET ? 4 : 16) == 0;
+}
+
+int cidr_of_sockaddr(const struct sockaddr *sa, int v6bits, cidr_t *out)
+{
+  int fam;
+
+  if(out == NULL || v6bits < 0 || v6bits > 128)
+    return -1;
+  memset(out, 0, sizeof(*out));
+  if((fam = sockaddr_addr(sa, out->addr)) < 0)
+    return -1;
+  out->family = fam;
+  out->bits = fam == AF_INET ? 32 : v6bits;
+  cidr_mask(out->addr, fam == AF_INET ? 4 : 16, out->bits);
+  return 0;
+}
+
+int cidr_cmp(const cidr_t *a, const cidr_t *b)
+{
+  if(a->family != b->family)
+    return a->family < b->family ? -1 : 1;
+  if(a->bits != b->bits)
+    return a->bits < b->bits ? -1 : 1;
+  return memcmp(a->addr, b->addr, sizeof(a->addr));
+}
+
+int sockaddr_is_loopback(const struct sockaddr *sa)
+{
+  static const uint8_t one[16] = {0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1};
+  uint8_t a[16];
+  int fam;
+
+  if((fam = sockaddr_addr(sa, a)) == AF_INET)
+    return a[0] == 127;
+  return fam == AF_INET6 && memcmp(a, one, 16) == 0;
+}

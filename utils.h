@@ -159,5 +159,43 @@ int      ratelim_check(ratelim_t *rl, const void *key, const void *tag,
  */
 const ratelim_site_t *ratelim_expired(ratelim_t *rl, time_t now,
 				      size_t *iter, unsigned long *suppressed);
+/*
+ * An IPv4 or IPv6 network for source allow-lists.  addr holds 4 or 16
+ * bytes in network order with the host bits cleared.
+ */
+typedef struct cidr
+{
+  int      family;     /* AF_INET or AF_INET6 */
+  int      bits;       /* prefix length: 0..32 or 0..128 */
+  uint8_t  addr[16];
+} cidr_t;
+
+/*
+ * Parse "addr" or "addr/len" with a literal IPv4 or IPv6 address; a bare
+ * address is a /32 or /128.  Host bits below the prefix are cleared.  An
+ * IPv4-mapped IPv6 network of /96 or longer becomes the IPv4 network.
+ * Returns 0, or -1 when malformed (then *out is unspecified).
+ */
+int      cidr_parse(const char *s, cidr_t *out);
+
+/*
+ * 1 if the address of sa (AF_INET or AF_INET6) lies in c, else 0.  An
+ * IPv4-mapped IPv6 address (::ffff:a.b.c.d) is matched as IPv4, so IPv4
+ * rules apply to IPv4 clients of a dual-stack socket.
+ */
+int      cidr_match(const cidr_t *c, const struct sockaddr *sa);
+
+/*
+ * The network of sa's address for per-source accounting: an IPv4 (or
+ * IPv4-mapped) address as a /32, an IPv6 address masked to v6bits.
+ * Returns 0, or -1 for another family.
+ */
+int      cidr_of_sockaddr(const struct sockaddr *sa, int v6bits, cidr_t *out);
+
+/* order of two networks (family, bits, address) for trees: <0, 0, >0 */
+int      cidr_cmp(const cidr_t *a, const cidr_t *b);
+
+/* 1 if sa is a loopback address: 127.0.0.0/8, ::1, or v4-mapped 127/8 */
+int      sockaddr_is_loopback(const struct sockaddr *sa);
 
 #endif /* UTILS_H */

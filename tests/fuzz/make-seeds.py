@@ -371,6 +371,31 @@ def svc_seeds():
     s["flood-sites"] = bytes(b for i in range(60) for b in (i, i % 3))
     s["flood-expire"] = bytes([1, 0] * 10 + [1, 255] + [2, 2] * 8 + [3, 255])
     return s
+# ---- CIDR networks (fuzz_cidr.c: 16 address bytes, then the text) ---------
+
+def cidr_seeds():
+    v4 = bytes([10, 1, 2, 3]) + bytes(12)
+    v6 = bytes.fromhex("20010db8000000010000000000000009")
+    mapped = bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 2])
+    texts = {
+        "v4_host": (v4, "10.1.2.3"),
+        "v4_net": (v4, "10.0.0.0/8"),
+        "v4_hostbits": (v4, "10.1.2.3/14"),
+        "v4_zero": (v4, "0.0.0.0/0"),
+        "v4_miss": (v4, "192.168.0.0/16"),
+        "v6_host": (v6, "2001:db8:0:1::9"),
+        "v6_64": (v6, "2001:db8:0:1::/64"),
+        "v6_odd": (v6, "2001:db8::/33"),
+        "v6_loop": (v6, "::1"),
+        "mapped_v4rule": (mapped, "127.0.0.0/8"),
+        "mapped_v6rule": (mapped, "::ffff:127.0.0.2/128"),
+        "bad_len": (v4, "10.0.0.0/33"),
+        "bad_sign": (v4, "10.0.0.0/+8"),
+        "bad_name": (v4, "example.org/8"),
+        "bad_empty": (v4, "/8"),
+        "bad_two": (v4, "10.0.0.0/8/8"),
+    }
+    return {k: a + t.encode() for k, (a, t) in texts.items()}
 
 # ---- live-upgrade state (sc_remoted.c, section "Live upgrade") -------------
 
@@ -401,8 +426,8 @@ def st_vp(state, vid, magic, name, fd, lev, chans=b"", nchans=0, out=b"",
     b = struct.pack(">BIB", state, vid, len(magic)) + magic + st_str(name)
     b += bytes([4]) + st_str("127.0.0.1") + st_str("127.0.0.1:4%04d" % vid)
     b += struct.pack(">QIIIII", 1700000000, 5, 3, 3, 2, 2)
-    b += struct.pack(">BBBQ", 1 if vid else 0, 1 if vid else 0,
-                     0 if vid else 1, zgen)
+    b += struct.pack(">BBBQB", 1 if vid else 0, 1 if vid else 0,
+                     0 if vid else 1, zgen, 0)
     b += st_buf(unacked) + struct.pack(">QQ", 0, 0)
     b += st_timer(900 if state == 3 else 30) + st_timer(30 if state == 2
                                                         else None)
@@ -415,10 +440,11 @@ def st_vp(state, vid, magic, name, fd, lev, chans=b"", nchans=0, out=b"",
 def state_seeds():
     hdr = struct.pack(">II", UPG_MAGIC, UPG_VERSION) + st_str("1.0.0")
     hdr += struct.pack(">QIQIQQ", 0, 0, 0, 4, 1, 1)
-    lev = bytes([1]) + struct.pack(">IIII", 0, NONE, NONE, NONE)
+    lev = bytes([1]) + struct.pack(">IIIII", 0, NONE, NONE, NONE, NONE)
+    lev += struct.pack(">IQQ", 2, 3, 4)  # counters
     mc = struct.pack(">IQBB", 1, 1, 1, 0) + st_sink(b"\0\0\0\0\0\0\0\2\0\2")
     mc += bytes([8]) + struct.pack(">IIII", 0, 6, 4, 2) + b"\0\3"
-    mc += bytes([0, 0])
+    mc += bytes([0, 0]) + bytes([1]) + struct.pack(">I", 1) + st_timer(60)
     mcs = struct.pack(">I", 1) + mc
     ucchan = struct.pack(">IBBB", 1, 0, 0, 1) + struct.pack(">IBB", 3, 1, 1)
     ucchan += st_sink(b"result bytes") + bytes([0, 0, 0])
@@ -447,6 +473,7 @@ def main():
             "fuzz_state": state_seeds(),
             "fuzz_certname": certname_seeds(tmp),
             "fuzz_svc": svc_seeds(),
+            "fuzz_cidr": cidr_seeds(),
         }
         for target, seeds in targets.items():
             d = os.path.join(out, target)

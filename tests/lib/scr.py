@@ -166,6 +166,13 @@ def run_cli(args, timeout=10, stdin_data=None, env=None, cwd=None):
 # ---------------------------------------------------------------------------
 
 
+# SCR_MUX_TCP=1 runs mux tests over TCP: every Daemon with a mux also gets
+# -O mux-listen=<free loopback port>, and MuxClient(d.mux_path) connects to
+# that port instead of the unix socket (same protocol, PROTOCOL.md 5).
+MUX_TCP = os.environ.get('SCR_MUX_TCP', '') == '1'
+_mux_tcp_by_path = {}
+
+
 class Daemon:
     """An sc_remoted process in a private temporary directory.
 
@@ -185,13 +192,16 @@ class Daemon:
     * umask: umask for the daemon process (default: inherited)
     * stdin_data: bytes written to the daemon's stdin (e.g. a passphrase),
       after which stdin is closed.
+    * mux_tcp: also pass -O mux-listen=127.0.0.1:<free port>; .mux_tcp is
+      then (host, port).  Default: with a mux when SCR_MUX_TCP=1.
     """
 
     def __init__(self, udir=True, mux=False, zombie=None, meta=None,
                  extra_args=(), port=None, debug=True, start=True, tls=None,
                  stdin_data=None, host='127.0.0.1', notimes=None, env=None,
-                 cwd=None, umask=None):
+                 cwd=None, umask=None, mux_tcp=None):
         self.umask = umask
+        self.mux_tcp = None
         self.tmp = tempfile.mkdtemp(prefix='scr-')
         self.udir = None
         self.mux_path = None
@@ -230,6 +240,13 @@ class Daemon:
             args += ['-U', self.udir]
         if self.mux_path:
             args += ['-M', self.mux_path]
+        if mux_tcp is None:
+            mux_tcp = MUX_TCP and mux and not is_legacy()
+        if mux_tcp:
+            self.mux_tcp = ('127.0.0.1', free_port())
+            args += ['-O', 'mux-listen=%s:%d' % self.mux_tcp]
+            if MUX_TCP and self.mux_path:
+                _mux_tcp_by_path[self.mux_path] = self.mux_tcp
         if notimes is None:
             notimes = not is_legacy()
         if notimes:
@@ -439,6 +456,15 @@ class Daemon:
                 pass
             finally:
                 s.close()
+            if ok and self.mux_tcp is not None:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.settimeout(1)
+                try:
+                    s.connect(self.mux_tcp)
+                except OSError:
+                    ok = False
+                finally:
+                    s.close()
             if ok and (self.mux_path is None or os.path.exists(self.mux_path)):
                 return self
             if time.monotonic() >= deadline:
@@ -1400,13 +1426,28 @@ def parse_vp_update(payload, raw=b''):
 
 
 class MuxClient:
-    """A client of the -M mux socket (PROTOCOL.md section 5)."""
+    """A client of the -M mux socket (PROTOCOL.md section 5).
 
-    def __init__(self, path, timeout=5):
+    path: the unix socket, or a (host, port) tuple for the TCP mux
+    (-O mux-listen).  With SCR_MUX_TCP=1 a unix path of a Daemon that also
+    listens on TCP is replaced by its TCP address.  source: local address
+    to bind before a TCP connect (e.g. '127.0.0.2')."""
+
+    def __init__(self, path, timeout=5, source=None):
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        if not isinstance(path, tuple) and path in _mux_tcp_by_path:
+            path = _mux_tcp_by_path[path]
+        if isinstance(path, tuple):
+            fam = socket.AF_INET6 if ':' in path[0] else socket.AF_INET
+            self.sock = socket.socket(fam, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            if source is not None:
+                self.sock.bind((source, 0))
+            self.sock.connect(path)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
         self.buf = bytearray()
         self.eof = False
         self.backlog = collections.deque()

@@ -417,6 +417,53 @@ static void test_string_keys(void)
   CHECK(splaytree_pop_min(&tree) == NULL);
 }
 
+/*
+ * splaytree_find_next against a sorted reference: every key from -1 to
+ * past the end, for present and absent keys, on a tree whose shape keeps
+ * changing because each query splays.
+ */
+static void test_find_next(void)
+{
+  enum { NKEYS = 300 };
+  static item_t it[NKEYS];
+  splaytree_t tree;
+  item_t key, *got;
+  uint32_t seed = 7;
+  int i, k, want, ok = 1;
+
+  tree_new(&tree);
+  key.key = 5;
+  CHECK(splaytree_find_next(&tree, &key) == NULL);
+  /* every third key present, inserted in a scrambled order */
+  for(i = 0; i < NKEYS; i++)
+    it[i].key = i;
+  for(i = 0; i < NKEYS; i++)
+    {
+      k = (i * 7) % NKEYS;
+      if(k % 3 == 0)
+	splaytree_insert(&tree, &it[k]);
+    }
+  for(i = 0; i < 3 * NKEYS; i++)
+    {
+      k = (i < NKEYS + 2) ? i - 1 : (int)(unit_rand(&seed) % (NKEYS + 2)) - 1;
+      key.key = k;
+      got = splaytree_find_next(&tree, &key);
+      want = k < 0 ? 0 : (k / 3 + 1) * 3;
+      if(want >= NKEYS)
+	ok &= (got == NULL);
+      else
+	ok &= (got == &it[want]);
+    }
+  CHECK(ok);
+  CHECK(tree_sound(&tree));
+  /* walking the whole tree by successor visits every item once */
+  key.key = -1;
+  for(i = 0; (got = splaytree_find_next(&tree, &key)) != NULL; i++)
+    key.key = got->key;
+  CHECK(i == (NKEYS + 2) / 3);
+  CHECK(splaytree_count(&tree) == (size_t)i);
+}
+
 int main(void)
 {
   UNIT_RUN(test_empty);
@@ -426,5 +473,6 @@ int main(void)
   UNIT_RUN(test_degenerate);
   UNIT_RUN(test_random);
   UNIT_RUN(test_string_keys);
+  UNIT_RUN(test_find_next);
   return unit_exit();
 }

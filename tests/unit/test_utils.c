@@ -591,6 +591,115 @@ static void test_ratelim(void)
   CHECK(passed >= RATELIM_SITES - 1);
 }
 
+/* a sockaddr for a literal address, for the CIDR tests */
+static const struct sockaddr *sa_of(const char *addr,
+				    struct sockaddr_storage *ss)
+{
+  if(sockaddr_fromstr(addr, 1, ss, NULL) < 0)
+    memset(ss, 0, sizeof(*ss));
+  return (const struct sockaddr *)ss;
+}
+
+static void test_cidr_parse(void)
+{
+  static const char *bad[] = {
+    "", "/", "/24", "10.0.0.0/", "10.0.0.0/33", "10.0.0.0/-1",
+    "10.0.0.0/+8", "10.0.0.0/ 8", "10.0.0.0/8/8", "10.0.0.0/0008",
+    "10.0.0", "10.0.0.256", "host.example", "::1/129", "::1/", "[::1]",
+    "[::1]/128", "10.0.0.0 /8", " 10.0.0.1", "1::2::3", "10.0.0.0/8x",
+    "fe80::1%lo", "0123456789012345678901234567890123456789012345678901",
+  };
+  cidr_t c;
+  size_t i;
+
+  for(i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+    if(!CHECK(cidr_parse(bad[i], &c) == -1))
+      printf("  accepted: \"%s\"\n", bad[i]);
+  CHECK(cidr_parse(NULL, &c) == -1);
+
+  CHECK(cidr_parse("192.0.2.7", &c) == 0);
+  CHECK(c.family == AF_INET && c.bits == 32);
+  CHECK(c.addr[0] == 192 && c.addr[3] == 7);
+  CHECK(cidr_parse("10.1.2.3/8", &c) == 0);  /* host bits cleared */
+  CHECK(c.bits == 8 && c.addr[0] == 10 && c.addr[1] == 0 && c.addr[3] == 0);
+  CHECK(cidr_parse("0.0.0.0/0", &c) == 0 && c.bits == 0);
+  CHECK(cidr_parse("10.0.0.0/08", &c) == 0 && c.bits == 8);
+  CHECK(cidr_parse("2001:db8::1", &c) == 0);
+  CHECK(c.family == AF_INET6 && c.bits == 128 && c.addr[15] == 1);
+  CHECK(cidr_parse("2001:db8:ffff::/33", &c) == 0);
+  CHECK(c.bits == 33 && c.addr[4] == 0x80 && c.addr[5] == 0);
+  CHECK(cidr_parse("::/0", &c) == 0 && c.bits == 0);
+  CHECK(cidr_parse("::ffff:10.0.0.1/128", &c) == 0 && c.family == AF_INET);
+  CHECK(c.bits == 32 && c.addr[0] == 10 && c.addr[3] == 1);
+  CHECK(cidr_parse("::ffff:10.0.0.0/104", &c) == 0 && c.family == AF_INET);
+  CHECK(c.bits == 8 && c.addr[0] == 10 && c.addr[4] == 0);
+  CHECK(cidr_parse("::ffff:0:0/95", &c) == 0 && c.family == AF_INET6);
+}
+
+static void test_cidr_match(void)
+{
+  struct sockaddr_storage ss;
+  cidr_t c;
+
+  CHECK(cidr_parse("127.0.0.2", &c) == 0);
+  CHECK(cidr_match(&c, sa_of("127.0.0.2", &ss)) == 1);
+  CHECK(cidr_match(&c, sa_of("127.0.0.3", &ss)) == 0);
+  /* a v4-mapped source of a dual-stack socket matches IPv4 rules */
+  CHECK(cidr_match(&c, sa_of("::ffff:127.0.0.2", &ss)) == 1);
+  CHECK(cidr_match(&c, sa_of("::ffff:127.0.0.3", &ss)) == 0);
+  CHECK(cidr_match(&c, sa_of("::1", &ss)) == 0);
+
+  CHECK(cidr_parse("10.20.0.0/14", &c) == 0);
+  CHECK(cidr_match(&c, sa_of("10.23.255.255", &ss)) == 1);
+  CHECK(cidr_match(&c, sa_of("10.24.0.0", &ss)) == 0);
+  CHECK(cidr_match(&c, sa_of("10.19.255.255", &ss)) == 0);
+  CHECK(cidr_parse("0.0.0.0/0", &c) == 0);
+  CHECK(cidr_match(&c, sa_of("203.0.113.9", &ss)) == 1);
+  CHECK(cidr_match(&c, sa_of("2001:db8::9", &ss)) == 0);
+
+  CHECK(cidr_parse("2001:db8:0:1::/64", &c) == 0);
+  CHECK(cidr_match(&c, sa_of("2001:db8:0:1:ffff::1", &ss)) == 1);
+  CHECK(cidr_match(&c, sa_of("2001:db8:0:2::1", &ss)) == 0);
+  CHECK(cidr_match(&c, sa_of("10.0.0.1", &ss)) == 0);
+  CHECK(cidr_parse("::1", &c) == 0);
+  CHECK(cidr_match(&c, sa_of("::1", &ss)) == 1);
+  CHECK(cidr_match(&c, sa_of("::2", &ss)) == 0);
+  CHECK(cidr_parse("::/0", &c) == 0);
+  CHECK(cidr_match(&c, sa_of("::ffff:10.0.0.1", &ss)) == 0);
+  CHECK(cidr_match(NULL, sa_of("::1", &ss)) == 0);
+  memset(&ss, 0, sizeof(ss));
+  ss.ss_family = AF_UNIX;
+  CHECK(cidr_match(&c, (struct sockaddr *)&ss) == 0);
+}
+
+static void test_cidr_source(void)
+{
+  struct sockaddr_storage ss;
+  cidr_t a, b;
+
+  /* IPv6 sources count per /64, IPv4 (and mapped) per address */
+  CHECK(cidr_of_sockaddr(sa_of("2001:db8:1:2:3::4", &ss), 64, &a) == 0);
+  CHECK(cidr_of_sockaddr(sa_of("2001:db8:1:2:ffff::9", &ss), 64, &b) == 0);
+  CHECK(cidr_cmp(&a, &b) == 0 && a.bits == 64);
+  CHECK(cidr_of_sockaddr(sa_of("2001:db8:1:3::4", &ss), 64, &b) == 0);
+  CHECK(cidr_cmp(&a, &b) != 0);
+  CHECK(cidr_of_sockaddr(sa_of("127.0.0.2", &ss), 64, &a) == 0);
+  CHECK(cidr_of_sockaddr(sa_of("::ffff:127.0.0.2", &ss), 64, &b) == 0);
+  CHECK(cidr_cmp(&a, &b) == 0 && a.family == AF_INET && a.bits == 32);
+  CHECK(cidr_of_sockaddr(sa_of("127.0.0.3", &ss), 64, &b) == 0);
+  CHECK(cidr_cmp(&a, &b) < 0 && cidr_cmp(&b, &a) > 0);
+  CHECK(cidr_of_sockaddr(sa_of("127.0.0.3", &ss), 129, &b) == -1);
+
+  CHECK(sockaddr_is_loopback(sa_of("127.0.0.1", &ss)) == 1);
+  CHECK(sockaddr_is_loopback(sa_of("127.255.0.9", &ss)) == 1);
+  CHECK(sockaddr_is_loopback(sa_of("::1", &ss)) == 1);
+  CHECK(sockaddr_is_loopback(sa_of("::ffff:127.0.0.1", &ss)) == 1);
+  CHECK(sockaddr_is_loopback(sa_of("0.0.0.0", &ss)) == 0);
+  CHECK(sockaddr_is_loopback(sa_of("::", &ss)) == 0);
+  CHECK(sockaddr_is_loopback(sa_of("10.0.0.1", &ss)) == 0);
+  CHECK(sockaddr_is_loopback(sa_of("128.0.0.1", &ss)) == 0);
+}
+
 int main(void)
 {
   UNIT_RUN(test_bytes);
@@ -609,5 +718,8 @@ int main(void)
   UNIT_RUN(test_sdnotify);
   UNIT_RUN(test_journal_stream);
   UNIT_RUN(test_ratelim);
+  UNIT_RUN(test_cidr_parse);
+  UNIT_RUN(test_cidr_match);
+  UNIT_RUN(test_cidr_source);
   return unit_exit();
 }
