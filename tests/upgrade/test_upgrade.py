@@ -243,11 +243,53 @@ class TestUpgrade(unittest.TestCase):
         f.send_data(ch2, b'still here')
         self.assertEqual(uc2.recv_exact(10, T), b'still here')
         log = d.log()
+        # (wait_listening's probes come and go before the first upgrade)
+        log = log[log.index('took over'):]
         self.assertNotRegex(log, r'vp \d+ \S*: closing|local client closed|'
                             r'mux client \d+: closing')
         # only the three sessions closed on purpose became zombies
         self.assertEqual(len(re.findall(r'zombie for', log)), 3)
         self.assertEqual(len(re.findall(r'took over', log)), UPGRADES)
+        self.assertEqual(d.stop(), 0)
+
+    def test_mux_burst_cursor_and_tcp_mux(self):
+        """A mux client in the middle of its VP_UPDATE burst (it has not
+        read it; the daemon produces it as the client drains) keeps its
+        place across an upgrade: it then reads every VP exactly once, in
+        accept order, then GO.  The mux here is also served over TCP
+        (-O mux-listen), whose listener and clients cross too."""
+        d, up = self.daemon(mux_tcp=True, udir=False)
+        n = 1500
+        names = []
+        for i in range(n):
+            name = ('v%04d-' % i) + 'x' * 200
+            f = FakeScamper(d.port, name=name)
+            self.addCleanup(f.close)
+            f.handshake(T)
+            names.append(name)
+        mc = MuxClient(d.mux_path, T)          # unix (TCP if SCR_MUX_TCP)
+        self.addCleanup(mc.close)
+        tc = MuxClient(d.mux_tcp, T)           # TCP
+        self.addCleanup(tc.close)
+        # neither reads: their bursts stop where their sockets are full
+        d.wait_log(r'mux client 2: connected', T)
+        up.install(ALT)
+        d.upgrade(T)
+        for c in (mc, tc):
+            vps = c.read_burst(T)
+            self.assertEqual([v['name'] for v in vps], names)
+            self.assertEqual([v['id'] for v in vps],
+                             sorted(v['id'] for v in vps))
+        # the unix client was still in its burst when the state crossed
+        log = d.log()
+        self.assertRegex(log[log.index('took over'):], r'burst done')
+        # a VP arriving now is announced once to both
+        f = FakeScamper(d.port, name='late')
+        self.addCleanup(f.close)
+        f.handshake(T)
+        for c in (mc, tc):
+            ev = c.expect('update', T)
+            self.assertEqual(ev[1]['name'], 'late')
         self.assertEqual(d.stop(), 0)
 
     def test_zombie_keeps_deadline(self):
