@@ -244,8 +244,8 @@ class TestUpgrade(unittest.TestCase):
         self.assertEqual(uc2.recv_exact(10, T), b'still here')
         log = d.log()
         # (wait_listening's probes come and go before the first upgrade)
-        log = log[log.index('took over'):]
-        self.assertNotRegex(log, r'vp \d+ \S*: closing|local client closed|'
+        self.assertNotRegex(log[log.index('took over'):],
+                            r'vp \d+ \S*: closing|local client closed|'
                             r'mux client \d+: closing')
         # only the three sessions closed on purpose became zombies
         self.assertEqual(len(re.findall(r'zombie for', log)), 3)
