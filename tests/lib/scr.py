@@ -353,20 +353,26 @@ class Daemon:
     _UPG_OK = re.compile(r'upgrade \d+: pid (\d+) version (\S+) took over')
     _UPG_FAIL = re.compile(r'upgrade (?:failed, still serving|refused): .*')
 
-    def upgrade(self, timeout=20):
+    def upgrade(self, timeout=20, pump=None):
         """SIGUSR2 and wait for the handover: the serving process exits
         0 and its successor's log line names its pid and version.  From
         then on this object controls the successor (see AdoptedProc).
-        Returns (new pid, new version string)."""
+        pump: called repeatedly while waiting (an event loop's run_once)
+        instead of sleeping.  Returns (new pid, new version string)."""
         become_subreaper()
         n0 = len(self._UPG_OK.findall(self.log()))
         old = self.proc
         old.send_signal(signal.SIGUSR2)
-        try:
-            rc = old.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise TimeoutError('no handover within %.1fs; log:\n%s'
-                               % (timeout, self.log()[-3000:])) from None
+        deadline = time.monotonic() + timeout
+        while old.poll() is None:
+            if time.monotonic() >= deadline:
+                raise TimeoutError('no handover within %.1fs; log:\n%s'
+                                   % (timeout, self.log()[-3000:]))
+            if pump is not None:
+                pump()
+            else:
+                time.sleep(0.01)
+        rc = old.returncode
         if rc != 0:
             raise AssertionError('old process exited %s; log:\n%s'
                                  % (rc, self.log()[-3000:]))
@@ -379,7 +385,10 @@ class Daemon:
             if time.monotonic() >= deadline:
                 raise TimeoutError('no successor log line; log:\n%s'
                                    % self.log()[-3000:])
-            time.sleep(0.02)
+            if pump is not None:
+                pump()
+            else:
+                time.sleep(0.02)
         self.proc = AdoptedProc(pid)
         return pid, ver
 
