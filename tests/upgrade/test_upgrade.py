@@ -292,6 +292,26 @@ class TestUpgrade(unittest.TestCase):
             self.assertEqual(ev[1]['name'], 'late')
         self.assertEqual(d.stop(), 0)
 
+    def test_per_source_counts_cross(self):
+        """-O per-source-max: the connections held before an upgrade
+        still count after it (a third one is refused), and a VP that
+        leaves frees its place in the new process."""
+        d, up = self.daemon(extra_args=['-O', 'per-source-max=2'])
+        a = self.session(d, 'psa')
+        self.session(d, 'psb')
+        up.install(ALT)
+        d.upgrade(T)
+        c = FakeScamper(d.port, name='psc')
+        self.addCleanup(c.close)
+        c.connect()
+        c.expect_closed(T)
+        d.wait_log(r'per-source-max', T)
+        a.sock.close()
+        a.sock = None
+        d.wait_log(r'psa: zombie for', T)
+        self.session(d, 'psd')
+        self.assertEqual(d.stop(), 0)
+
     def test_zombie_keeps_deadline(self):
         """A zombie's -Z deadline is not restarted by upgrades: with -Z 6
         and upgrades every second it still expires, no earlier than 6 s
