@@ -259,7 +259,8 @@ static void usage(unsigned int which)
 	    "        stall-timeout=SECS, unacked-max=BYTES, handshake-max=N\n"
 	    "        allow=CIDR, per-source-max=N (who may be a VP)\n"
 	    "        mux-listen=[addr:]port, mux-allow=CIDR, mux-max=N,"
-	    " mux-burst-timeout=SECS\n");
+	    " mux-burst-timeout=SECS\n"
+	    "        upgrade-timeout=SECS (SIGUSR2 live upgrade)\n");
 #ifdef HAVE_CHROOT
   if(which & USAGE_R)
     fprintf(stderr, "     -R chroot into this directory after startup\n");
