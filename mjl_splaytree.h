@@ -39,10 +39,11 @@ void *splaytree_find(splaytree_t *tree, const void *key);
 /* remove the item comparing equal to key; returns it, or NULL */
 void *splaytree_remove(splaytree_t *tree, const void *key);
 
+/* the smallest item comparing greater than key, or NULL */
+void *splaytree_find_next(splaytree_t *tree, const void *key);
+
 void *splaytree_min(splaytree_t *tree);  /* smallest item or NULL */
 
-/* the smallest item greater than key (key need not be present), or NULL */
-void *splaytree_find_next(splaytree_t *tree, const void *key);
 size_t splaytree_count(const splaytree_t *tree);
 
 /*

@@ -30,11 +30,12 @@
  * so releasing the oldest message is dropping its bytes from the head.
  *
  * Sections, in order: options and usage; logging; buffers; objects;
- * event loop and backends; timer wheel; access control (allow-lists,
- * per-source limits); transport (plain/TLS); backpressure (watermarks
- * toward local consumers, the unacked limit toward VPs); remote
- * protocol; channels; per-VP unix sockets; mux protocol; mux over TCP;
- * metadata; TLS context and name matching; live upgrade; signals; main.
+ * statistics; event loop and backends; timer wheel; access control
+ * (allow-lists, per-source limits); transport (plain/TLS); backpressure
+ * (watermarks toward local consumers, the unacked limit toward VPs);
+ * remote protocol; channels; per-VP unix sockets; mux protocol; mux
+ * over TCP; metadata; TLS context and name matching; service manager
+ * (sd_notify); metrics over HTTP; live upgrade; signals; main.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -72,8 +73,10 @@
 
 #include <assert.h>
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
@@ -200,6 +203,11 @@ static char         *opt_privfile  = NULL;  /* -p */
 static char         *opt_cafile    = NULL;  /* -C */
 #endif
 
+/* -O metrics=[addr:]port (metrics_sslen 0: no listener), metrics-max */
+static struct sockaddr_storage metrics_ss;
+static socklen_t     metrics_sslen = 0;
+static long          opt_metrics_max = 64;
+
 /* the parsed -P: an optional literal address and a port */
 static struct sockaddr_storage listen_ss;
 static socklen_t     listen_sslen  = 0;    /* 0: wildcard addresses */
@@ -260,6 +268,8 @@ static void usage(unsigned int which)
 	    "        allow=CIDR, per-source-max=N (who may be a VP)\n"
 	    "        mux-listen=[addr:]port, mux-allow=CIDR, mux-max=N,"
 	    " mux-burst-timeout=SECS\n"
+	    "        metrics=[addr:]port (HTTP /metrics and /vps; no"
+	    " authentication), metrics-max=N\n"
 	    "        upgrade-timeout=SECS (SIGUSR2 live upgrade)\n");
 #ifdef HAVE_CHROOT
   if(which & USAGE_R)
@@ -375,6 +385,45 @@ static int parse_mux_listen(const char *arg)
   return 0;
 }
 
+/*
+ * -O metrics=[addr:]port: a bare port is 127.0.0.1 only; an address is a
+ * literal IPv4 or IPv6 address (IPv6 in brackets).
+ */
+static int parse_metrics(const char *arg)
+{
+  char *dup, *port, *p;
+  const char *addr = "127.0.0.1";
+  long lo;
+  int rc = -1;
+
+  if((dup = strdup(arg)) == NULL)
+    return -1;
+  port = dup;
+  if(dup[0] == '[')
+    {
+      if((p = strchr(dup, ']')) == NULL || p[1] != ':')
+	goto done;
+      *p = '\0';
+      addr = dup + 1;
+      port = p + 2;
+    }
+  else if((p = strrchr(dup, ':')) != NULL)
+    {
+      *p = '\0';
+      addr = dup;
+      port = p + 1;
+    }
+  if(!string_isdigits(port) || strlen(port) > 5 ||
+     (lo = atol(port)) < 1 || lo > 65535)
+    goto done;
+  if(sockaddr_fromstr(addr, (int)lo, &metrics_ss, &metrics_sslen) < 0)
+    goto done;
+  rc = 0;
+ done:
+  free(dup);
+  return rc;
+}
+
 /* -O name=value: the resource limits */
 static int parse_O_value(const char *opt)
 {
@@ -404,6 +453,10 @@ static int parse_O_value(const char *opt)
     return parse_count(val, 10000000, &opt_mux_max);
   if(nl == 17 && strncasecmp(opt, "mux-burst-timeout", nl) == 0)
     return parse_count(val, 86400, &opt_mux_burst_timeout);
+  if(nl == 7 && strncasecmp(opt, "metrics", nl) == 0)
+    return parse_metrics(val);
+  if(nl == 11 && strncasecmp(opt, "metrics-max", nl) == 0)
+    return parse_count(val, 1000000, &opt_metrics_max);
   if(nl == 15 && strncasecmp(opt, "upgrade-timeout", nl) == 0)
     return parse_count(val, 3600, &opt_upgrade_timeout) != 0 ||
       opt_upgrade_timeout < 1 ? -1 : 0;
@@ -985,6 +1038,8 @@ typedef enum
   FD_MUX_LISTEN,      /* the -M or -O mux-listen listener */
   FD_MC,              /* a mux client */
   FD_SIGNAL,          /* the self-pipe */
+  FD_HTTP_LISTEN,     /* the -O metrics listener */
+  FD_HC,              /* a metrics HTTP client */
 } fdtype_t;
 
 /* one registered fd; embedded in the object that owns the fd */
@@ -1091,6 +1146,12 @@ struct vp
   dlist_node_t  again_node;
   struct src_ent *src;          /* per-source count held by the connection */
   slist_node_t  gc_node;
+  uint8_t       why;            /* vpwhy_t: why it is going away */
+  uint64_t      conn_tick;      /* tick the current connection reached GO */
+  uint64_t      rx_bytes;       /* channel data from scamper */
+  uint64_t      rx_frames;
+  uint64_t      tx_bytes;       /* channel data to scamper */
+  uint64_t      tx_frames;
 };
 
 /* a channel of a VP; its consumer is a local client or a mux client */
@@ -1169,6 +1230,7 @@ static fdev_t       tcp_lev[2];             /* -P listeners */
 static int          tcp_lev_count = 0;
 static fdev_t       mux_lev;                /* -M listener */
 static fdev_t       mux_tcp_lev;            /* -O mux-listen listener */
+static fdev_t       http_lev;               /* -O metrics listener */
 static fdev_t       sig_ev;                 /* self-pipe, read end */
 static int          sig_pipe[2] = {-1, -1};
 
@@ -1182,6 +1244,141 @@ static void mc_flush(mclient_t *mc);
 static void tcp_accept(fdev_t *lev);
 static void mux_accept(fdev_t *lev);
 static void sig_drain(void);
+typedef struct hclient hclient_t;
+static void hc_dispatch(hclient_t *hc, int rd, int wr);
+static void http_accept(void);
+
+/* ---------------------------------------------------------------------
+ * Statistics
+ *
+ * One global struct of event counters, bumped with plain increments at
+ * the points where things happen (the VP state machine, vp_close, the
+ * MASTER_REJ paths, relay, backpressure, accept pauses, TLS failures,
+ * metadata loads).  Gauges (VPs by state, unacked bytes, channels,
+ * clients) are not kept: the metrics page computes them by walking the
+ * VPs when it is scraped, so the relay path pays only the increments.
+ * Why a VP went away is a small enum, set by the first site that knows
+ * (stats_why) and counted once by vp_close (stats_vp_closed).
+ * --------------------------------------------------------------------- */
+
+typedef enum
+{
+  WHY_NONE = 0,
+  WHY_CLOSED,        /* peer closed or I/O error */
+  WHY_TIMEOUT,       /* rx_abort, or no handshake within 30 s */
+  WHY_EXPIRED,       /* zombie deadline passed */
+  WHY_PROTO,         /* protocol violation */
+  WHY_TLS,           /* TLS error or certificate refused */
+  WHY_TAKEOVER,      /* a resume took the connection of a GO session */
+  WHY_SHUTDOWN,      /* the daemon is exiting */
+  WHY_ERROR,         /* local failure: memory, registration */
+  WHY_REJECTED,      /* MASTER_REJ sent (counted when sent) */
+  WHY_MERGED,        /* a MASTER_RES connection merged into its session */
+  WHY_MAX
+} vpwhy_t;
+
+/* label values of sc_remoted_vp_departures_total, by vpwhy_t */
+static const char *const why_depart_label[WHY_MAX] = {
+  NULL, "closed", "timeout", "expired", "protocol_error", "tls_error",
+  "takeover", "shutdown", "error", NULL, NULL,
+};
+
+typedef enum
+{
+  REJ_UNKNOWN_MAGIC = 0, /* MASTER_RES for no known session */
+  REJ_INCONSISTENT,      /* MASTER_RES with sequence numbers out of range */
+  REJ_HANDSHAKE_CAP,     /* refused at accept: -O handshake-max */
+  REJ_PROTO,             /* malformed handshake */
+  REJ_TIMEOUT,           /* no handshake within 30 s */
+  REJ_TLS,               /* TLS handshake or certificate failed */
+  REJ_CLOSED,            /* peer left during the handshake */
+  REJ_ERROR,             /* local failure or shutdown */
+  REJ_ALLOW,             /* refused at accept: source not in -O allow */
+  REJ_PER_SOURCE,        /* refused at accept: -O per-source-max */
+  REJ_MAX
+} rejwhy_t;
+
+static const char *const rej_label[REJ_MAX] = {
+  "unknown_magic", "inconsistent_state", "handshake_cap", "protocol_error",
+  "timeout", "tls_error", "closed", "error", "allow", "per_source",
+};
+
+typedef enum
+{
+  TLSF_HANDSHAKE = 0,    /* SSL_accept failed */
+  TLSF_NO_CERT,          /* -C: no client certificate */
+  TLSF_VERIFY,           /* -C: certificate did not verify */
+  TLSF_NAME,             /* monitor name not in the certificate */
+  TLSF_MAX
+} tlsfail_t;
+
+#ifdef HAVE_OPENSSL
+static const char *const tlsf_label[TLSF_MAX] = {
+  "handshake", "no_certificate", "verify", "name_mismatch",
+};
+#endif
+
+#define DIR_FROM_VP 0
+#define DIR_TO_VP   1
+
+static struct
+{
+  uint64_t  arrivals;
+  uint64_t  resumes;
+  uint64_t  zombies;
+  uint64_t  rejects[REJ_MAX];
+  uint64_t  departures[WHY_MAX];
+  uint64_t  relay_bytes[2];            /* DIR_FROM_VP, DIR_TO_VP */
+  uint64_t  relay_frames[2];
+  uint64_t  bp_pauses;
+  uint64_t  stall_disconnects;
+  uint64_t  accept_pauses_emfile;
+  uint64_t  accept_pauses_hscap;
+  uint64_t  mux_refused[2];            /* -O mux-allow, -O mux-max */
+  uint64_t  mux_burst_timeouts;
+  uint64_t  tls_failures[TLSF_MAX];
+  uint64_t  meta_loads_ok;
+  uint64_t  meta_loads_err;
+  struct timeval meta_last_ok;         /* wall time; 0 if never */
+  uint64_t  http_requests[6];          /* by hc_code_idx() */
+  uint64_t  http_refused;              /* over -O metrics-max */
+  uint64_t  http_busy_us[3];           /* loop time serving HTTP, by
+					  hc route: other, /metrics, /vps */
+  struct timeval start;                /* wall time at startup */
+} stats;
+
+/* remember why vp is going away; the first site that knows wins */
+static void stats_why(vp_t *vp, vpwhy_t why)
+{
+  if(vp->why == WHY_NONE)
+    vp->why = (uint8_t)why;
+  return;
+}
+
+/*
+ * vp_close counts the VP once: a named VP as a departure, anything else
+ * that never got a VP id as a refused connection.
+ */
+static void stats_vp_closed(const vp_t *vp)
+{
+  vpwhy_t w = (vpwhy_t)vp->why;
+  if(vp->id != 0)
+    {
+      if(w == WHY_NONE || why_depart_label[w] == NULL)
+	w = WHY_ERROR;
+      stats.departures[w]++;
+      return;
+    }
+  switch(w)
+    {
+    case WHY_REJECTED: case WHY_MERGED: return;
+    case WHY_PROTO:    stats.rejects[REJ_PROTO]++; return;
+    case WHY_TIMEOUT:  stats.rejects[REJ_TIMEOUT]++; return;
+    case WHY_TLS:      stats.rejects[REJ_TLS]++; return;
+    case WHY_CLOSED:   stats.rejects[REJ_CLOSED]++; return;
+    default:           stats.rejects[REJ_ERROR]++; return;
+    }
+}
 
 /* ---------------------------------------------------------------------
  * Event loop and backends
@@ -1367,6 +1564,8 @@ static void ev_dispatch(fdev_t *ev, int rd, int wr)
     case FD_MUX_LISTEN: mux_accept(ev); break;
     case FD_MC:         mc_dispatch(ev->obj, rd, wr); break;
     case FD_SIGNAL:     sig_drain(); break;
+    case FD_HTTP_LISTEN: http_accept(); break;
+    case FD_HC:         hc_dispatch(ev->obj, rd, wr); break;
     }
   return;
 }
@@ -1644,16 +1843,10 @@ static int tw_timeout_ms(void)
  * address or an IPv6 /64 (one host usually owns a whole /64), and
  * -O mux-max for mux clients of both kinds together.  An address is no
  * identity: this limits exposure, it does not authenticate (-C does).
- * The stat_ counters are for the metrics.
+ * Refusals are counted in stats (the metrics).
  * --------------------------------------------------------------------- */
 
 #define SRC_V6_BITS 64
-
-static uint64_t stat_vp_refused_allow      = 0;
-static uint64_t stat_vp_refused_per_source = 0;
-static uint64_t stat_mux_refused_allow     = 0;
-static uint64_t stat_mux_refused_max       = 0;
-static uint64_t stat_mux_burst_timeouts    = 0;
 
 /* live connections of one source; exists while count > 0 */
 typedef struct src_ent
@@ -1758,13 +1951,13 @@ static int access_vp_check(const struct sockaddr *sa)
   if(opt_allow_count > 0 &&
      !cidr_list_match(opt_allow, opt_allow_count, sa))
     {
-      stat_vp_refused_allow++;
+      stats.rejects[REJ_ALLOW]++;
       log_warn("%s: connection refused: source not in -O allow", addr);
       return -1;
     }
   if(opt_per_source_max > 0 && (n = src_count(sa)) >= opt_per_source_max)
     {
-      stat_vp_refused_per_source++;
+      stats.rejects[REJ_PER_SOURCE]++;
       log_warn("%s: connection refused: source holds %ld connections "
 	       "(per-source-max)", addr, n);
       return -1;
@@ -1785,14 +1978,14 @@ static int access_mux_check(const struct sockaddr *tcp_sa)
     {
       if(sockaddr_tostr(tcp_sa, addr, sizeof(addr)) == NULL)
 	snprintf(addr, sizeof(addr), "?");
-      stat_mux_refused_allow++;
+      stats.mux_refused[0]++;
       log_warn("%s: mux connection refused: source not in -O mux-allow",
 	       addr);
       return -1;
     }
   if(opt_mux_max > 0 && (long)mc_list.count >= opt_mux_max)
     {
-      stat_mux_refused_max++;
+      stats.mux_refused[1]++;
       log_warn("%ld mux clients connected (mux-max): refusing a new one",
 	       (long)mc_list.count);
       return -1;
@@ -1973,6 +2166,7 @@ static void vp_pause(vp_t *vp)
   if(vp->paused || vp->dead)
     return;
   vp->paused = 1;
+  stats.bp_pauses++;
   if(vp->ev.fd >= 0)
     ev_want_read(&vp->ev, 0);
   return;
@@ -2025,7 +2219,10 @@ static int sink_stalled(sink_t *s)
   if(!s->full)
     return 0;
   if(tw_tick >= s->last_progress + (uint64_t)opt_stall)
-    return 1;
+    {
+      stats.stall_disconnects++;
+      return 1;
+    }
   tw_arm_at(&s->stall_timer, s->last_progress + (uint64_t)opt_stall);
   return 0;
 }
@@ -2146,6 +2343,14 @@ static vp_t *vp_find_id(uint32_t id)
   vp_t key;
   key.id = id;
   return splaytree_find(&vp_by_id, &key);
+}
+
+/* the VP with the smallest id greater than `id`, or NULL */
+static vp_t *vp_find_next(uint32_t id)
+{
+  vp_t key;
+  key.id = id;
+  return splaytree_find_next(&vp_by_id, &key);
 }
 
 static vp_t *vp_find_magic(const uint8_t *magic, uint8_t len)
@@ -2301,6 +2506,10 @@ static int vp_send_data(vp_t *vp, uint32_t chan, const uint8_t *data,
       n = len > RP_MAXBODY ? RP_MAXBODY : len;
       if(vp_send_reliable(vp, chan, NULL, 0, data, n) != 0)
 	return -1;
+      vp->tx_frames++;
+      vp->tx_bytes += n;
+      stats.relay_frames[DIR_TO_VP]++;
+      stats.relay_bytes[DIR_TO_VP] += n;
       data += n;
       len -= n;
     }
@@ -2404,6 +2613,7 @@ static void vp_close(vp_t *vp, const char *why)
   if(vp->dead)
     return;
   vp->dead = 1;
+  stats_vp_closed(vp);
   if(vp->id != 0)
     log_notice("%s: vp %u %s: departed: %s", vp->peer, vp->id,
 	    vp->name != NULL ? vp->name : "", why);
@@ -2468,6 +2678,12 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
 	  handshake_count--;
 	}
       vp->last_rx = vp->last_tx = tw_tick;
+      vp->conn_tick = tw_tick;
+      vp->why = WHY_NONE;
+      if(old == VP_HANDSHAKE)
+	stats.arrivals++;
+      else
+	stats.resumes++;
       tw_arm(&vp->rx_timer, TIMEOUT_RX_ABORT);
       tw_arm(&vp->ka_timer, TIMEOUT_KEEPALIVE);
       if(old == VP_HANDSHAKE)
@@ -2508,6 +2724,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
       vp_conn_drop(vp);
       vp->state = VP_ZOMBIE;
       vp->zombie_gen = mc_gen;
+      stats.zombies++;
       tw_arm(&vp->rx_timer, (unsigned int)opt_zombie);
       log_notice("%s: vp %u %s: zombie for %lds: %s", vp->peer, vp->id,
 	      vp->name != NULL ? vp->name : "", opt_zombie, why);
@@ -2534,6 +2751,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
  */
 static void vp_lost(vp_t *vp, const char *why)
 {
+  stats_why(vp, WHY_CLOSED);
   if(vp->state == VP_GO && opt_zombie > 0)
     vp_set_state(vp, VP_ZOMBIE, why);
   else
@@ -2545,6 +2763,7 @@ static void vp_lost(vp_t *vp, const char *why)
 static int vp_proto_error(vp_t *vp, const char *why)
 {
   log_warn("%s: protocol error: %s", vp->peer, why);
+  stats_why(vp, WHY_PROTO);
   vp_close(vp, why);
   return -1;
 }
@@ -2553,6 +2772,7 @@ static int vp_proto_error(vp_t *vp, const char *why)
 static int vp_reject(vp_t *vp, const char *why)
 {
   uint8_t body[1] = {RP_MASTER_REJ};
+  stats_why(vp, WHY_REJECTED);
   vp_send_raw(vp, vp->snd_nxt, body, 1);
   vp_set_state(vp, VP_FLUSH, why);
   return -1;
@@ -2565,17 +2785,22 @@ static void vp_timer_rx(tw_timer_t *t)
     {
     case VP_HANDSHAKE:
     case VP_FLUSH:
+      stats_why(vp, WHY_TIMEOUT);
       vp_close(vp, "accept timeout");
       break;
     case VP_GO:
       if(vp->paused)
 	tw_arm(t, TIMEOUT_RX_ABORT); /* not reading: not its silence */
       else if(tw_tick >= vp->last_rx + TIMEOUT_RX_ABORT)
-	vp_lost(vp, "rx_abort: nothing received for 60s");
+	{
+	  stats_why(vp, WHY_TIMEOUT);
+	  vp_lost(vp, "rx_abort: nothing received for 60s");
+	}
       else
 	tw_arm_at(t, vp->last_rx + TIMEOUT_RX_ABORT);
       break;
     case VP_ZOMBIE:
+      stats_why(vp, WHY_EXPIRED);
       vp_close(vp, "zombie expired");
       break;
     }
@@ -2698,17 +2923,22 @@ static int vp_handle_master_res(vp_t *t, const uint8_t *b, size_t len,
     return vp_proto_error(t, "malformed MASTER_RES");
   magic_str(magic, ml, ms, sizeof(ms));
   if((m = vp_find_magic(magic, ml)) == NULL || m->dead)
-    return vp_reject(t, "MASTER_RES: unknown magic, rejected");
+    {
+      stats.rejects[REJ_UNKNOWN_MAGIC]++;
+        return vp_reject(t, "MASTER_RES: unknown magic, rejected");
+    }
   if(serial_cmp(s[0], m->snd_una) < 0 || serial_cmp(s[0], m->snd_nxt) > 0)
     {
       log_warn("%s: resume of vp %u: rcv_nxt %u outside %u..%u", t->peer,
 	      m->id, s[0], m->snd_una, m->snd_nxt);
+      stats.rejects[REJ_INCONSISTENT]++;
       return vp_reject(t, "MASTER_RES: inconsistent rcv_nxt, rejected");
     }
   if(serial_cmp(s[1], m->rcv_nxt) > 0 || serial_cmp(m->rcv_nxt, s[2]) > 0)
     {
       log_warn("%s: resume of vp %u: our rcv_nxt %u outside %u..%u",
 	      t->peer, m->id, m->rcv_nxt, s[1], s[2]);
+      stats.rejects[REJ_INCONSISTENT]++;
       return vp_reject(t, "MASTER_RES: inconsistent snd_una/snd_nxt, "
 		       "rejected");
     }
@@ -2723,7 +2953,10 @@ static int vp_handle_master_res(vp_t *t, const uint8_t *b, size_t len,
   m->snd_una = s[0];
 
   if(m->state == VP_GO)
-    log_dbg("%s: vp %u: taken over by %s", m->peer, m->id, t->peer);
+    {
+      log_dbg("%s: vp %u: taken over by %s", m->peer, m->id, t->peer);
+      stats.departures[WHY_TAKEOVER]++;
+    }
   vp_conn_drop(m);
   if(ev_move(&t->ev, &m->ev) != 0)
     {
@@ -2740,6 +2973,7 @@ static int vp_handle_master_res(vp_t *t, const uint8_t *b, size_t len,
   m->family = t->family;
   memcpy(m->addr, t->addr, sizeof(m->addr));
   memcpy(m->peer, t->peer, sizeof(m->peer));
+  stats_why(t, WHY_MERGED);
   vp_close(t, "connection merged into a resumed session");
   if(vp_set_state(m, VP_GO, "MASTER_RES") != 0)
     {
@@ -2978,6 +3212,10 @@ static int vp_rx_frame(void *arg, uint32_t seq, uint32_t chan,
     {
       vp_send_ack(vp, seq);
       vp->rcv_nxt++;
+      vp->rx_frames++;
+      vp->rx_bytes += len;
+      stats.relay_frames[DIR_FROM_VP]++;
+      stats.relay_bytes[DIR_FROM_VP] += len;
       if((c = vp_chan_find(vp, chan)) == NULL)
 	{
 	  log_dbg("%s: data for unknown channel %u", vp->peer, chan);
@@ -3055,6 +3293,7 @@ static void vp_read(vp_t *vp)
 	}
       if(n == CONN_PROTO)
 	{
+	  stats_why(vp, WHY_TLS);
 	  vp_close(vp, "TLS error");
 	  return;
 	}
@@ -3092,7 +3331,10 @@ static void vp_flush(vp_t *vp)
   if((rc = vp_conn_write(vp)) != 0)
     {
       if(rc == CONN_PROTO)
-	vp_close(vp, "TLS error on write");
+	{
+	  stats_why(vp, WHY_TLS);
+	  vp_close(vp, "TLS error on write");
+	}
       else
 	vp_lost(vp, "write error");
       return;
@@ -3163,6 +3405,8 @@ static void accept_listen_all(int rd)
     ev_want_read(&mux_lev, rd);
   if(mux_tcp_lev.fd >= 0)
     ev_want_read(&mux_tcp_lev, rd);
+  if(http_lev.fd >= 0)
+    ev_want_read(&http_lev, rd);
   for(n = vp_list.head; n != NULL; n = n->next)
     {
       vp = CONTAINER_OF(n, vp_t, list_node);
@@ -3189,6 +3433,7 @@ static void accept_pause(const char *what)
   if(accept_paused)
     return;
   accept_paused = 1;
+  stats.accept_pauses_emfile++;
   log_warn("%s: out of file descriptors, pausing accepts for 1s", what);
   accept_listen_all(0);
   tw_arm(&accept_timer, 1);
@@ -3214,6 +3459,9 @@ static vp_t *vp_accept_fd(int fd, const struct sockaddr *sa)
 
   if(handshake_count >= opt_handshake_max)
     {
+      stats.rejects[REJ_HANDSHAKE_CAP]++;
+      if(hs_cap_logged != tw_tick)
+	stats.accept_pauses_hscap++;
       if(hs_cap_logged != tw_tick)
 	log_warn("%ld connections in handshake: refusing new ones",
 		handshake_count);
@@ -4386,7 +4634,7 @@ static void mc_burst_timeout(tw_timer_t *t)
   mclient_t *mc = CONTAINER_OF(t, mclient_t, burst_timer);
   if(!mc->bursting || mc->dead)
     return;
-  stat_mux_burst_timeouts++;
+  stats.mux_burst_timeouts++;
   log_warn("mux client %llu: VP_UPDATE burst not read within %lds "
 	   "(mux-burst-timeout)", (unsigned long long)mc->gen,
 	   opt_mux_burst_timeout);
@@ -4477,44 +4725,40 @@ static void mux_accept(fdev_t *lev)
 #define MUX_TCP_KEEPINTVL  10   /* seconds between probes */
 #define MUX_TCP_KEEPCNT    6    /* unanswered probes before giving up */
 
+/* set an int socket option and return what the kernel kept (-1: none) */
+static int sockopt_int(int fd, int level, int name, int v)
+{
+  socklen_t vl = sizeof(v);
+  setsockopt(fd, level, name, &v, sizeof(v));
+  if(getsockopt(fd, level, name, &v, &vl) != 0)
+    return -1;
+  return v;
+}
+
 /* socket options of an accepted TCP mux client; failures are harmless */
 static void mux_tcp_setup(int fd, const struct sockaddr *sa)
 {
   char addr[INET6_ADDRSTRLEN];
-  int on = 1, v;
-  int idle = -1, intvl = -1, cnt = -1, ka = -1;
-  socklen_t vl;
+  int idle = -1, intvl = -1, cnt = -1, ka;
 
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
-  setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
+  sockopt_int(fd, IPPROTO_TCP, TCP_NODELAY, 1);
+  ka = sockopt_int(fd, SOL_SOCKET, SO_KEEPALIVE, 1);
 #ifdef TCP_KEEPIDLE
-  v = MUX_TCP_KEEPIDLE;
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &v, sizeof(v));
-  vl = sizeof(idle);
-  getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, &vl);
+  idle = sockopt_int(fd, IPPROTO_TCP, TCP_KEEPIDLE, MUX_TCP_KEEPIDLE);
 #endif
 #ifdef TCP_KEEPINTVL
-  v = MUX_TCP_KEEPINTVL;
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &v, sizeof(v));
-  vl = sizeof(intvl);
-  getsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, &vl);
+  intvl = sockopt_int(fd, IPPROTO_TCP, TCP_KEEPINTVL, MUX_TCP_KEEPINTVL);
 #endif
 #ifdef TCP_KEEPCNT
-  v = MUX_TCP_KEEPCNT;
-  setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &v, sizeof(v));
-  vl = sizeof(cnt);
-  getsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, &vl);
+  cnt = sockopt_int(fd, IPPROTO_TCP, TCP_KEEPCNT, MUX_TCP_KEEPCNT);
 #endif
-  (void)v;
   if(opt_flags & OPT_DEBUG)
     {
-      /* read back, so the debug log shows what the kernel took */
-      vl = sizeof(ka);
-      getsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &ka, &vl);
+      /* what the kernel took, so the debug log shows the real values */
       if(sockaddr_tostr(sa, addr, sizeof(addr)) == NULL)
 	snprintf(addr, sizeof(addr), "?");
       log_dbg("%s.%d: mux over tcp: keepalive %d idle %d intvl %d cnt %d",
-	      addr, sockaddr_port(sa), ka != 0, idle, intvl, cnt);
+	      addr, sockaddr_port(sa), ka > 0, idle, intvl, cnt);
     }
   return;
 }
@@ -4794,6 +5038,7 @@ static int meta_load(void)
     {
       log_err("%s: could not read metadata: %s", opt_metafile,
 	      strerror(errno));
+      stats.meta_loads_err++;
       return -1;
     }
   t = meta_parse(text, len, &line, &msg);
@@ -4804,10 +5049,13 @@ static int meta_load(void)
 	log_err("%s: line %zu: %s", opt_metafile, line, msg);
       else
 	log_err("%s: %s", opt_metafile, msg);
+      stats.meta_loads_err++;
       return -1;
     }
   meta_table_free(meta_table);
   meta_table = t;
+  stats.meta_loads_ok++;
+  time_wall(&stats.meta_last_ok);
   log_dbg("%s: loaded %zu entries", opt_metafile,
 	  splaytree_count(&t->tree));
   return 0;
@@ -5088,13 +5336,19 @@ static int tls_check_name(vp_t *vp)
     return vp_proto_error(vp, "no monitor name to check against the "
 			  "client certificate");
   if((cert = tls_peer_cert(vp->ssl)) == NULL)
-    return vp_proto_error(vp, "no client certificate");
+    {
+      stats.tls_failures[TLSF_NO_CERT]++;
+      stats_why(vp, WHY_TLS);
+      return vp_proto_error(vp, "no client certificate");
+    }
   ok = tls_cert_match(cert, vp->name);
   X509_free(cert);
   if(!ok)
     {
       log_warn("%s: monitor name %s not in the client certificate",
 	      vp->peer, vp->name);
+      stats.tls_failures[TLSF_NAME]++;
+      stats_why(vp, WHY_TLS);
       return vp_proto_error(vp, "monitor name does not match the client "
 			    "certificate");
     }
@@ -5140,6 +5394,8 @@ static void vp_tls_accept(vp_t *vp)
 	}
       log_warn("%s: TLS handshake failed: %s", vp->peer,
 	      err == SSL_ERROR_SSL ? tls_errstr() : "connection error");
+      stats.tls_failures[TLSF_HANDSHAKE]++;
+      stats_why(vp, WHY_TLS);
       vp_close(vp, "TLS handshake failed");
       return;
     }
@@ -5149,6 +5405,8 @@ static void vp_tls_accept(vp_t *vp)
       if((cert = tls_peer_cert(vp->ssl)) == NULL)
 	{
 	  log_warn("%s: no client certificate", vp->peer);
+	  stats.tls_failures[TLSF_NO_CERT]++;
+	  stats_why(vp, WHY_TLS);
 	  vp_close(vp, "no client certificate");
 	  return;
 	}
@@ -5157,6 +5415,8 @@ static void vp_tls_accept(vp_t *vp)
 	{
 	  log_warn("%s: client certificate refused: %s", vp->peer,
 		   X509_verify_cert_error_string(vr));
+	  stats.tls_failures[TLSF_VERIFY]++;
+	  stats_why(vp, WHY_TLS);
 	  vp_close(vp, "client certificate did not verify");
 	  return;
 	}
@@ -5349,6 +5609,917 @@ static void svc_close(void)
     close(svc_fd);
   svc_fd = -1;
   svc_status[0] = '\0';
+  return;
+}
+
+/* ---------------------------------------------------------------------
+ * Metrics over HTTP (-O metrics=[addr:]port)
+ *
+ * A small HTTP/1.1 server in the same loop: GET or HEAD of /metrics (the
+ * Prometheus text format 0.0.4) and /vps (JSON, one object per named
+ * VP).  Each connection (hclient_t) holds at most HC_HEAD_MAX bytes of
+ * request and handles one request at a time; pipelined requests wait in
+ * the input buffer, unread beyond it.  /metrics is small and built whole;
+ * /vps is streamed: a cursor (the last VP id written) is advanced through
+ * the id tree, and more is rendered only when the output has drained
+ * below HC_LOW, so a connection holds O(HC_LOW + one VP) bytes whatever
+ * the number of VPs and however slowly it reads (and its kernel send
+ * buffer is fixed at HC_SNDBUF).  VPs that leave meanwhile
+ * are skipped; VPs that arrive with higher ids are included.
+ *
+ * One timer per connection: while waiting for a request it is the request
+ * deadline (a whole request head within HC_TIMEOUT seconds of the
+ * connection becoming idle, so bytes trickled by a slowloris buy nothing);
+ * while answering, the write deadline (no progress for HC_TIMEOUT).  At
+ * most opt_metrics_max connections exist; others are closed at accept.
+ * There is no authentication: a bare port binds 127.0.0.1 only.
+ * --------------------------------------------------------------------- */
+
+#define HC_HEAD_MAX   8192     /* bytes of request head */
+#define HC_LOW        16384    /* refill /vps output below this */
+#define HC_TIMEOUT    10       /* request and write deadline, seconds */
+#define HC_SNDBUF     131072   /* kernel send buffer: bounded too */
+#define HC_BUDGET     65536    /* /vps bytes rendered per dispatch */
+
+typedef struct hclient
+{
+  fdev_t        ev;
+  char          in[HC_HEAD_MAX];
+  size_t        in_len;
+  buf_t         out;
+  uint8_t       dead;
+  uint8_t       busy;           /* answering a request */
+  uint8_t       close_after;    /* close once out is written */
+  uint8_t       vps;            /* streaming /vps */
+  uint8_t       vps_chunked;    /* with chunked transfer coding */
+  uint8_t       vps_first;      /* no VP object written yet */
+  uint8_t       route;          /* 0 other, 1 /metrics, 2 /vps */
+  uint32_t      cursor;         /* last VP id written */
+  tw_timer_t    timer;
+  dlist_node_t  list_node;
+  slist_node_t  gc_node;
+} hclient_t;
+
+static dlist_t      hc_list;                /* all HTTP clients */
+static slist_t      gc_hcs;
+static uint64_t     http_cap_logged = UINT64_MAX;
+
+static void hc_close(hclient_t *hc, const char *why);
+static void hc_write(hclient_t *hc);
+static void hc_process(hclient_t *hc);
+
+/* status codes counted in stats.http_requests, in that order */
+static const int hc_codes[6] = {200, 400, 404, 405, 431, 500};
+
+static int hc_code_idx(int code)
+{
+  int i;
+  for(i=0; i<5; i++)
+    if(hc_codes[i] == code)
+      return i;
+  return 5;
+}
+
+static const char *hc_reason(int code)
+{
+  switch(code)
+    {
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 431: return "Request Header Fields Too Large";
+    }
+  return "Internal Server Error";
+}
+
+#if defined(__GNUC__)
+static int bprintf(buf_t *b, const char *fmt, ...)
+  __attribute__((format(printf, 2, 3)));
+#endif
+
+/* append formatted text (at most 1023 bytes) to b; 0 or -1 */
+static int bprintf(buf_t *b, const char *fmt, ...)
+{
+  char tmp[1024];
+  va_list ap;
+  int n;
+  va_start(ap, fmt);
+  n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+  va_end(ap);
+  if(n < 0)
+    return -1;
+  if((size_t)n >= sizeof(tmp))
+    n = (int)sizeof(tmp) - 1;
+  return buf_append(b, tmp, (size_t)n);
+}
+
+/* append s (len bytes) as a quoted JSON string */
+static int bjson_str(buf_t *b, const char *s, size_t len)
+{
+  char stack[1024], *esc = stack;
+  size_t need = json_escape(NULL, 0, (const uint8_t *)s, len);
+  int rc;
+  if(need >= sizeof(stack) && (esc = malloc(need + 1)) == NULL)
+    return -1;
+  json_escape(esc, need + 1, (const uint8_t *)s, len);
+  rc = buf_append(b, "\"", 1) | buf_append(b, esc, need) |
+    buf_append(b, "\"", 1);
+  if(esc != stack)
+    free(esc);
+  return rc;
+}
+
+/*
+ * Wall-clock seconds of tick `tick`: ticks count from tw_epoch on the
+ * monotonic clock, so the offset is taken once per response (now_wall -
+ * now_mono), never stored per VP.
+ */
+typedef struct hc_clock
+{
+  double wall_at_tick0;
+} hc_clock_t;
+
+static void hc_clock_init(hc_clock_t *c)
+{
+  struct timeval w, m;
+  time_wall(&w);
+  time_mono(&m);
+  c->wall_at_tick0 = (double)w.tv_sec + w.tv_usec / 1e6 -
+    (double)timeval_diff_ms(&m, &tw_epoch) / 1000.0;
+  return;
+}
+
+static double hc_tick_wall(const hc_clock_t *c, uint64_t tick)
+{
+  return c->wall_at_tick0 + (double)tick;
+}
+
+/* ---- /metrics ---- */
+
+typedef struct vp_totals
+{
+  uint64_t vps[3];              /* handshake (and flush), go, zombie */
+  uint64_t unacked;
+  uint64_t channels;
+  uint64_t uclients;
+} vp_totals_t;
+
+static int chan_count_uc(void *item, void *param)
+{
+  if(((chan_t *)item)->uc != NULL)
+    (*(uint64_t *)param)++;
+  return 0;
+}
+
+static void vp_totals(vp_totals_t *t)
+{
+  dlist_node_t *n;
+  vp_t *vp;
+  memset(t, 0, sizeof(*t));
+  for(n = vp_list.head; n != NULL; n = n->next)
+    {
+      vp = CONTAINER_OF(n, vp_t, list_node);
+      t->vps[vp->state == VP_GO ? 1 : vp->state == VP_ZOMBIE ? 2 : 0]++;
+      t->unacked += buf_len(&vp->unacked);
+      t->channels += splaytree_count(&vp->chans);
+      splaytree_inorder(&vp->chans, chan_count_uc, &t->uclients);
+    }
+  return;
+}
+
+/* HELP and TYPE lines of one metric family */
+static int prom_head(buf_t *b, const char *name, const char *type,
+		     const char *help)
+{
+  return bprintf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static int prom_u64(buf_t *b, const char *name, const char *type,
+		    const char *help, uint64_t v)
+{
+  return prom_head(b, name, type, help) |
+    bprintf(b, "%s %" PRIu64 "\n", name, v);
+}
+
+/* one family with a label taking each of labels[0..n) */
+static int prom_labelled(buf_t *b, const char *name, const char *type,
+			 const char *help, const char *label,
+			 const char *const *labels, const uint64_t *v,
+			 size_t n)
+{
+  size_t i;
+  int rc = prom_head(b, name, type, help);
+  for(i=0; i<n; i++)
+    if(labels[i] != NULL)
+      rc |= bprintf(b, "%s{%s=\"%s\"} %" PRIu64 "\n", name, label,
+		    labels[i], v[i]);
+  return rc;
+}
+
+/* process_* metrics where the system tells (Linux /proc); else omitted */
+static int prom_process(buf_t *b)
+{
+  struct rusage ru;
+  struct rlimit rl;
+  int rc = 0;
+#ifdef __linux__
+  unsigned long vsz, rss;
+  FILE *fp;
+  DIR *dir;
+  struct dirent *de;
+  struct stat sb;
+  uint64_t fds = 0;
+  /*
+   * Linux >= 6.2 gives the count as the directory's size; reading a
+   * directory of 19,000 entries would hold the loop for milliseconds.
+   */
+  if(stat("/proc/self/fd", &sb) == 0 && sb.st_size > 0)
+    rc |= prom_u64(b, "process_open_fds", "gauge",
+		   "Number of open file descriptors.", (uint64_t)sb.st_size);
+  else if((dir = opendir("/proc/self/fd")) != NULL)
+    {
+      while((de = readdir(dir)) != NULL)
+	if(de->d_name[0] != '.')
+	  fds++;
+      closedir(dir);
+      rc |= prom_u64(b, "process_open_fds", "gauge",
+		     "Number of open file descriptors.", fds - 1);
+    }
+  if((fp = fopen("/proc/self/statm", "r")) != NULL)
+    {
+      if(fscanf(fp, "%lu %lu", &vsz, &rss) == 2)
+	{
+	  long pg = sysconf(_SC_PAGESIZE);
+	  rc |= prom_u64(b, "process_virtual_memory_bytes", "gauge",
+			 "Virtual memory size in bytes.",
+			 (uint64_t)vsz * (uint64_t)pg);
+	  rc |= prom_u64(b, "process_resident_memory_bytes", "gauge",
+			 "Resident memory size in bytes.",
+			 (uint64_t)rss * (uint64_t)pg);
+	}
+      fclose(fp);
+    }
+#endif
+  if(getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+    rc |= prom_u64(b, "process_max_fds", "gauge",
+		   "Maximum number of open file descriptors.",
+		   (uint64_t)rl.rlim_cur);
+  if(getrusage(RUSAGE_SELF, &ru) == 0)
+    rc |= prom_head(b, "process_cpu_seconds_total", "counter",
+		    "Total user and system CPU time spent in seconds.") |
+      bprintf(b, "process_cpu_seconds_total %.6f\n",
+	      (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+	      (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6);
+  rc |= prom_head(b, "process_start_time_seconds", "gauge",
+		  "Start time of the process since unix epoch in seconds.") |
+    bprintf(b, "process_start_time_seconds %ld.%06ld\n",
+	    (long)stats.start.tv_sec, (long)stats.start.tv_usec);
+  return rc;
+}
+
+/* render the whole /metrics page into b; 0, or -1 out of memory */
+static int metrics_render(buf_t *b)
+{
+  static const char *const st_labels[3] = {"handshake", "go", "zombie"};
+  static const char *const dir_labels[2] = {"from_vp", "to_vp"};
+  static const char *const ap_labels[2] = {"emfile", "handshake_cap"};
+  static const char *const kind_labels[2] = {"unix", "mux"};
+  static const char *const mux_ref_labels[2] = {"allow", "max"};
+  static const char *const res_labels[2] = {"ok", "error"};
+  static const char *const code_labels[6] = {"200", "400", "404", "405",
+					     "431", "500"};
+  static const char *const route_labels[3] = {"other", "/metrics", "/vps"};
+  const char *backend = ev_backend == EVB_EPOLL ? "epoll" :
+    ev_backend == EVB_KQUEUE ? "kqueue" : "select";
+  vp_totals_t t;
+  uint64_t v[2];
+  int rc = 0, i;
+
+  vp_totals(&t);
+  rc |= prom_head(b, "sc_remoted_build_info", "gauge",
+		  "Version and build features of sc_remoted; always 1.") |
+    bprintf(b, "sc_remoted_build_info{version=\"%s\",backend=\"%s\","
+	    "tls=\"%s\"} 1\n", PACKAGE_VERSION, backend,
+#ifdef HAVE_OPENSSL
+	    "yes"
+#else
+	    "no"
+#endif
+	    );
+  rc |= prom_labelled(b, "sc_remoted_vps", "gauge",
+		      "Scamper connections by state (handshake includes "
+		      "connections being rejected).", "state", st_labels,
+		      t.vps, 3);
+  rc |= prom_u64(b, "sc_remoted_vp_arrivals_total", "counter",
+		 "New VP sessions (MASTER_NEW accepted).", stats.arrivals);
+  rc |= prom_u64(b, "sc_remoted_vp_resumes_total", "counter",
+		 "Sessions resumed (MASTER_RES accepted).", stats.resumes);
+  rc |= prom_u64(b, "sc_remoted_vp_zombies_total", "counter",
+		 "VPs that lost their connection and became zombies.",
+		 stats.zombies);
+  rc |= prom_labelled(b, "sc_remoted_vp_rejects_total", "counter",
+		      "Scamper connections refused or failed before they "
+		      "became a VP, by reason.", "reason", rej_label,
+		      stats.rejects, REJ_MAX);
+  rc |= prom_labelled(b, "sc_remoted_vp_departures_total", "counter",
+		      "VP sessions ended, by reason (takeover: the session's "
+		      "connection was replaced by a resume).", "reason",
+		      why_depart_label, stats.departures, WHY_MAX);
+  rc |= prom_labelled(b, "sc_remoted_relay_bytes_total", "counter",
+		      "Channel data bytes relayed, by direction.",
+		      "direction", dir_labels, stats.relay_bytes, 2);
+  rc |= prom_labelled(b, "sc_remoted_relay_frames_total", "counter",
+		      "Channel data frames relayed, by direction.",
+		      "direction", dir_labels, stats.relay_frames, 2);
+  rc |= prom_u64(b, "sc_remoted_unacked_bytes", "gauge",
+		 "Bytes sent to VPs and not yet acknowledged, summed over "
+		 "VPs.", t.unacked);
+  rc |= prom_u64(b, "sc_remoted_channels", "gauge",
+		 "Open channels, summed over VPs.", t.channels);
+  v[0] = t.uclients;
+  v[1] = mc_list.count;
+  rc |= prom_labelled(b, "sc_remoted_clients", "gauge",
+		      "Connected local clients: per-VP unix sockets (-U) "
+		      "and mux clients (-M and -O mux-listen).", "kind",
+		      kind_labels, v, 2);
+  rc |= prom_labelled(b, "sc_remoted_mux_clients_refused_total", "counter",
+		      "Mux clients closed at accept: source not in -O "
+		      "mux-allow, or -O mux-max reached.", "reason",
+		      mux_ref_labels, stats.mux_refused, 2);
+  rc |= prom_u64(b, "sc_remoted_mux_burst_timeouts_total", "counter",
+		 "Mux clients closed for not reading their VP_UPDATE burst "
+		 "within -O mux-burst-timeout.", stats.mux_burst_timeouts);
+  rc |= prom_u64(b, "sc_remoted_backpressure_pauses_total", "counter",
+		 "Times a VP stopped being read because a local client was "
+		 "full.", stats.bp_pauses);
+  rc |= prom_u64(b, "sc_remoted_stall_disconnects_total", "counter",
+		 "Local clients disconnected for not reading.",
+		 stats.stall_disconnects);
+  v[0] = stats.accept_pauses_emfile;
+  v[1] = stats.accept_pauses_hscap;
+  rc |= prom_labelled(b, "sc_remoted_accept_pauses_total", "counter",
+		      "Episodes of refusing new connections: out of file "
+		      "descriptors, or at -O handshake-max.", "reason",
+		      ap_labels, v, 2);
+#ifdef HAVE_OPENSSL
+  rc |= prom_labelled(b, "sc_remoted_tls_handshake_failures_total",
+		      "counter", "TLS connections refused, by reason.",
+		      "reason", tlsf_label, stats.tls_failures, TLSF_MAX);
+#endif
+  v[0] = stats.meta_loads_ok;
+  v[1] = stats.meta_loads_err;
+  rc |= prom_labelled(b, "sc_remoted_metadata_reloads_total", "counter",
+		      "Loads of the -m metadata file (startup and SIGHUP), "
+		      "by result.", "result", res_labels, v, 2);
+  rc |= prom_head(b, "sc_remoted_last_reload_timestamp_seconds", "gauge",
+		  "Time of the last successful metadata load (0: never).") |
+    bprintf(b, "sc_remoted_last_reload_timestamp_seconds %ld.%06ld\n",
+	    (long)stats.meta_last_ok.tv_sec,
+	    (long)stats.meta_last_ok.tv_usec);
+  rc |= prom_u64(b, "sc_remoted_metadata_entries", "gauge",
+		 "VP names in the metadata table in use.",
+		 meta_table != NULL ? splaytree_count(&meta_table->tree) : 0);
+  rc |= prom_labelled(b, "sc_remoted_http_requests_total", "counter",
+		      "Requests to this endpoint, by status code.", "code",
+		      code_labels, stats.http_requests, 6);
+  rc |= prom_u64(b, "sc_remoted_http_connections_refused_total", "counter",
+		 "HTTP connections closed at accept: over -O metrics-max.",
+		 stats.http_refused);
+  rc |= prom_head(b, "sc_remoted_http_busy_seconds_total", "counter",
+		  "Time the event loop spent serving HTTP connections, by "
+		  "the path being answered.");
+  for(i=0; i<3; i++)
+    rc |= bprintf(b, "sc_remoted_http_busy_seconds_total{path=\"%s\"} "
+		  "%.6f\n", route_labels[i],
+		  (double)stats.http_busy_us[i] / 1e6);
+  rc |= prom_process(b);
+  return rc;
+}
+
+/* ---- /vps ---- */
+
+typedef struct vp_clients
+{
+  uint32_t uc;
+  uint32_t mc;
+} vp_clients_t;
+
+static int chan_count_clients(void *item, void *param)
+{
+  chan_t *c = item;
+  vp_clients_t *n = param;
+  if(c->uc != NULL) n->uc++;
+  if(c->mc != NULL) n->mc++;
+  return 0;
+}
+
+static int bjson_meta(buf_t *b, const char *name)
+{
+  meta_t key, *m = NULL;
+  size_t i;
+  int rc = 0, first = 1;
+  if(name != NULL && meta_table != NULL)
+    {
+      key.name = (char *)name;
+      m = splaytree_find(&meta_table->tree, &key);
+    }
+  if(m == NULL)
+    return buf_append(b, "{}", 2);
+  rc |= buf_append(b, "{", 1);
+  for(i=0; i<META_NFIELDS; i++)
+    {
+      if(m->val[i] == NULL)
+	continue;
+      rc |= bprintf(b, "%s\"%s\":", first ? "" : ",", meta_keys[i].key);
+      rc |= bjson_str(b, m->val[i], strlen(m->val[i]));
+      first = 0;
+    }
+  if(m->tagc > 0)
+    {
+      rc |= bprintf(b, "%s\"tags\":[", first ? "" : ",");
+      for(i=0; i<m->tagc; i++)
+	{
+	  if(i > 0)
+	    rc |= buf_append(b, ",", 1);
+	  rc |= bjson_str(b, m->tags[i], strlen(m->tags[i]));
+	}
+      rc |= buf_append(b, "]", 1);
+    }
+  rc |= buf_append(b, "}", 1);
+  return rc;
+}
+
+/* one VP as a JSON object */
+static int vps_render_one(buf_t *b, vp_t *vp, const hc_clock_t *clk)
+{
+  static const char *const st[] = {"?", "handshake", "go", "zombie",
+				   "flush"};
+  vp_clients_t cl = {0, 0};
+  int rc = 0;
+
+  splaytree_inorder(&vp->chans, chan_count_clients, &cl);
+  rc |= bprintf(b, "{\"id\":%u,\"name\":", vp->id);
+  rc |= vp->name != NULL ? bjson_str(b, vp->name, strlen(vp->name)) :
+    buf_append(b, "null", 4);
+  rc |= bprintf(b, ",\"address\":\"%s\",\"peer\":\"%s\",\"state\":\"%s\"",
+		vp->addr, vp->peer, st[vp->state <= VP_FLUSH ? vp->state : 0]);
+  rc |= bprintf(b, ",\"arrival\":%ld.%03ld", (long)vp->arrival.tv_sec,
+		(long)vp->arrival.tv_usec / 1000);
+  if(vp->state == VP_GO)
+    rc |= bprintf(b, ",\"connected_since\":%.0f",
+		  hc_tick_wall(clk, vp->conn_tick));
+  else
+    rc |= bprintf(b, ",\"connected_since\":null");
+  rc |= bprintf(b, ",\"last_rx\":%.0f", hc_tick_wall(clk, vp->last_rx));
+  if(vp->state == VP_ZOMBIE && vp->rx_timer.slot != NULL)
+    rc |= bprintf(b, ",\"zombie_deadline\":%.0f",
+		  hc_tick_wall(clk, vp->rx_timer.expire));
+  else
+    rc |= bprintf(b, ",\"zombie_deadline\":null");
+  rc |= bprintf(b, ",\"bytes_from_vp\":%" PRIu64 ",\"bytes_to_vp\":%" PRIu64
+		",\"frames_from_vp\":%" PRIu64 ",\"frames_to_vp\":%" PRIu64,
+		vp->rx_bytes, vp->tx_bytes, vp->rx_frames, vp->tx_frames);
+  rc |= bprintf(b, ",\"unacked_bytes\":%zu,\"channels\":%zu,"
+		"\"clients\":{\"unix\":%u,\"mux\":%u}",
+		buf_len(&vp->unacked), splaytree_count(&vp->chans),
+		cl.uc, cl.mc);
+#ifdef HAVE_OPENSSL
+  if(vp->ssl != NULL)
+    {
+      X509 *cert = tls_peer_cert(vp->ssl);
+      char subj[512];
+      if(cert != NULL)
+	{
+	  X509_NAME_oneline(X509_get_subject_name(cert), subj, sizeof(subj));
+	  X509_free(cert);
+	  rc |= buf_append(b, ",\"tls_subject\":", 15);
+	  rc |= bjson_str(b, subj, strlen(subj));
+	}
+    }
+#endif
+  rc |= buf_append(b, ",\"metadata\":", 12);
+  rc |= bjson_meta(b, vp->name);
+  rc |= buf_append(b, "}", 1);
+  return rc;
+}
+
+/*
+ * Render the next VPs after hc->cursor into hc->out, about HC_LOW bytes
+ * at a time (one chunk when chunked), ending the array and the body
+ * after the last VP.  Returns 0, or -1 out of memory.
+ */
+static int vps_fill(hclient_t *hc)
+{
+  buf_t tmp;
+  hc_clock_t clk;
+  vp_t *vp;
+  int rc = 0, done = 0;
+
+  memset(&tmp, 0, sizeof(tmp));
+  hc_clock_init(&clk);
+  while(buf_len(&tmp) < HC_LOW && rc == 0)
+    {
+      if((vp = vp_find_next(hc->cursor)) == NULL)
+	{
+	  rc |= buf_append(&tmp, "]\n", 2);
+	  done = 1;
+	  break;
+	}
+      hc->cursor = vp->id;
+      if(!hc->vps_first)
+	rc |= buf_append(&tmp, ",\n", 2);
+      hc->vps_first = 0;
+      rc |= vps_render_one(&tmp, vp, &clk);
+    }
+  if(rc == 0 && hc->vps_chunked)
+    rc |= bprintf(&hc->out, "%zx\r\n", buf_len(&tmp));
+  rc |= buf_append_buf(&hc->out, &tmp, 0);
+  if(hc->vps_chunked)
+    rc |= buf_append(&hc->out, "\r\n", 2);
+  if(done)
+    {
+      if(hc->vps_chunked)
+	rc |= buf_append(&hc->out, "0\r\n\r\n", 5);
+      hc->vps = 0;
+    }
+  buf_clear(&tmp);
+  return rc;
+}
+
+/* ---- connections ---- */
+
+/* the status line and headers; clen < 0: no Content-Length */
+static int hc_head(hclient_t *hc, const http_req_t *req, int code,
+		   const char *ctype, long clen, const char *extra)
+{
+  int rc;
+  stats.http_requests[hc_code_idx(code)]++;
+  rc = bprintf(&hc->out, "HTTP/1.%d %d %s\r\nServer: sc_remoted/%s\r\n"
+	       "Content-Type: %s\r\n%s", req->minor == 0 ? 0 : 1, code,
+	       hc_reason(code), PACKAGE_VERSION, ctype, extra);
+  if(clen >= 0)
+    rc |= bprintf(&hc->out, "Content-Length: %ld\r\n", clen);
+  if(hc->close_after)
+    rc |= bprintf(&hc->out, "Connection: close\r\n\r\n");
+  else if(req->minor == 0)
+    rc |= bprintf(&hc->out, "Connection: keep-alive\r\n\r\n");
+  else
+    rc |= bprintf(&hc->out, "\r\n");
+  return rc;
+}
+
+/* a short text answer (errors) */
+static int hc_text(hclient_t *hc, const http_req_t *req, int code,
+		   const char *extra)
+{
+  char body[64];
+  int n = snprintf(body, sizeof(body), "%d %s\n", code, hc_reason(code));
+  int rc = hc_head(hc, req, code, "text/plain; charset=utf-8", n, extra);
+  if(strcmp(req->method, "HEAD") != 0)
+    rc |= buf_append(&hc->out, body, (size_t)n);
+  return rc;
+}
+
+/* answer one request: queue the head and (the start of) the body */
+static int hc_respond(hclient_t *hc, const http_req_t *req)
+{
+  int head = strcmp(req->method, "HEAD") == 0;
+  buf_t page;
+  int rc;
+
+  hc->busy = 1;
+  hc->route = strcmp(req->path, "/metrics") == 0 ? 1 :
+    strcmp(req->path, "/vps") == 0 ? 2 : 0;
+  if(!req->keepalive)
+    hc->close_after = 1;
+  if(strcmp(req->path, "/metrics") != 0 && strcmp(req->path, "/vps") != 0)
+    return hc_text(hc, req, 404, "");
+  if(!head && strcmp(req->method, "GET") != 0)
+    return hc_text(hc, req, 405, "Allow: GET, HEAD\r\n");
+  if(strcmp(req->path, "/metrics") == 0)
+    {
+      memset(&page, 0, sizeof(page));
+      if(metrics_render(&page) != 0)
+	{
+	  buf_clear(&page);
+	  hc->close_after = 1;
+	  return hc_text(hc, req, 500, "");
+	}
+      rc = hc_head(hc, req, 200, "text/plain; version=0.0.4",
+		   (long)buf_len(&page), "");
+      if(!head)
+	rc |= buf_append_buf(&hc->out, &page, 0);
+      buf_clear(&page);
+      return rc;
+    }
+  /* /vps: chunked for HTTP/1.1; HTTP/1.0 gets the body up to the close */
+  if(req->minor == 0)
+    hc->close_after = 1;
+  hc->vps_chunked = req->minor == 1;
+  rc = hc_head(hc, req, 200, "application/json", -1,
+	       hc->vps_chunked ? "Transfer-Encoding: chunked\r\n" : "");
+  if(head)
+    return rc;
+  hc->vps = 1;
+  hc->vps_first = 1;
+  hc->cursor = 0;
+  if(hc->vps_chunked)
+    rc |= buf_append(&hc->out, "2\r\n[\n\r\n", 7);
+  else
+    rc |= buf_append(&hc->out, "[\n", 2);
+  return rc;
+}
+
+static void hc_timer(tw_timer_t *t)
+{
+  hclient_t *hc = CONTAINER_OF(t, hclient_t, timer);
+  if(hc->busy)
+    hc_close(hc, "write deadline passed");
+  else
+    hc_close(hc, hc->in_len > 0 ? "request not complete in time" :
+	     "idle");
+  return;
+}
+
+/*
+ * The one teardown of an HTTP client; memory is freed at the end of the
+ * loop iteration.
+ */
+static void hc_close(hclient_t *hc, const char *why)
+{
+  if(hc->dead)
+    return;
+  hc->dead = 1;
+  log_dbg("metrics client fd %d closed: %s", hc->ev.fd, why);
+  ev_close(&hc->ev);
+  tw_cancel(&hc->timer);
+  buf_clear(&hc->out);
+  dlist_remove(&hc_list, &hc->list_node);
+  slist_push_tail(&gc_hcs, &hc->gc_node);
+  return;
+}
+
+/*
+ * Parse and answer requests held in hc->in, one at a time: a request is
+ * taken only when the previous answer has been written.  Malformed or
+ * oversized heads get 400 or 431 and the connection closes after it.
+ */
+static void hc_process(hclient_t *hc)
+{
+  http_req_t req;
+  long n;
+
+  while(!hc->dead && !hc->busy && !hc->close_after)
+    {
+      n = http_req_parse(hc->in, hc->in_len, HC_HEAD_MAX, &req);
+      if(n == HTTP_REQ_MORE)
+	break;
+      if(n < 0)
+	{
+	  log_warn("metrics client fd %d: %s request, closing", hc->ev.fd,
+		   n == HTTP_REQ_TOOBIG ? "oversized" : "malformed");
+	  memset(&req, 0, sizeof(req));
+	  snprintf(req.method, sizeof(req.method), "GET");
+	  req.minor = 1;
+	  hc->busy = 1;
+	  hc->close_after = 1;
+	  hc->in_len = 0;
+	  if(hc_text(hc, &req, n == HTTP_REQ_TOOBIG ? 431 : 400, "") != 0)
+	    {
+	      hc_close(hc, "out of memory");
+	      return;
+	    }
+	}
+      else
+	{
+	  memmove(hc->in, hc->in + n, hc->in_len - (size_t)n);
+	  hc->in_len -= (size_t)n;
+	  if(hc_respond(hc, &req) != 0)
+	    {
+	      hc_close(hc, "out of memory");
+	      return;
+	    }
+	}
+      tw_arm(&hc->timer, HC_TIMEOUT);
+      hc_write(hc);
+    }
+  if(!hc->dead && !hc->busy)
+    ev_want_read(&hc->ev, 1);
+  return;
+}
+
+/*
+ * Write what is queued, refilling /vps output as it drains, until the
+ * socket is full, the answer is complete, or HC_BUDGET bytes of /vps were
+ * rendered in this call (the rest waits for the next writable event, so
+ * other connections get their turn between).  A complete answer either
+ * closes the connection or makes it idle (a fresh request deadline) and
+ * waits for the next request (the caller looks for a pipelined one).
+ */
+static void hc_write(hclient_t *hc)
+{
+  size_t before, budget = HC_BUDGET;
+
+  for(;;)
+    {
+      if(hc->vps && buf_len(&hc->out) < HC_LOW)
+	{
+	  /* a fast reader must not hold the loop for the whole answer */
+	  if(budget == 0)
+	    {
+	      if(ev_set(&hc->ev, 0, 1) != 0)
+		hc_close(hc, "could not watch for writability");
+	      return;
+	    }
+	  before = buf_len(&hc->out);
+	  if(vps_fill(hc) != 0)
+	    {
+	      hc_close(hc, "out of memory");
+	      return;
+	    }
+	  before = buf_len(&hc->out) - before;
+	  budget = before >= budget ? 0 : budget - before;
+	}
+      if(buf_len(&hc->out) == 0)
+	break;
+      before = buf_len(&hc->out);
+      if(buf_writev(&hc->out, hc->ev.fd) != 0)
+	{
+	  hc_close(hc, "write error");
+	  return;
+	}
+      if(buf_len(&hc->out) < before)
+	tw_arm(&hc->timer, HC_TIMEOUT);
+      if(buf_len(&hc->out) > 0)
+	{
+	  /* socket full: wait for writability, read nothing meanwhile */
+	  if(ev_set(&hc->ev, 0, 1) != 0)
+	    hc_close(hc, "could not watch for writability");
+	  return;
+	}
+    }
+  if(hc->vps)
+    return;
+  hc->busy = 0;
+  if(hc->close_after)
+    {
+      hc_close(hc, "answer complete");
+      return;
+    }
+  tw_arm(&hc->timer, HC_TIMEOUT);
+  if(ev_set(&hc->ev, 1, 0) != 0)
+    hc_close(hc, "could not register");
+  return;
+}
+
+static void hc_read(hclient_t *hc)
+{
+  ssize_t n;
+  if(hc->in_len >= sizeof(hc->in))
+    {
+      hc_process(hc);
+      return;
+    }
+  n = read(hc->ev.fd, hc->in + hc->in_len, sizeof(hc->in) - hc->in_len);
+  if(n < 0)
+    {
+      if(errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+	hc_close(hc, "read error");
+      return;
+    }
+  if(n == 0)
+    {
+      hc_close(hc, "closed by peer");
+      return;
+    }
+  hc->in_len += (size_t)n;
+  hc_process(hc);
+  return;
+}
+
+static void hc_dispatch(hclient_t *hc, int rd, int wr)
+{
+  struct timeval t0, t1;
+  if(hc->dead)
+    return;
+  time_mono(&t0);
+  if(wr && hc->busy)
+    {
+      hc_write(hc);
+      if(!hc->dead && !hc->busy)
+	hc_process(hc);
+    }
+  else if(rd && !hc->busy)
+    hc_read(hc);
+  else if(rd)
+    ev_want_read(&hc->ev, 0);
+  time_mono(&t1);
+  stats.http_busy_us[hc->route] +=
+    (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000L +
+	       (t1.tv_usec - t0.tv_usec));
+  if(!hc->busy)
+    hc->route = 0;
+  return;
+}
+
+static void http_accept(void)
+{
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  hclient_t *hc;
+  int fd, i, sndbuf;
+
+  for(i=0; i<64; i++)
+    {
+      sl = sizeof(ss);
+      if((fd = accept(http_lev.fd, (struct sockaddr *)&ss, &sl)) < 0)
+	{
+	  if(errno == EMFILE || errno == ENFILE)
+	    accept_pause("http_accept");
+	  else if(errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+		  errno != ECONNABORTED)
+	    log_err("metrics accept failed: %s", strerror(errno));
+	  return;
+	}
+      if((long)hc_list.count >= opt_metrics_max)
+	{
+	  stats.http_refused++;
+	  if(http_cap_logged != tw_tick)
+	    log_warn("%ld metrics connections open (-O metrics-max): "
+		     "refusing new ones", opt_metrics_max);
+	  http_cap_logged = tw_tick;
+	  close(fd);
+	  continue;
+	}
+      if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
+	 (hc = calloc(1, sizeof(hclient_t))) == NULL)
+	{
+	  log_err("could not take metrics client fd %d", fd);
+	  close(fd);
+	  continue;
+	}
+      sndbuf = HC_SNDBUF;
+      setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+      fdev_init(&hc->ev, fd, FD_HC, hc);
+      tw_timer_init(&hc->timer, hc_timer);
+      dlist_node_init(&hc->list_node);
+      dlist_push_tail(&hc_list, &hc->list_node);
+      tw_arm(&hc->timer, HC_TIMEOUT);
+      if(ev_set(&hc->ev, 1, 0) != 0)
+	hc_close(hc, "could not register");
+    }
+  return;
+}
+
+/* create the -O metrics listener (not yet watched); 0 or -1 */
+static int http_listen(void)
+{
+  char addr[INET6_ADDRSTRLEN];
+  const struct sockaddr *sa = (const struct sockaddr *)&metrics_ss;
+  int fd, on = 1;
+
+  fdev_init(&http_lev, -1, FD_HTTP_LISTEN, NULL);
+  if(metrics_sslen == 0)
+    return 0;
+  if(sockaddr_tostr(sa, addr, sizeof(addr)) == NULL)
+    snprintf(addr, sizeof(addr), "?");
+  if((fd = socket(sa->sa_family, SOCK_STREAM, 0)) < 0)
+    {
+      log_err("could not create metrics socket: %s", strerror(errno));
+      return -1;
+    }
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
+  if(sa->sa_family == AF_INET6)
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof(on));
+  if(bind(fd, sa, metrics_sslen) != 0 || listen(fd, SOMAXCONN) != 0 ||
+     fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0)
+    {
+      log_err("could not listen for metrics on %s port %d: %s", addr,
+	      sockaddr_port(sa), strerror(errno));
+      close(fd);
+      return -1;
+    }
+  http_lev.fd = fd;
+  return 0;
+}
+
+/* close every HTTP client and the listener */
+static void http_shutdown(void)
+{
+  dlist_node_t *n;
+  while((n = hc_list.head) != NULL)
+    hc_close(CONTAINER_OF(n, hclient_t, list_node), "shutting down");
+  if(http_lev.fd >= 0)
+    ev_close(&http_lev);
+  return;
+}
+
+static void http_gc(void)
+{
+  slist_node_t *n;
+  while((n = slist_pop_head(&gc_hcs)) != NULL)
+    free(CONTAINER_OF(n, hclient_t, gc_node));
   return;
 }
 
@@ -5819,6 +6990,11 @@ static void upg_save_vp(upg_w_t *w, const vp_t *vp)
   w_u8(w, vp->in_handshake);
   w_u64(w, tls ? mc_gen : vp->zombie_gen);
   w_u8(w, tls ? 0 : (vp->src != NULL));
+  w_u64(w, vp->conn_tick);
+  w_u64(w, vp->rx_bytes);
+  w_u64(w, vp->rx_frames);
+  w_u64(w, vp->tx_bytes);
+  w_u64(w, vp->tx_frames);
   w_buf(w, &vp->unacked);
   w_u64(w, vp->last_rx);
   w_u64(w, vp->last_tx);
@@ -5858,6 +7034,54 @@ static void upg_save_vp(upg_w_t *w, const vp_t *vp)
 }
 
 /*
+ * The statistics counters, in a fixed order (upg_stats_fields); the
+ * format says how many there are, so a build that knows fewer or more
+ * takes those it shares.  The start time is kept: uptime goes on.
+ */
+static size_t upg_stats_fields(uint64_t **f, size_t max)
+{
+  size_t n = 0, i;
+#define UPG_STAT(x) do { if(n < max) f[n] = &(x); n++; } while(0)
+  UPG_STAT(stats.arrivals);
+  UPG_STAT(stats.resumes);
+  UPG_STAT(stats.zombies);
+  for(i=0; i<REJ_MAX; i++) UPG_STAT(stats.rejects[i]);
+  for(i=0; i<WHY_MAX; i++) UPG_STAT(stats.departures[i]);
+  for(i=0; i<2; i++) UPG_STAT(stats.relay_bytes[i]);
+  for(i=0; i<2; i++) UPG_STAT(stats.relay_frames[i]);
+  UPG_STAT(stats.bp_pauses);
+  UPG_STAT(stats.stall_disconnects);
+  UPG_STAT(stats.accept_pauses_emfile);
+  UPG_STAT(stats.accept_pauses_hscap);
+  for(i=0; i<2; i++) UPG_STAT(stats.mux_refused[i]);
+  UPG_STAT(stats.mux_burst_timeouts);
+  for(i=0; i<TLSF_MAX; i++) UPG_STAT(stats.tls_failures[i]);
+  UPG_STAT(stats.meta_loads_ok);
+  UPG_STAT(stats.meta_loads_err);
+  for(i=0; i<6; i++) UPG_STAT(stats.http_requests[i]);
+  UPG_STAT(stats.http_refused);
+  for(i=0; i<3; i++) UPG_STAT(stats.http_busy_us[i]);
+#undef UPG_STAT
+  return n;
+}
+
+#define UPG_STATS_MAX 128
+
+static void upg_save_stats(upg_w_t *w)
+{
+  uint64_t *f[UPG_STATS_MAX];
+  size_t i, n = upg_stats_fields(f, UPG_STATS_MAX);
+  w_u64(w, (uint64_t)stats.start.tv_sec);
+  w_u32(w, (uint32_t)stats.start.tv_usec);
+  w_u64(w, (uint64_t)stats.meta_last_ok.tv_sec);
+  w_u32(w, (uint32_t)stats.meta_last_ok.tv_usec);
+  w_u32(w, (uint32_t)n);
+  for(i=0; i<n; i++)
+    w_u64(w, *f[i]);
+  return;
+}
+
+/*
  * Serialize the daemon's whole state into w.  Called between loop
  * iterations (after flush and garbage collection), so no object is dead.
  */
@@ -5882,16 +7106,11 @@ static void upg_save(upg_w_t *w)
     w_fd(w, tcp_lev[i].fd);
   w_fd(w, mux_lev.fd);
   w_fd(w, mux_tcp_lev.fd);
+  w_fd(w, http_lev.fd);
   w_fd(w, svc_fd); /* NOTIFY_SOCKET may be out of reach under -R */
   w_fd(w, log_sock.fd); /* and so may /dev/log */
 
-  /* counters: how many, then each; a loader takes those it knows */
-  w_u32(w, 5);
-  w_u64(w, stat_vp_refused_allow);
-  w_u64(w, stat_vp_refused_per_source);
-  w_u64(w, stat_mux_refused_allow);
-  w_u64(w, stat_mux_refused_max);
-  w_u64(w, stat_mux_burst_timeouts);
+  upg_save_stats(w);
 
   for(cnt = 0, n = mc_list.head; n != NULL; n = n->next)
     cnt++;
@@ -5911,6 +7130,28 @@ static void upg_save(upg_w_t *w)
 }
 
 /* ---- loading ---- */
+
+static int upg_load_stats(upg_r_t *r)
+{
+  uint64_t *f[UPG_STATS_MAX], v;
+  size_t i, n = upg_stats_fields(f, UPG_STATS_MAX);
+  uint32_t cnt;
+
+  stats.start.tv_sec = (time_t)r_u64(r);
+  stats.start.tv_usec = (suseconds_t)(r_u32(r) % 1000000);
+  stats.meta_last_ok.tv_sec = (time_t)r_u64(r);
+  stats.meta_last_ok.tv_usec = (suseconds_t)(r_u32(r) % 1000000);
+  cnt = r_u32(r);
+  if(r->err || cnt > UPG_STATS_MAX)
+    return -1;
+  for(i=0; i<cnt && !r->err; i++)
+    {
+      v = r_u64(r);
+      if(i < n)
+	*f[i] = v;
+    }
+  return r->err ? -1 : 0;
+}
 
 static mclient_t *upg_mc_by_gen(uint64_t gen)
 {
@@ -6153,6 +7394,11 @@ static int upg_load_vp(upg_r_t *r)
   vp->in_handshake = r_flag(r);
   vp->zombie_gen = r_u64(r);
   src = r_flag(r);
+  vp->conn_tick = r_past(r);
+  vp->rx_bytes = r_u64(r);
+  vp->rx_frames = r_u64(r);
+  vp->tx_bytes = r_u64(r);
+  vp->tx_frames = r_u64(r);
   r_buf(r, &vp->unacked);
   vp->last_rx = r_past(r);
   vp->last_tx = r_past(r);
@@ -6315,6 +7561,16 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
     }
   if((fd = r_fd(r)) >= 0)
     {
+      if(metrics_sslen == 0)
+	{
+	  close(fd);
+	  return -1;
+	}
+      fdev_init(&http_lev, fd, FD_HTTP_LISTEN, NULL);
+      r_ev(r, &http_lev, 1, 0);
+    }
+  if((fd = r_fd(r)) >= 0)
+    {
       if(svc_fd < 0)
 	svc_fd = fd;
       else
@@ -6331,19 +7587,8 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
     return -1;
 
   *why = "counters";
-  cnt = r_u32(r);
-  for(i=0; i<cnt && !r->err; i++)
-    {
-      uint64_t v = r_u64(r);
-      switch(i)
-	{
-	case 0: stat_vp_refused_allow = v; break;
-	case 1: stat_vp_refused_per_source = v; break;
-	case 2: stat_mux_refused_allow = v; break;
-	case 3: stat_mux_refused_max = v; break;
-	case 4: stat_mux_burst_timeouts = v; break;
-	}
-    }
+  if(upg_load_stats(r) != 0)
+    return -1;
 
   *why = "mux clients";
   nmc = r_u32(r);
@@ -7115,6 +8360,7 @@ static void gc_collect(void)
     free(CONTAINER_OF(n, mclient_t, gc_node));
   while((n = slist_pop_head(&gc_vps)) != NULL)
     vp_free(CONTAINER_OF(n, vp_t, gc_node));
+  http_gc();
   return;
 }
 
@@ -7436,10 +8682,14 @@ static void shutdown_all(void)
   dlist_node_t *n;
   int i;
 
+  http_shutdown();
   while((n = mc_list.head) != NULL)
     mc_close(CONTAINER_OF(n, mclient_t, list_node), "shutting down");
   while((n = vp_list.head) != NULL)
-    vp_close(CONTAINER_OF(n, vp_t, list_node), "shutting down");
+    {
+      stats_why(CONTAINER_OF(n, vp_t, list_node), WHY_SHUTDOWN);
+      vp_close(CONTAINER_OF(n, vp_t, list_node), "shutting down");
+    }
   gc_collect();
   for(i=0; i<tcp_lev_count; i++)
     ev_close(&tcp_lev[i]);
@@ -7494,6 +8744,10 @@ static int globals_init(void)
   fdev_init(&mux_lev, -1, FD_MUX_LISTEN, NULL);
   fdev_init(&mux_tcp_lev, -1, FD_MUX_LISTEN, NULL);
   fdev_init(&sig_ev, -1, FD_SIGNAL, NULL);
+  dlist_init(&hc_list);
+  slist_init(&gc_hcs);
+  fdev_init(&http_lev, -1, FD_HTTP_LISTEN, NULL);
+  time_wall(&stats.start);
   tw_init();
   tw_timer_init(&accept_timer, accept_resume);
   if(scratch == NULL && (scratch = malloc(SCRATCH_SIZE)) == NULL)
@@ -7571,7 +8825,7 @@ int main(int argc, char *argv[])
   else
     {
       if(tcp_listen() != 0 || mux_listen() != 0 || mux_tcp_listen() != 0 ||
-	 meta_load() != 0 || pidfile_open() != 0)
+	 http_listen() != 0 || meta_load() != 0 || pidfile_open() != 0)
 	goto fail;
       if(opt_daemon && become_daemon() != 0)
 	goto fail;
@@ -7584,6 +8838,8 @@ int main(int argc, char *argv[])
   if(mux_lev.fd >= 0 && ev_set(&mux_lev, 1, 0) != 0)
     goto fail;
   if(mux_tcp_lev.fd >= 0 && ev_set(&mux_tcp_lev, 1, 0) != 0)
+    goto fail;
+  if(http_lev.fd >= 0 && ev_set(&http_lev, 1, 0) != 0)
     goto fail;
   svc_ready();
 

@@ -475,15 +475,22 @@ int logsock_connect(logsock_t *ls, time_t now)
   return 0;
 }
 
-int logsock_send(logsock_t *ls, const char *buf, size_t len, time_t now)
+/* send(2) flags for a datagram that must never block or raise SIGPIPE */
+static int dgram_send_flags(void)
 {
-  int flags = 0, tries;
+  int flags = 0;
 #ifdef MSG_DONTWAIT
   flags |= MSG_DONTWAIT;
 #endif
 #ifdef MSG_NOSIGNAL
   flags |= MSG_NOSIGNAL;
 #endif
+  return flags;
+}
+
+int logsock_send(logsock_t *ls, const char *buf, size_t len, time_t now)
+{
+  int flags = dgram_send_flags(), tries;
   /* a second try only after reconnecting a socket whose peer went away */
   for(tries = 0; tries < 2; tries++)
     {
@@ -540,13 +547,7 @@ int sdnotify_open(const char *addr)
 
 int sdnotify_send(int fd, const char *msg)
 {
-  int flags = 0;
-#ifdef MSG_DONTWAIT
-  flags |= MSG_DONTWAIT;
-#endif
-#ifdef MSG_NOSIGNAL
-  flags |= MSG_NOSIGNAL;
-#endif
+  int flags = dgram_send_flags();
   if(fd < 0)
     {
       errno = EBADF;
@@ -820,4 +821,252 @@ int sockaddr_is_loopback(const struct sockaddr *sa)
   if((fam = sockaddr_addr(sa, a)) == AF_INET)
     return a[0] == 127;
   return fam == AF_INET6 && memcmp(a, one, 16) == 0;
+}
+
+/* an RFC 9110 token character */
+static int http_tchar(int c)
+{
+  if((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+     (c >= '0' && c <= '9'))
+    return 1;
+  return c != '\0' && strchr("!#$%&'*+-.^_`|~", c) != NULL;
+}
+
+/* does the comma-separated list v (vlen bytes) hold token tok? */
+static int http_list_has(const char *v, size_t vlen, const char *tok)
+{
+  size_t i = 0, s, e, tl = strlen(tok);
+  while(i < vlen)
+    {
+      while(i < vlen && (v[i] == ' ' || v[i] == '\t' || v[i] == ','))
+	i++;
+      s = i;
+      while(i < vlen && v[i] != ',')
+	i++;
+      e = i;
+      while(e > s && (v[e-1] == ' ' || v[e-1] == '\t'))
+	e--;
+      if(e - s == tl && ascii_strncasecmp(v + s, tok, tl) == 0)
+	return 1;
+    }
+  return 0;
+}
+
+/*
+ * Parse one header field line (without its line end) into req's
+ * connection flags; -1 when malformed or announcing a body.
+ */
+static int http_field(const char *l, size_t n, int *conn_close,
+		      int *conn_ka)
+{
+  size_t i = 0, vs, k;
+  unsigned long cl = 0;
+
+  while(i < n && http_tchar((unsigned char)l[i]))
+    i++;
+  if(i == 0 || i >= n || l[i] != ':')
+    return -1; /* also obs-fold: a line starting with white space */
+  vs = i + 1;
+  while(vs < n && (l[vs] == ' ' || l[vs] == '\t'))
+    vs++;
+  for(k = vs; k < n; k++)
+    if(((unsigned char)l[k] < 0x20 && l[k] != '\t') || l[k] == 0x7f)
+      return -1;
+  if(i == 10 && ascii_strncasecmp(l, "connection", 10) == 0)
+    {
+      if(http_list_has(l + vs, n - vs, "close"))
+	*conn_close = 1;
+      if(http_list_has(l + vs, n - vs, "keep-alive"))
+	*conn_ka = 1;
+    }
+  else if(i == 14 && ascii_strncasecmp(l, "content-length", 14) == 0)
+    {
+      for(k = vs; k < n && l[k] != ' ' && l[k] != '\t'; k++)
+	{
+	  if(l[k] < '0' || l[k] > '9')
+	    return -1;
+	  cl = cl * 10 + (unsigned long)(l[k] - '0');
+	  if(cl > 0)
+	    return -1;
+	}
+      if(k == vs)
+	return -1;
+    }
+  else if(i == 17 && ascii_strncasecmp(l, "transfer-encoding", 17) == 0)
+    return -1;
+  return 0;
+}
+
+/* the request line: METHOD SP target SP HTTP/1.x */
+static int http_reqline(const char *l, size_t n, http_req_t *req)
+{
+  size_t i = 0, ts, te, pe;
+
+  while(i < n && http_tchar((unsigned char)l[i]))
+    i++;
+  if(i == 0 || i >= HTTP_METHOD_MAX || i >= n || l[i] != ' ')
+    return -1;
+  memcpy(req->method, l, i);
+  req->method[i] = '\0';
+  ts = ++i;
+  while(i < n && l[i] != ' ')
+    {
+      if((unsigned char)l[i] <= 0x20 || (unsigned char)l[i] >= 0x7f)
+	return -1;
+      i++;
+    }
+  te = i;
+  if(te == ts || l[ts] != '/' || i >= n)
+    return -1;
+  for(pe = ts; pe < te && l[pe] != '?'; pe++)
+    ;
+  if(pe - ts >= HTTP_PATH_MAX)
+    return -1;
+  memcpy(req->path, l + ts, pe - ts);
+  req->path[pe - ts] = '\0';
+  i++;
+  if(n - i != 8 || memcmp(l + i, "HTTP/1.", 7) != 0 ||
+     (l[i+7] != '0' && l[i+7] != '1'))
+    return -1;
+  req->minor = l[i+7] - '0';
+  return 0;
+}
+
+long http_req_parse(const char *buf, size_t len, size_t max,
+		    http_req_t *req)
+{
+  size_t pos = 0, eol, n, lines = 0;
+  int conn_close = 0, conn_ka = 0;
+
+  if(len > max)
+    len = max;
+  memset(req, 0, sizeof(*req));
+  for(;;)
+    {
+      const char *nl = memchr(buf + pos, '\n', len - pos);
+      if(nl == NULL)
+	return len >= max ? HTTP_REQ_TOOBIG : HTTP_REQ_MORE;
+      eol = (size_t)(nl - buf);
+      n = eol - pos;
+      if(n > 0 && buf[eol-1] == '\r')
+	n--;
+      if(memchr(buf + pos, '\0', n) != NULL ||
+	 memchr(buf + pos, '\r', n) != NULL)
+	return HTTP_REQ_BAD;
+      if(lines == 0)
+	{
+	  if(http_reqline(buf + pos, n, req) != 0)
+	    return HTTP_REQ_BAD;
+	}
+      else if(n == 0)
+	break;
+      else if(http_field(buf + pos, n, &conn_close, &conn_ka) != 0)
+	return HTTP_REQ_BAD;
+      lines++;
+      pos = eol + 1;
+    }
+  if(conn_close)
+    req->keepalive = 0;
+  else if(req->minor == 1 || conn_ka)
+    req->keepalive = 1;
+  return (long)(eol + 1);
+}
+
+/*
+ * The length of the valid UTF-8 sequence at s (1..4), or 0 if s does not
+ * start one (stray continuation, overlong form, surrogate, > U+10FFFF,
+ * truncated).
+ */
+static size_t utf8_seqlen(const uint8_t *s, size_t len)
+{
+  uint8_t c = s[0];
+  size_t n, i;
+  uint8_t lo = 0x80, hi = 0xbf;
+
+  if(c < 0x80)
+    return 1;
+  if(c >= 0xc2 && c <= 0xdf)
+    n = 2;
+  else if(c >= 0xe0 && c <= 0xef)
+    {
+      n = 3;
+      if(c == 0xe0) lo = 0xa0;       /* overlong */
+      else if(c == 0xed) hi = 0x9f;  /* surrogates */
+    }
+  else if(c >= 0xf0 && c <= 0xf4)
+    {
+      n = 4;
+      if(c == 0xf0) lo = 0x90;       /* overlong */
+      else if(c == 0xf4) hi = 0x8f;  /* above U+10FFFF */
+    }
+  else
+    return 0;
+  if(len < n)
+    return 0;
+  if(s[1] < lo || s[1] > hi)
+    return 0;
+  for(i = 2; i < n; i++)
+    if(s[i] < 0x80 || s[i] > 0xbf)
+      return 0;
+  return n;
+}
+
+size_t json_escape(char *dst, size_t dstlen, const uint8_t *src,
+		   size_t len)
+{
+  static const char hex[] = "0123456789abcdef";
+  size_t i = 0, out = 0, n, k, end = 0;
+  int full = 0;
+  char esc[8];
+  const char *piece;
+
+  while(i < len)
+    {
+      uint8_t c = src[i];
+      piece = esc;
+      if(c == '"' || c == '\\')
+	{
+	  esc[0] = '\\'; esc[1] = (char)c; n = 2;
+	  i++;
+	}
+      else if(c < 0x20 || c == 0x7f)
+	{
+	  esc[0] = '\\';
+	  switch(c)
+	    {
+	    case '\n': esc[1] = 'n'; n = 2; break;
+	    case '\r': esc[1] = 'r'; n = 2; break;
+	    case '\t': esc[1] = 't'; n = 2; break;
+	    case '\b': esc[1] = 'b'; n = 2; break;
+	    case '\f': esc[1] = 'f'; n = 2; break;
+	    default:
+	      esc[1] = 'u'; esc[2] = '0'; esc[3] = '0';
+	      esc[4] = hex[c >> 4]; esc[5] = hex[c & 15]; n = 6;
+	      break;
+	    }
+	  i++;
+	}
+      else if((n = utf8_seqlen(src + i, len - i)) == 0)
+	{
+	  piece = "\\ufffd"; n = 6;
+	  i++;
+	}
+      else
+	{
+	  piece = (const char *)src + i;
+	  i += n;
+	}
+      if(full == 0 && out + n < dstlen)
+	{
+	  for(k = 0; k < n; k++)
+	    dst[out + k] = piece[k];
+	  end = out + n;
+	}
+      else
+	full = 1; /* stop writing; no partial escapes */
+      out += n;
+    }
+  if(dstlen > 0)
+    dst[end] = '\0';
+  return out;
 }

@@ -197,5 +197,44 @@ int      cidr_cmp(const cidr_t *a, const cidr_t *b);
 
 /* 1 if sa is a loopback address: 127.0.0.0/8, ::1, or v4-mapped 127/8 */
 int      sockaddr_is_loopback(const struct sockaddr *sa);
+/*
+ * An HTTP/1.x request head (request line and header fields, no body).
+ * http_req_parse() looks at the bytes received so far on a connection:
+ * it returns the length of the complete head (through the blank line)
+ * and fills *req, HTTP_REQ_MORE when the head is not complete yet and
+ * fits in max bytes, HTTP_REQ_TOOBIG when it does not, or HTTP_REQ_BAD
+ * for a malformed head (bad request line, version other than 1.0/1.1,
+ * bad header field, a body announced with Content-Length > 0 or
+ * Transfer-Encoding: this parser reads no bodies).  Lines may end in
+ * CRLF or LF.  The path is the request target up to '?', which must
+ * start with '/'.  keepalive follows the version's default (1.1: yes,
+ * 1.0: no) unless a Connection header says close or keep-alive.
+ */
+#define HTTP_REQ_MORE   0
+#define HTTP_REQ_BAD    (-1)
+#define HTTP_REQ_TOOBIG (-2)
+#define HTTP_METHOD_MAX 16
+#define HTTP_PATH_MAX   256
+typedef struct http_req
+{
+  char     method[HTTP_METHOD_MAX];
+  char     path[HTTP_PATH_MAX];
+  int      minor;          /* HTTP/1.minor: 0 or 1 */
+  int      keepalive;      /* 1 if the connection may stay open */
+} http_req_t;
+long     http_req_parse(const char *buf, size_t len, size_t max,
+			http_req_t *req);
+
+/*
+ * Escape len bytes of src as the inside of a JSON string (no quotes):
+ * '"' and '\\' get a backslash, control characters become \n, \t ... or
+ * \u00XX, DEL becomes \u007f, and bytes that are not part of valid UTF-8
+ * (overlong, surrogate, above U+10FFFF, truncated) each become \ufffd.
+ * Writes at most dstlen - 1 bytes plus a NUL (never a partial escape);
+ * returns the length the whole escape needs, like snprintf.  At most
+ * 6 * len + 1 bytes are ever needed.
+ */
+size_t   json_escape(char *dst, size_t dstlen, const uint8_t *src,
+		     size_t len);
 
 #endif /* UTILS_H */

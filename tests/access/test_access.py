@@ -99,6 +99,35 @@ class AllowTest(AccessBase):
         bad2.expect_closed(5)
         self.assertTrue(d.alive())
 
+    def test_refusals_are_counted_in_metrics(self):
+        """Each refusal shows in /metrics: allow and per-source-max as VP
+        rejects, mux-max as a refused mux client."""
+        d = self.daemon(mux=True, metrics=True,
+                        extra_args=['-O', 'allow=127.0.0.2',
+                                    '-O', 'allow=127.0.0.3',
+                                    '-O', 'per-source-max=1',
+                                    '-O', 'mux-max=1'])
+        # the readiness probe came from 127.0.0.1: count from here on
+        before = scr.prom_value(d.scrape(), 'sc_remoted_vp_rejects_total',
+                                reason='allow')
+        self.fake(d, '127.0.0.2', name='ok').handshake()
+        for src in ('127.0.0.4', '127.0.0.5'):        # not allowed
+            self.fake(d, src).connect().expect_closed(5)
+        self.fake(d, '127.0.0.2').connect().expect_closed(5)  # over the cap
+        first = self.mux(d.mux_path)
+        first.read_burst(5)
+        self.mux(d.mux_path).expect_closed(5)           # over mux-max
+        m = d.scrape()
+        rej = lambda r: scr.prom_value(m, 'sc_remoted_vp_rejects_total',
+                                       reason=r)
+        self.assertEqual(rej('allow') - before, 2)
+        self.assertEqual(rej('per_source'), 1)
+        self.assertEqual(scr.prom_value(
+            m, 'sc_remoted_mux_clients_refused_total', reason='max'), 1)
+        self.assertEqual(scr.prom_value(
+            m, 'sc_remoted_mux_clients_refused_total', reason='allow'), 0)
+        self.assertEqual(scr.prom_value(m, 'sc_remoted_vps', state='go'), 1)
+
     def test_allow_ipv6(self):
         if not have_ipv6():
             self.skipTest('no IPv6 on loopback')

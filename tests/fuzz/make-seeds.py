@@ -371,6 +371,8 @@ def svc_seeds():
     s["flood-sites"] = bytes(b for i in range(60) for b in (i, i % 3))
     s["flood-expire"] = bytes([1, 0] * 10 + [1, 255] + [2, 2] * 8 + [3, 255])
     return s
+
+
 # ---- CIDR networks (fuzz_cidr.c: 16 address bytes, then the text) ---------
 
 def cidr_seeds():
@@ -428,6 +430,7 @@ def st_vp(state, vid, magic, name, fd, lev, chans=b"", nchans=0, out=b"",
     b += struct.pack(">QIIIII", 1700000000, 5, 3, 3, 2, 2)
     b += struct.pack(">BBBQB", 1 if vid else 0, 1 if vid else 0,
                      0 if vid else 1, zgen, 0)
+    b += struct.pack(">QQQQQ", 0, 100, 2, 50, 1)  # conn_tick, counters
     b += st_buf(unacked) + struct.pack(">QQ", 0, 0)
     b += st_timer(900 if state == 3 else 30) + st_timer(30 if state == 2
                                                         else None)
@@ -440,8 +443,10 @@ def st_vp(state, vid, magic, name, fd, lev, chans=b"", nchans=0, out=b"",
 def state_seeds():
     hdr = struct.pack(">II", UPG_MAGIC, UPG_VERSION) + st_str("1.0.0")
     hdr += struct.pack(">QIQIQQ", 0, 0, 0, 4, 1, 1)
-    lev = bytes([1]) + struct.pack(">IIIII", 0, NONE, NONE, NONE, NONE)
-    lev += struct.pack(">IQQ", 2, 3, 4)  # counters
+    lev = bytes([1]) + struct.pack(">IIIIII", 0, NONE, NONE, NONE, NONE, NONE)
+    # statistics: start, last metadata load, then the counters
+    lev += struct.pack(">QIQII", 1700000000, 0, 0, 0, 3) + \
+        struct.pack(">QQQ", 5, 1, 2)
     mc = struct.pack(">IQBB", 1, 1, 1, 0) + st_sink(b"\0\0\0\0\0\0\0\2\0\2")
     mc += bytes([8]) + struct.pack(">IIII", 0, 6, 4, 2) + b"\0\3"
     mc += bytes([0, 0]) + bytes([1]) + struct.pack(">I", 1) + st_timer(60)
@@ -462,6 +467,22 @@ def state_seeds():
             "state-truncated": full[:len(full) // 2]}
 
 
+def http_seeds():
+    return {
+        "get_metrics": b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        "head_vps_10": b"HEAD /vps?x=1 HTTP/1.0\nConnection: keep-alive\n\n",
+        "pipelined": (b"GET /vps HTTP/1.1\r\n\r\n"
+                      b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        "post_len0": b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        "body": b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+        "fold": b"GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n",
+        "utf8": "GET /\u00e9 HTTP/1.1\r\nX: \u20ac\xff\r\n\r\n".encode(
+            "utf-8", "surrogateescape"),
+        "binary": bytes(range(256)),
+        "json": b'name "quoted" \\ back\x01\x7f \xc3\xa9 \xed\xa0\x80 \xf4\x90',
+    }
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "corpus")
@@ -474,6 +495,7 @@ def main():
             "fuzz_certname": certname_seeds(tmp),
             "fuzz_svc": svc_seeds(),
             "fuzz_cidr": cidr_seeds(),
+            "fuzz_http": http_seeds(),
         }
         for target, seeds in targets.items():
             d = os.path.join(out, target)

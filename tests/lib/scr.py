@@ -20,6 +20,7 @@ import binascii
 import collections
 import errno
 import glob
+import json
 import os
 import re
 import shutil
@@ -194,14 +195,17 @@ class Daemon:
       after which stdin is closed.
     * mux_tcp: also pass -O mux-listen=127.0.0.1:<free port>; .mux_tcp is
       then (host, port).  Default: with a mux when SCR_MUX_TCP=1.
+    * metrics: pass -O metrics=<free port> (metrics_port); scrape() and
+      vps() fetch /metrics (parsed) and /vps (decoded JSON)
     """
 
     def __init__(self, udir=True, mux=False, zombie=None, meta=None,
                  extra_args=(), port=None, debug=True, start=True, tls=None,
                  stdin_data=None, host='127.0.0.1', notimes=None, env=None,
-                 cwd=None, umask=None, mux_tcp=None):
+                 cwd=None, umask=None, mux_tcp=None, metrics=False):
         self.umask = umask
         self.mux_tcp = None
+        self.metrics_port = free_port() if metrics else None
         self.tmp = tempfile.mkdtemp(prefix='scr-')
         self.udir = None
         self.mux_path = None
@@ -264,6 +268,8 @@ class Daemon:
                 args += ['-p', tls['key']]
             if tls.get('ca'):
                 args += ['-C', tls['ca']]
+        if self.metrics_port is not None:
+            args += ['-O', 'metrics=%d' % self.metrics_port]
         args += list(extra_args)
         # SC_REMOTED_EXTRA_ARGS: options added to every daemon the tests
         # start (tests/run reruns the conformance suite with -O select)
@@ -539,6 +545,18 @@ class Daemon:
     def mux(self):
         """A connected MuxClient."""
         return MuxClient(self.mux_path)
+
+    def scrape(self, timeout=5):
+        """GET /metrics; returns parse_prom() of the page."""
+        r = http_get(self.metrics_port, '/metrics', timeout=timeout)
+        assert r.status == 200, r
+        return parse_prom(r.body.decode())
+
+    def vps(self, timeout=5):
+        """GET /vps; returns the decoded JSON list."""
+        r = http_get(self.metrics_port, '/vps', timeout=timeout)
+        assert r.status == 200, r
+        return json.loads(r.body.decode())
 
 
 # ---------------------------------------------------------------------------
@@ -1746,6 +1764,153 @@ def data_block(data, task_id=None):
 
 def warts_record(rtype, body=b''):
     return struct.pack('>HHI', WARTS_MAGIC, rtype, len(body)) + bytes(body)
+
+
+# ---------------------------------------------------------------------------
+# HTTP (the -O metrics endpoint)
+# ---------------------------------------------------------------------------
+
+HttpResponse = collections.namedtuple('HttpResponse',
+                                      'version status headers body raw')
+
+
+class HttpConn:
+    """A raw HTTP/1.x client connection: send bytes, read responses
+    (Content-Length, chunked, or up to EOF), detect the close."""
+
+    def __init__(self, port, host='127.0.0.1', timeout=5):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = bytearray()
+        self.eof = False
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def request(self, path, method='GET', version='1.1', headers=()):
+        hdr = '%s %s HTTP/%s\r\nHost: localhost\r\n' % (method, path,
+                                                         version)
+        for h in headers:
+            hdr += h + '\r\n'
+        self.send((hdr + '\r\n').encode())
+
+    def _fill(self, deadline):
+        if self.eof:
+            return False
+        rem = deadline - time.monotonic()
+        if rem <= 0:
+            raise TimeoutError('no HTTP response in time; have %r'
+                               % bytes(self.buf[:200]))
+        self.sock.settimeout(rem)
+        try:
+            d = self.sock.recv(65536)
+        except ConnectionResetError:
+            d = b''
+        if not d:
+            self.eof = True
+            return False
+        self.buf += d
+        return True
+
+    def _until(self, sep, deadline):
+        while True:
+            i = self.buf.find(sep)
+            if i >= 0:
+                out = bytes(self.buf[:i])
+                del self.buf[:i + len(sep)]
+                return out
+            if not self._fill(deadline):
+                raise AssertionError('EOF before %r; have %r' %
+                                     (sep, bytes(self.buf[:200])))
+
+    def _exact(self, n, deadline):
+        while len(self.buf) < n:
+            if not self._fill(deadline):
+                raise AssertionError('EOF after %d of %d bytes' %
+                                     (len(self.buf), n))
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def response(self, head_only=False, timeout=10):
+        deadline = time.monotonic() + timeout
+        raw_head = self._until(b'\r\n\r\n', deadline)
+        lines = raw_head.decode('latin-1').split('\r\n')
+        version, status = lines[0].split(' ', 2)[:2]
+        headers = {}
+        for line in lines[1:]:
+            k, v = line.split(':', 1)
+            headers[k.strip().lower()] = v.strip()
+        body = b''
+        if head_only:
+            pass
+        elif 'content-length' in headers:
+            body = self._exact(int(headers['content-length']), deadline)
+        elif headers.get('transfer-encoding') == 'chunked':
+            parts = []
+            while True:
+                n = int(self._until(b'\r\n', deadline), 16)
+                if n == 0:
+                    assert self._until(b'\r\n', deadline) == b''
+                    break
+                parts.append(self._exact(n, deadline))
+                assert self._exact(2, deadline) == b'\r\n'
+            body = b''.join(parts)
+        else:
+            while self._fill(deadline):
+                pass
+            body = bytes(self.buf)
+            self.buf.clear()
+        return HttpResponse(version, int(status), headers, body, raw_head)
+
+    def closed(self, timeout=5):
+        """True once the server closed (anything unread is an error)."""
+        deadline = time.monotonic() + timeout
+        while self._fill(deadline):
+            pass
+        return self.eof
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def http_get(port, path, method='GET', host='127.0.0.1', timeout=10,
+             headers=('Connection: close',)):
+    """One request on a fresh connection; returns an HttpResponse."""
+    with HttpConn(port, host, timeout) as c:
+        c.request(path, method, headers=headers)
+        return c.response(head_only=(method == 'HEAD'), timeout=timeout)
+
+
+def parse_prom(text):
+    """Prometheus text format -> {(name, ((label, value), ...)): float}
+    (labels sorted); also checks every sample follows its TYPE line."""
+    out = {}
+    typed = set()
+    for line in text.splitlines():
+        if line.startswith('# TYPE '):
+            typed.add(line.split()[2])
+            continue
+        if not line or line.startswith('#'):
+            continue
+        m = re.match(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$', line)
+        assert m, 'bad sample line %r' % line
+        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"',
+                                         m.group(3) or '')))
+        assert m.group(1) in typed or m.group(1).rsplit('_', 1)[0] in typed, \
+            line
+        out[(m.group(1), labels)] = float(m.group(4))
+    return out
+
+
+def prom_value(metrics, name, **labels):
+    """A sample's value, or None."""
+    return metrics.get((name, tuple(sorted(labels.items()))))
 
 
 # ---------------------------------------------------------------------------

@@ -700,6 +700,111 @@ static void test_cidr_source(void)
   CHECK(sockaddr_is_loopback(sa_of("128.0.0.1", &ss)) == 0);
 }
 
+static long hp(const char *s, size_t max, http_req_t *r)
+{
+  return http_req_parse(s, strlen(s), max, r);
+}
+
+static void test_http_req(void)
+{
+  http_req_t r;
+  const char *a = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+  char big[300];
+  size_t i;
+
+  CHECK(hp(a, 8192, &r) == (long)strlen(a));
+  CHECK(strcmp(r.method, "GET") == 0 && strcmp(r.path, "/metrics") == 0);
+  CHECK(r.minor == 1 && r.keepalive == 1);
+  /* every proper prefix needs more */
+  for(i = 0; i < strlen(a); i++)
+    CHECK(http_req_parse(a, i, 8192, &r) == HTTP_REQ_MORE);
+  /* pipelined: only the first head is consumed */
+  CHECK(hp("HEAD /vps?x=1 HTTP/1.0\n\nGET / HTTP/1.1\n\n", 8192, &r) == 24);
+  CHECK(strcmp(r.method, "HEAD") == 0 && strcmp(r.path, "/vps") == 0);
+  CHECK(r.minor == 0 && r.keepalive == 0);
+  CHECK(hp("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", 99, &r) > 0);
+  CHECK(r.keepalive == 1);
+  CHECK(hp("GET / HTTP/1.1\r\nconnection: foo, close\r\n\r\n", 99, &r) > 0);
+  CHECK(r.keepalive == 0);
+  CHECK(hp("GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 99, &r) > 0);
+  CHECK(hp("DELETE / HTTP/1.1\r\n\r\n", 99, &r) > 0);
+  CHECK(strcmp(r.method, "DELETE") == 0);
+
+  /* malformed */
+  CHECK(hp("GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\n", 99, &r) ==
+	HTTP_REQ_BAD);
+  CHECK(hp("GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 99, &r) ==
+	HTTP_REQ_BAD);
+  CHECK(hp("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 99, &r)
+	== HTTP_REQ_BAD);
+  CHECK(hp("GET / HTTP/2.0\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(hp("GET / HTTP/1.10\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(hp("GET /\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(hp("GET x HTTP/1.1\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(hp("GET  / HTTP/1.1\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(hp("G(T / HTTP/1.1\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(hp("\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(hp("GET / HTTP/1.1\r\nNoColon\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(hp("GET / HTTP/1.1\r\n folded: x\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(hp("GET / HTTP/1.1\r\nA: b\x01\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(hp("GET / HTTP/1.1\r\nA\r: b\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  CHECK(http_req_parse("GET / HTTP/1.1\r\n\0: b\r\n\r\n", 24, 99, &r) ==
+	HTTP_REQ_BAD);
+  CHECK(hp("ABCDEFGHIJKLMNOPQ / HTTP/1.1\r\n\r\n", 99, &r) == HTTP_REQ_BAD);
+  /* a path of HTTP_PATH_MAX bytes is too long */
+  memset(big, 'a', sizeof(big));
+  memcpy(big, "GET /", 5);
+  memcpy(big + 4 + HTTP_PATH_MAX, " HTTP/1.1\n\n", 12);
+  CHECK(hp(big, 8192, &r) == HTTP_REQ_BAD);
+  big[4 + HTTP_PATH_MAX - 1] = ' ';
+  memcpy(big + 4 + HTTP_PATH_MAX - 1, " HTTP/1.1\n\n", 12);
+  CHECK(hp(big, 8192, &r) > 0 && strlen(r.path) == HTTP_PATH_MAX - 1);
+
+  /* too big: no end of head within max bytes */
+  CHECK(hp("GET / HTTP/1.1\r\nA: bbbbbbbbbbbbbbbb", 20, &r) ==
+	HTTP_REQ_TOOBIG);
+  CHECK(hp("GET / HTTP/1.1\r\nA: b\r\n", 20, &r) == HTTP_REQ_TOOBIG);
+  CHECK(hp("GET / HTTP/1.1\r\nA: b\r\n", 99, &r) == HTTP_REQ_MORE);
+}
+
+static size_t je(char *out, size_t outlen, const char *s, size_t len)
+{
+  return json_escape(out, outlen, (const uint8_t *)s, len);
+}
+
+static void test_json_escape(void)
+{
+  char out[128];
+  size_t n;
+
+  CHECK(je(out, sizeof(out), "plain", 5) == 5 && strcmp(out, "plain") == 0);
+  n = je(out, sizeof(out), "a\"b\\c\n\t\x01\x7f", 9);
+  CHECK(strcmp(out, "a\\\"b\\\\c\\n\\t\\u0001\\u007f") == 0);
+  CHECK(n == strlen(out));
+  CHECK(je(out, sizeof(out), "x\0y", 3) == 8 &&
+	strcmp(out, "x\\u0000y") == 0);
+  /* valid UTF-8 passes through: e-acute, euro, U+1F600 */
+  CHECK(je(out, sizeof(out), "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 9) == 9
+	&& memcmp(out, "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 10) == 0);
+  /* invalid: stray continuation, overlong, surrogate, > U+10FFFF,
+   * truncated, 0xff */
+  CHECK(je(out, sizeof(out), "\x80", 1) == 6 && strcmp(out, "\\ufffd") == 0);
+  CHECK(je(out, sizeof(out), "\xc0\xaf", 2) == 12 &&
+	strcmp(out, "\\ufffd\\ufffd") == 0);
+  CHECK(je(out, sizeof(out), "\xe0\x80\xaf", 3) == 18);
+  CHECK(je(out, sizeof(out), "\xed\xa0\x80", 3) == 18);
+  CHECK(je(out, sizeof(out), "\xf4\x90\x80\x80", 4) == 24);
+  CHECK(je(out, sizeof(out), "a\xe2\x82", 3) == 13 &&
+	strcmp(out, "a\\ufffd\\ufffd") == 0);
+  CHECK(je(out, sizeof(out), "\xff" "b", 2) == 7 &&
+	strcmp(out, "\\ufffdb") == 0);
+  /* truncation: never a partial escape, always NUL-terminated */
+  CHECK(je(out, 4, "ab\"c", 4) == 5 && strcmp(out, "ab") == 0);
+  CHECK(je(out, 5, "ab\"c", 4) == 5 && strcmp(out, "ab\\\"") == 0);
+  CHECK(je(out, 1, "abc", 3) == 3 && out[0] == '\0');
+  CHECK(je(NULL, 0, "\x01", 1) == 6);
+}
+
 int main(void)
 {
   UNIT_RUN(test_bytes);
@@ -721,5 +826,7 @@ int main(void)
   UNIT_RUN(test_cidr_parse);
   UNIT_RUN(test_cidr_match);
   UNIT_RUN(test_cidr_source);
+  UNIT_RUN(test_http_req);
+  UNIT_RUN(test_json_escape);
   return unit_exit();
 }

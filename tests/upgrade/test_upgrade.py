@@ -312,6 +312,47 @@ class TestUpgrade(unittest.TestCase):
         self.session(d, 'psd')
         self.assertEqual(d.stop(), 0)
 
+    def test_counters_and_metrics_cross(self):
+        """-O metrics: the listener crosses (same port, no refused
+        connection), the counters carry over (relayed bytes, arrivals,
+        start time) and so do each VP's byte counters on /vps."""
+        d, up = self.daemon(metrics=True)
+        fs = self.session(d, 'mvp')
+        uc, chan = self.uclient(d, fs)
+        fs.send_data(chan, b'x' * 5000)
+        self.assertEqual(uc.recv_exact(5000, T), b'x' * 5000)
+        uc.send(b'y' * 3000)
+        fs.recv_channel_data(chan, 3000, T)
+        fs.wait_acked(T)
+
+        def relevant(m):
+            return dict((k, v) for k, v in m.items()
+                        if 'relay' in k[0] or 'arrival' in k[0] or
+                        'start_time' in k[0] or 'departures' in k[0] or
+                        'rejects' in k[0])
+        before = relevant(d.scrape())
+        vps_before = d.vps()
+        self.assertTrue(before)
+        up.install(ALT)
+        d.upgrade(T)
+        after = relevant(d.scrape())
+        self.assertEqual(after, before)
+        vps_after = d.vps()
+        # times derived from ticks may round to the next second
+        wall = ('connected_since', 'last_rx', 'zombie_deadline')
+        self.assertEqual(len(vps_after), len(vps_before))
+        for a, b in zip(vps_after, vps_before):
+            for k in wall:
+                if b.get(k) is None:
+                    self.assertIsNone(a.get(k), k)
+                else:
+                    self.assertLessEqual(abs(a[k] - b[k]), 2, k)
+            self.assertEqual(dict((k, v) for k, v in a.items()
+                                  if k not in wall),
+                             dict((k, v) for k, v in b.items()
+                                  if k not in wall))
+        self.assertEqual(d.stop(), 0)
+
     def test_zombie_keeps_deadline(self):
         """A zombie's -Z deadline is not restarted by upgrades: with -Z 6
         and upgrades every second it still expires, no earlier than 6 s
