@@ -7990,17 +7990,19 @@ static void upg_run(void)
   bytes_htonl(hdr + 12, (uint32_t)((uint64_t)w.len >> 32));
   bytes_htonl(hdr + 16, (uint32_t)w.len);
   bytes_htonl(hdr + 20, (uint32_t)getpid());
-  if(upg_sendmsg(sp[0], hdr, 24, &memfd, 1) != 0)
-    goto lost;
-  for(off = 0; off < w.nfds; off += n)
-    {
-      n = w.nfds - off > UPG_FDS_MAX ? UPG_FDS_MAX : w.nfds - off;
-      bytes_htonl(hdr, UPG_MAGIC);
-      bytes_htonl(hdr + 4, off);
-      bytes_htonl(hdr + 8, n);
-      if(upg_sendmsg(sp[0], hdr, 12, w.fds + off, n) != 0)
-	goto lost;
-    }
+  /* a send fails when the new process has gone away; it may have said
+   * why first (e.g. it cannot read this state version), so look for
+   * its answer either way */
+  if(upg_sendmsg(sp[0], hdr, 24, &memfd, 1) == 0)
+    for(off = 0; off < w.nfds; off += n)
+      {
+	n = w.nfds - off > UPG_FDS_MAX ? UPG_FDS_MAX : w.nfds - off;
+	bytes_htonl(hdr, UPG_MAGIC);
+	bytes_htonl(hdr + 4, off);
+	bytes_htonl(hdr + 8, n);
+	if(upg_sendmsg(sp[0], hdr, 12, w.fds + off, n) != 0)
+	  break;
+      }
   close(memfd);
   memfd = -1;
 
