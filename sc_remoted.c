@@ -8106,12 +8106,9 @@ static int upg_successor_load(void)
   nfds = bytes_ntohl(hdr + 8);
   slen = ((uint64_t)bytes_ntohl(hdr + 12) << 32) | bytes_ntohl(hdr + 16);
   oldpid = (long)bytes_ntohl(hdr + 20);
-  if(ver != UPG_VERSION)
-    {
-      snprintf(why, sizeof(why), "version %s cannot read state version %u "
-	       "(reads %u)", PACKAGE_VERSION, ver, (unsigned int)UPG_VERSION);
-      goto done;
-    }
+  /* the fds are taken in any case (the header and batches are the same
+   * in every version): a socket closed with messages unread would reset
+   * the old process's end before it reads why */
   if(nfds > (1U << 24) || (fds = malloc((nfds + 1) * sizeof(int))) == NULL ||
      (used = calloc(nfds + 1, 1)) == NULL)
     {
@@ -8135,6 +8132,12 @@ static int upg_successor_load(void)
 	}
       memcpy(fds + got, batch, k * sizeof(int));
       got += k;
+    }
+  if(ver != UPG_VERSION)
+    {
+      snprintf(why, sizeof(why), "version %s cannot read state version %u "
+	       "(reads %u)", PACKAGE_VERSION, ver, (unsigned int)UPG_VERSION);
+      goto done;
     }
   if(fstat(memfd, &sb) != 0 || (uint64_t)sb.st_size != slen || slen == 0 ||
      slen > SIZE_MAX ||
