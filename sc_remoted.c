@@ -6563,6 +6563,18 @@ static void http_gc(void)
  * killed and reaped, the pid file rewritten, and serving resumes; a later
  * SIGUSR2 starts over.  The pause the peers see is the time from fork to
  * "ready", during which the loop does not dispatch.
+ *
+ * The state, in order: header (magic, UPG_VERSION, version string, the
+ * wheel's epoch and tick, next VP id, mux generation, upgrade count);
+ * listeners and service sockets; statistics (count-prefixed); mux
+ * clients; VPs in accept order, each with its channels, a -U client
+ * inline in its channel; a trailer.  Integers are big-endian, strings
+ * and buffers length-prefixed, fds indexes.  To carry a new field, write
+ * it in the upg_save_* of its object and read it at the same place in
+ * the matching upg_load_* (with its checks), and bump UPG_VERSION: a
+ * successor refuses a version it does not read, and the old process
+ * then carries on.  The socketpair messages (header + memfd, fd batches,
+ * the answer) do not change with the version.
  * --------------------------------------------------------------------- */
 
 #define UPG_ENV        "SC_REMOTED_UPGRADE_FD"
