@@ -7429,8 +7429,9 @@ static int upg_load_vp(upg_r_t *r)
      ((vp->state == VP_GO || vp->state == VP_ZOMBIE) && !vp->in_id_tree) ||
      (vp->state == VP_ZOMBIE && (buf_len(&vp->out) > 0 || have > 0)) ||
      (vp->in_handshake && vp->state == VP_GO) ||
-     have >= RP_HDRLEN + 65535 || rp_rx_reserve(&vp->rx, have < RP_HDRLEN ?
-					       RP_HDRLEN : have) != 0)
+     have >= RP_HDRLEN + 65535 ||
+     (have > 0 && rp_rx_reserve(&vp->rx, have < RP_HDRLEN ?
+				RP_HDRLEN : have) != 0))
     return -1;
   if(have > 0)
     {
@@ -7929,7 +7930,7 @@ static int upg_wait(int sock, const struct timeval *deadline)
 static void upg_run(void)
 {
   char why[384], how[96], reply[512];
-  struct timeval t0, deadline, tv;
+  struct timeval t0, t1, deadline, tv;
   uint8_t hdr[24];
   upg_w_t w;
   char **envp = NULL;
@@ -7963,6 +7964,7 @@ static void upg_run(void)
 	       w.err ? "out of memory" : strerror(errno));
       goto fail;
     }
+  time_mono(&t1);
   if(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sp) != 0 ||
      fd_cloexec(sp[0]) != 0 || fd_cloexec(sp[1]) != 0 ||
      (envp = upg_envp(sp[1])) == NULL)
@@ -8040,9 +8042,10 @@ static void upg_run(void)
 
   time_mono(&tv);
   log_notice("upgrade: pid %ld (version %s) serves now, after a %lldms "
-	     "pause; pid %ld (version %s) exits", (long)bytes_ntohl(
-	     (uint8_t *)reply + 5), reply + 9,
-	     (long long)timeval_diff_ms(&tv, &t0), (long)getpid(),
+	     "pause (state: %zu bytes, %u fds, written in %lldms); pid %ld "
+	     "(version %s) exits", (long)bytes_ntohl((uint8_t *)reply + 5),
+	     reply + 9, (long long)timeval_diff_ms(&tv, &t0), w.len, w.nfds,
+	     (long long)timeval_diff_ms(&t1, &t0), (long)getpid(),
 	     PACKAGE_VERSION);
   upg_exit((long)bytes_ntohl((uint8_t *)reply + 5));
   return;
@@ -8106,8 +8109,10 @@ static int upg_successor_load(void)
   ssize_t n;
   dlist_node_t *nd;
   unsigned int nvp = 0, nmc = 0;
+  struct timeval t0, t1;
 
   why[0] = '\0';
+  time_mono(&t0);
   if((n = upg_recvmsg(upg_sock, hdr, sizeof(hdr), &memfd, &k)) != 24 ||
      k != 1 || bytes_ntohl(hdr) != UPG_MAGIC)
     {
@@ -8194,9 +8199,12 @@ static int upg_successor_load(void)
     nvp++;
   for(nd = mc_list.head; nd != NULL; nd = nd->next)
     nmc++;
+  time_mono(&t1);
   log_notice("upgrade %lu: pid %ld version %s took over from pid %ld "
-	     "version %s: %u VPs, %u mux clients", upg_count, (long)getpid(),
-	     PACKAGE_VERSION, oldpid, from != NULL ? from : "?", nvp, nmc);
+	     "version %s: %u VPs, %u mux clients (loaded in %lldms)",
+	     upg_count, (long)getpid(), PACKAGE_VERSION, oldpid,
+	     from != NULL ? from : "?", nvp, nmc,
+	     (long long)timeval_diff_ms(&t1, &t0));
   free(from);
   upg_reply(1, PACKAGE_VERSION);
   close(upg_sock);
