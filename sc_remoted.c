@@ -1622,10 +1622,15 @@ static int ev_init(void)
 
 #define EV_BATCH 1024
 
+static void tw_now_update(void);
+
 /*
  * Wait for events for at most timeout_ms (-1: forever) and dispatch them.
  * Objects torn down while dispatching are only marked; their memory is
  * freed after the batch, so later events in the batch see fd == -1.
+ * Returns 0, -1 when the wait failed, or 1 when a signal interrupted it
+ * before anything was dispatched (e.g. SIGCONT after SIGSTOP: epoll_wait
+ * is never restarted after a stop).
  */
 static int ev_poll(int timeout_ms)
 {
@@ -1637,8 +1642,10 @@ static int ev_poll(int timeout_ms)
     case EVB_EPOLL:
       {
 	static struct epoll_event evs[EV_BATCH];
-	if((n = epoll_wait(ev_fd, evs, EV_BATCH, timeout_ms)) < 0)
-	  return errno == EINTR ? 0 : -1;
+	n = epoll_wait(ev_fd, evs, EV_BATCH, timeout_ms);
+	tw_now_update(); /* "now" is current before any handler runs */
+	if(n < 0)
+	  return errno == EINTR ? 1 : -1;
 	for(i=0; i<n; i++)
 	  {
 	    uint32_t e = evs[i].events;
@@ -1660,8 +1667,10 @@ static int ev_poll(int timeout_ms)
 	    ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
 	    tsp = &ts;
 	  }
-	if((n = kevent(ev_fd, NULL, 0, evs, EV_BATCH, tsp)) < 0)
-	  return errno == EINTR ? 0 : -1;
+	n = kevent(ev_fd, NULL, 0, evs, EV_BATCH, tsp);
+	tw_now_update();
+	if(n < 0)
+	  return errno == EINTR ? 1 : -1;
 	for(i=0; i<n; i++)
 	  ev_dispatch(evs[i].udata, evs[i].filter == EVFILT_READ,
 		      evs[i].filter == EVFILT_WRITE);
@@ -1681,8 +1690,10 @@ static int ev_poll(int timeout_ms)
 	    tv.tv_usec = (timeout_ms % 1000) * 1000;
 	    tvp = &tv;
 	  }
-	if((n = select(sel_maxfd + 1, &rfds, &wfds, NULL, tvp)) < 0)
-	  return errno == EINTR ? 0 : -1;
+	n = select(sel_maxfd + 1, &rfds, &wfds, NULL, tvp);
+	tw_now_update();
+	if(n < 0)
+	  return errno == EINTR ? 1 : -1;
 	for(fd=0; fd <= sel_maxfd && cnt < n; fd++)
 	  {
 	    int r = FD_ISSET(fd, &rfds), w = FD_ISSET(fd, &wfds);
@@ -1709,12 +1720,32 @@ static int ev_poll(int timeout_ms)
  * and fires only the timers whose expiry has come, so a tick costs time
  * proportional to the due timers (plus long timers passing through), never
  * to the number of sessions.  Arm and cancel are O(1).
+ *
+ * Two ticks, because "now" and "fired up to" are different questions:
+ *  - tw_tick is now.  tw_now_update() refreshes it right after the wait
+ *    syscall returns, before any handler runs, so every timestamp a
+ *    handler takes (last_rx, last_tx, last_progress, the hs_cap log
+ *    throttle) and every timer it arms counts from the real moment.  The
+ *    loop sleeps with no timeout while nothing is armed, so the first
+ *    event after an idle spell used to run with a tick minutes old: a
+ *    30 s accept deadline armed then was already due.
+ *  - tw_done is how far the wheel has fired.  tw_advance() moves it up to
+ *    tw_tick only after the iteration's events were dispatched, so frames
+ *    already waiting in a socket are read (and last_rx refreshed) before
+ *    the lazy rx_abort / keepalive timers judge silence.  For the same
+ *    reason loop_run() does not fire timers after a wait a signal
+ *    interrupted (SIGCONT after SIGSTOP), and polls once more, without
+ *    blocking, when more than a tick passed since the wheel last fired.
+ * Catch-up after a long stop (SIGSTOP, a suspended machine) is bounded:
+ * at most TW_SLOTS slot visits whatever the gap, then the due timers are
+ * merge-sorted by expiry so each fires once, in order.
  * --------------------------------------------------------------------- */
 
 #define TW_SLOTS 1024
 
 static dlist_t        tw_slot[TW_SLOTS];
-static uint64_t       tw_tick = 0;       /* the current tick */
+static uint64_t       tw_tick = 0;       /* now, refreshed after each wait */
+static uint64_t       tw_done = 0;       /* every timer due <= this fired */
 static size_t         tw_count = 0;
 static struct timeval tw_epoch;          /* monotonic time of tick 0 */
 
@@ -1725,6 +1756,7 @@ static void tw_init(void)
     dlist_init(&tw_slot[i]);
   time_mono(&tw_epoch);
   tw_tick = 0;
+  tw_done = 0;
   return;
 }
 
@@ -1747,7 +1779,11 @@ static void tw_cancel(tw_timer_t *t)
   return;
 }
 
-/* fire t at tick `expire` (or the next tick if that has passed) */
+/*
+ * fire t at tick `expire` (or the next tick if that is not after now).
+ * Never due in the iteration that arms it, so a callback re-arming itself
+ * cannot loop inside one tw_advance().
+ */
 static void tw_arm_at(tw_timer_t *t, uint64_t expire)
 {
   tw_cancel(t);
@@ -1777,9 +1813,86 @@ static uint64_t tw_clock(void)
 }
 
 /*
- * Advance to tick `now`, firing due timers.  Due timers of a slot are
- * moved to a private list first, so callbacks may arm or cancel any timer
- * (including ones still waiting on the private list) safely.
+ * Make tw_tick "now".  Called by ev_poll() as soon as the wait returns,
+ * before dispatch; errno is kept for the caller's check of the wait.
+ */
+static void tw_now_update(void)
+{
+  int saved = errno;
+  uint64_t now = tw_clock();
+  if(now > tw_tick)
+    tw_tick = now;
+  errno = saved;
+  return;
+}
+
+/*
+ * Stable merge sort of a due list by expiry (bottom-up, O(n log n), no
+ * allocation).  Only needed after a gap longer than the wheel, when slots
+ * are visited in slot order rather than tick order.
+ */
+static void tw_sort_due(dlist_t *due)
+{
+  dlist_node_t *list = NULL, *n, **tail, *p, *q, *e;
+  size_t k, psize, qsize, merges;
+
+  /* detach into a NULL-terminated chain linked by ->next */
+  tail = &list;
+  while((n = dlist_pop_head(due)) != NULL)
+    {
+      *tail = n;
+      tail = &n->next;
+    }
+  *tail = NULL;
+
+  for(k = 1; list != NULL; k *= 2)
+    {
+      p = list;
+      list = NULL;
+      tail = &list;
+      merges = 0;
+      while(p != NULL)
+	{
+	  merges++;
+	  q = p;
+	  for(psize = 0; psize < k && q != NULL; psize++)
+	    q = q->next;
+	  qsize = k;
+	  while(psize > 0 || (qsize > 0 && q != NULL))
+	    {
+	      /* take from p on ties: keeps arming order, i.e. stable */
+	      if(psize == 0)
+		{ e = q; q = q->next; qsize--; }
+	      else if(qsize == 0 || q == NULL ||
+		      CONTAINER_OF(p, tw_timer_t, node)->expire <=
+		      CONTAINER_OF(q, tw_timer_t, node)->expire)
+		{ e = p; p = p->next; psize--; }
+	      else
+		{ e = q; q = q->next; qsize--; }
+	      *tail = e;
+	      tail = &e->next;
+	    }
+	  p = q;
+	}
+      *tail = NULL;
+      if(merges <= 1)
+	break;
+    }
+
+  while(list != NULL)
+    {
+      n = list;
+      list = list->next;
+      dlist_push_tail(due, n);
+    }
+  return;
+}
+
+/*
+ * Fire every timer due up to tick `now` (normally tw_tick; a test may
+ * pass a later tick, which then becomes now).  Due timers are moved to a
+ * private list first, so callbacks may arm or cancel any timer (including
+ * ones still waiting on the private list) safely.
  */
 static void tw_advance(uint64_t now)
 {
@@ -1788,12 +1901,13 @@ static void tw_advance(uint64_t now)
   tw_timer_t *t;
   uint64_t tick, steps;
 
-  if(now <= tw_tick)
+  if(now > tw_tick)
+    tw_tick = now;
+  if(now <= tw_done)
     return;
-  steps = now - tw_tick;
+  steps = now - tw_done;
   if(steps > TW_SLOTS)
     steps = TW_SLOTS; /* every slot visited once is enough */
-  tw_tick = now;
   dlist_init(&due);
   for(tick = now - steps + 1; tick <= now; tick++)
     {
@@ -1809,6 +1923,10 @@ static void tw_advance(uint64_t now)
 	  t->slot = &due;
 	}
     }
+  /* slot order is expiry order unless the gap wrapped the wheel */
+  if(now - tw_done > TW_SLOTS && due.count > 1)
+    tw_sort_due(&due);
+  tw_done = now;
   while((n = dlist_pop_head(&due)) != NULL)
     {
       t = CONTAINER_OF(n, tw_timer_t, node);
@@ -7536,6 +7654,7 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
   *why = "clock";
   tw_epoch = epoch;
   tw_tick = tick;
+  tw_done = tick; /* the old process fired everything due up to now */
   now = tw_clock();
   if(now < tick || now > tick + 3600)
     return -1;
@@ -8783,16 +8902,35 @@ static int globals_init(void)
 /* run until SIGINT/SIGTERM (0) or a failure of the wait itself (-1) */
 static int loop_run(void)
 {
+  int rc;
   log_started();
   while(!loop_stop)
     {
-      if(ev_poll(vp_again.count > 0 ? 0 : tw_timeout_ms()) != 0)
+      if((rc = ev_poll(vp_again.count > 0 ? 0 : tw_timeout_ms())) < 0)
+	{
+	  log_err("wait failed: %s", strerror(errno));
+	  return -1;
+	}
+      /*
+       * Interrupted before dispatch (a signal; SIGCONT after a stop):
+       * wait again before judging timers, so frames that arrived while
+       * the daemon was stopped are read before silence is.
+       */
+      if(rc > 0)
+	continue;
+      /*
+       * More than a tick passed since the wheel last fired (the process
+       * was stopped or starved): the wait may have ended on its timeout
+       * without reporting what arrived meanwhile, so read once more,
+       * without blocking, before timers judge silence.
+       */
+      if(tw_count > 0 && tw_tick > tw_done + 1 && ev_poll(0) < 0)
 	{
 	  log_err("wait failed: %s", strerror(errno));
 	  return -1;
 	}
       vp_again_run();
-      tw_advance(tw_clock());
+      tw_advance(tw_tick); /* after dispatch: read before judging silence */
       flush_pending();
       gc_collect();
       if(upg_requested && !loop_stop)

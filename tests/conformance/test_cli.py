@@ -276,8 +276,18 @@ class CliTest(unittest.TestCase):
             f.write('123456789012345678901234567890\n')     # truncated
         d = self.daemon(extra_args=['-e', pidf], umask=0)
         d.wait_listening()
-        with open(pidf) as f:
-            self.assertEqual(f.read(), '%d\n' % d.pid)
+
+        # the port listens before the pid is written (main() opens the
+        # listeners, then writes the pid file): poll for it, bounded
+        def content():
+            with open(pidf) as f:
+                return f.read()
+        try:
+            scr.wait_until(lambda: content() == '%d\n' % d.pid, 10,
+                           what='the pid in the pid file')
+        except TimeoutError:
+            pass
+        self.assertEqual(content(), '%d\n' % d.pid)
         self.assertEqual(scr.socket_mode(pidf), 0o644)
         if scr.is_legacy():
             return

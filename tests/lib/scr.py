@@ -12,6 +12,7 @@ Python 3 standard library only.  Provides:
 * parse_data_blocks / warts_records / uuencode
                   -- helpers for the scamper control text protocol (3.4)
 * slow            -- decorator skipping a test when SC_TESTS_QUICK=1
+* faketime_env    -- environment running a process on an accelerated clock
 
 Every blocking call takes a timeout and raises when it expires.
 """
@@ -40,6 +41,7 @@ __all__ = [
     'UnixClient', 'MuxClient', 'parse_data_blocks', 'warts_records',
     'uuencode', 'uudecode', 'DataBlock', 'peer_id', 'socket_mode',
     'wait_until', 'probe_res', 'assert_session_freed', 'wait_closed',
+    'faketime_lib', 'faketime_env',
     'main', 'AdoptedProc', 'become_subreaper',
     'MASTER_NEW', 'MASTER_ID', 'CHANNEL_NEW', 'CHANNEL_FIN', 'KEEPALIVE',
     'ACK', 'MASTER_RES', 'MASTER_REJ', 'MASTER_OK',
@@ -163,6 +165,58 @@ def run_cli(args, timeout=10, stdin_data=None, env=None, cwd=None):
 
 
 # ---------------------------------------------------------------------------
+# Accelerated clock (libfaketime)
+# ---------------------------------------------------------------------------
+#
+# Debian's libfaketime (LD_PRELOAD) with FAKETIME="+0 xN" makes a process's
+# clock_gettime (CLOCK_MONOTONIC and CLOCK_REALTIME), gettimeofday and
+# time() run N times faster from the moment the library loads, and divides
+# the timeouts of epoll_wait, select, poll, ppoll, nanosleep and
+# clock_nanosleep by N.  So sc_remoted's wheel ticks N times per real
+# second and its waits end on time, with no change to the daemon.  Each
+# process's fake clock starts at its own real start time: two processes
+# agree on rates (intervals), not on absolute values.  Python under the
+# library (time.monotonic, time.sleep, socket timeouts) runs in the same
+# frame, which is how the timer tests make their fake peers live in daemon
+# time.  FAKETIME_DONT_FAKE_MONOTONIC=1 leaves CLOCK_MONOTONIC real (then
+# the wheel would not accelerate, and Python's time.sleep fails with
+# EINVAL), so it is removed here.
+
+
+def faketime_lib():
+    """Path of libfaketime.so.1, or None when it is not installed."""
+    pats = ('/usr/lib/*/faketime/libfaketime.so.1',
+            '/usr/lib/faketime/libfaketime.so.1',
+            '/usr/local/lib/faketime/libfaketime.so.1')
+    for pat in pats:
+        hits = sorted(glob.glob(pat))
+        if hits:
+            return hits[0]
+    return None
+
+
+def faketime_env(speed, env=None):
+    """A copy of env (default os.environ) under which a process and its
+    children run their clocks and timeouts `speed` times faster; None
+    when libfaketime is not installed.  Pass it as Daemon(env=...)."""
+    lib = faketime_lib()
+    if lib is None:
+        return None
+    e = dict(os.environ if env is None else env)
+    pre = e.get('LD_PRELOAD', '')
+    if lib not in pre.split():
+        e['LD_PRELOAD'] = (lib + ' ' + pre).strip()
+    e['FAKETIME'] = '+0 x%g' % speed
+    e.pop('FAKETIME_DONT_FAKE_MONOTONIC', None)
+    # an ASan build must not refuse a preload that comes before its runtime
+    asan = e.get('ASAN_OPTIONS', '')
+    if 'verify_asan_link_order' not in asan:
+        e['ASAN_OPTIONS'] = (asan + ':' if asan else '') + \
+            'verify_asan_link_order=0'
+    return e
+
+
+# ---------------------------------------------------------------------------
 # Daemon
 # ---------------------------------------------------------------------------
 
@@ -215,6 +269,8 @@ class Daemon:
         self.host = host
         self.connect_host = host if host else '127.0.0.1'
         self.port = port if port is not None else free_port(self.connect_host)
+        self._auto_port = port is None
+        self._port_retries = 0
         self.stderr_path = os.path.join(self.tmp, 'stderr.log')
         self.stdin_data = stdin_data
         self.env = env
@@ -454,12 +510,32 @@ class Daemon:
                                '%s; log:\n%s' % (self.proc.returncode, what,
                                                  self.log()[-3000:]))
 
+    def _retry_port_in_use(self):
+        """The port free_port() picked was taken by another process
+        before the daemon bound it (a busy shared machine): start again on
+        a new one, at most 3 times, and only for a port picked here."""
+        if not self._auto_port or self._port_retries >= 3 or \
+                self.proc is None or self.proc.poll() is None or \
+                'Address already in use' not in self.log():
+            return False
+        self._port_retries += 1
+        old = str(self.port)
+        self.port = free_port(self.connect_host)
+        i = self.args.index('-P') + 1
+        self.args[i] = self.args[i][:-len(old)] + str(self.port)
+        self._close_fh()
+        self.proc = None
+        self.start()
+        return True
+
     def wait_listening(self, timeout=10):
         """Poll-connect the TCP port until it accepts (and, with -M, until
         the mux socket exists)."""
         deadline = time.monotonic() + timeout
         fam = socket.AF_INET6 if ':' in self.connect_host else socket.AF_INET
         while True:
+            if self._retry_port_in_use():
+                continue
             self._check_alive('listening')
             ok = False
             s = socket.socket(fam, socket.SOCK_STREAM)

@@ -120,6 +120,124 @@ static void test_timer_wheel(void)
   CHECK(fired[8] == 1);
 }
 
+/*
+ * Issue 9: the first event after an idle spell must see the current tick.
+ * The clock is moved by shifting tw_epoch back, which is what the real
+ * monotonic clock does to the daemon while it sleeps with nothing armed.
+ */
+static tw_timer_t idle_t;
+static int idle_fired;
+static uint64_t idle_fired_at;
+
+static void t_idle_fire(tw_timer_t *t)
+{
+  (void)t;
+  idle_fired++;
+  idle_fired_at = tw_tick;
+}
+
+static void test_timer_arm_after_idle(void)
+{
+  uint64_t armed;
+
+  tw_init();
+  tw_timer_init(&idle_t, t_idle_fire);
+  idle_fired = 0;
+  CHECK(tw_timeout_ms() == -1);       /* nothing armed: sleep forever */
+  tw_epoch.tv_sec -= 5000;            /* ... for 5000 s */
+  tw_now_update();                    /* what ev_poll does on waking */
+  CHECK(tw_tick >= 5000 && tw_tick <= 5002);
+  CHECK(tw_done == 0);
+  armed = tw_tick;
+  tw_arm(&idle_t, 30);                /* the accept deadline */
+  CHECK(idle_t.expire == armed + 30);
+  tw_advance(tw_tick);                /* end of that iteration */
+  CHECK(idle_fired == 0);
+  CHECK(tw_done == armed);
+  tw_advance(armed + 29);
+  CHECK(idle_fired == 0);
+  tw_advance(armed + 30);
+  CHECK(idle_fired == 1 && idle_fired_at == armed + 30);
+  tw_advance(armed + 5000);
+  CHECK(idle_fired == 1);
+  CHECK(tw_count == 0);
+}
+
+/*
+ * Issue 9: a gap longer than the wheel (a SIGSTOP of 20 minutes) fires
+ * each due timer exactly once and in expiry order (ties in arming order),
+ * and leaves the not-yet-due ones armed for their own time.
+ */
+#define CU_N 200
+static tw_timer_t cu_t[CU_N];
+static int cu_fired[CU_N];
+static int cu_order[CU_N + 8];
+static int cu_nfired;
+
+static void t_cu_fire(tw_timer_t *t)
+{
+  int i = (int)(t - cu_t);
+  cu_fired[i]++;
+  cu_order[cu_nfired++] = i;
+  CHECK(t->expire <= tw_tick);
+}
+
+static void test_timer_catchup(void)
+{
+  uint64_t base = 100, jump = 1200, exp[CU_N];
+  int i, ok, due = 0;
+
+  tw_init();
+  tw_advance(base);
+  cu_nfired = 0;
+  for(i=0; i<CU_N; i++)
+    {
+      cu_fired[i] = 0;
+      tw_timer_init(&cu_t[i], t_cu_fire);
+      /* scattered over 1..1500 s, several sharing a slot or an expiry */
+      tw_arm(&cu_t[i], (unsigned int)((i * 397) % 1500) + 1);
+      exp[i] = cu_t[i].expire;
+      if(exp[i] <= base + jump)
+	due++;
+    }
+  CHECK(due > 100 && due < CU_N);
+
+  tw_advance(base + jump);            /* 1200 ticks at once */
+  CHECK(cu_nfired == due);
+  ok = 1;
+  for(i=0; i<CU_N; i++)
+    if(cu_fired[i] != (exp[i] <= base + jump ? 1 : 0))
+      ok = 0;
+  CHECK(ok);                          /* each due once, none early */
+  ok = 1;
+  for(i=1; i<cu_nfired; i++)
+    {
+      uint64_t a = exp[cu_order[i-1]], b = exp[cu_order[i]];
+      if(a > b || (a == b && cu_order[i-1] > cu_order[i]))
+	ok = 0;
+    }
+  CHECK(ok);                          /* expiry order, stable */
+  CHECK(tw_count == (size_t)(CU_N - due));
+
+  /* the rest fire at their own ticks, still once each */
+  tw_advance(base + 1499);
+  tw_advance(base + 1500);
+  CHECK(cu_nfired == CU_N);
+  ok = 1;
+  for(i=0; i<CU_N; i++)
+    if(cu_fired[i] != 1)
+      ok = 0;
+  CHECK(ok);
+  CHECK(tw_count == 0);
+
+  /* a gap of many wheel turns: a timer armed for 3 turns fires once */
+  tw_arm(&cu_t[0], 3 * TW_SLOTS + 7);
+  tw_arm(&cu_t[1], 10);
+  tw_advance(tw_tick + 20 * TW_SLOTS);
+  CHECK(cu_fired[0] == 2 && cu_fired[1] == 2);
+  CHECK(cu_order[cu_nfired-2] == 1 && cu_order[cu_nfired-1] == 0);
+}
+
 /* ---- remote frame parser ---- */
 
 typedef struct rec
@@ -522,6 +640,8 @@ int main(void)
 {
   UNIT_RUN(test_buf);
   UNIT_RUN(test_timer_wheel);
+  UNIT_RUN(test_timer_arm_after_idle);
+  UNIT_RUN(test_timer_catchup);
   UNIT_RUN(test_rp_parser_splits);
   UNIT_RUN(test_rp_parser_header_check);
   UNIT_RUN(test_master_new_parse);
