@@ -35,7 +35,7 @@
  * (watermarks toward local consumers, the unacked limit toward VPs);
  * remote protocol; channels; per-VP unix sockets; mux protocol; mux
  * over TCP; metadata; TLS context and name matching; service manager
- * (sd_notify); metrics over HTTP; signals; main.
+ * (sd_notify); metrics over HTTP; live upgrade; signals; main.
  */
 
 #ifdef HAVE_CONFIG_H
@@ -50,6 +50,8 @@
 #include <sys/un.h>
 #include <sys/resource.h>
 #include <sys/select.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
@@ -76,6 +78,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -90,6 +93,10 @@
 #include "mjl_splaytree.h"
 #include "utils.h"
 
+#ifdef SC_REMOTED_VERSION_OVERRIDE  /* a second build for upgrade tests */
+#undef PACKAGE_VERSION
+#define PACKAGE_VERSION SC_REMOTED_VERSION_OVERRIDE
+#endif
 #ifndef PACKAGE_VERSION
 #define PACKAGE_VERSION "unknown"
 #endif
@@ -177,6 +184,7 @@ static size_t        opt_buf_low   = 1024 * 1024;     /* resume feeding */
 static long          opt_stall     = 60;     /* secs over high, no progress */
 static size_t        opt_unacked_max = 16 * 1024 * 1024;
 static long          opt_handshake_max = 1024;
+static long          opt_upgrade_timeout = 10; /* secs for a successor */
 
 /* who may connect (-O allow, mux-allow, per-source-max, mux-*) */
 static cidr_t       *opt_allow     = NULL;   /* VP sources; none: any */
@@ -261,7 +269,8 @@ static void usage(unsigned int which)
 	    "        mux-listen=[addr:]port, mux-allow=CIDR, mux-max=N,"
 	    " mux-burst-timeout=SECS\n"
 	    "        metrics=[addr:]port (HTTP /metrics and /vps; no"
-	    " authentication), metrics-max=N\n");
+	    " authentication), metrics-max=N\n"
+	    "        upgrade-timeout=SECS (SIGUSR2 live upgrade)\n");
 #ifdef HAVE_CHROOT
   if(which & USAGE_R)
     fprintf(stderr, "     -R chroot into this directory after startup\n");
@@ -448,6 +457,9 @@ static int parse_O_value(const char *opt)
     return parse_metrics(val);
   if(nl == 11 && strncasecmp(opt, "metrics-max", nl) == 0)
     return parse_count(val, 1000000, &opt_metrics_max);
+  if(nl == 15 && strncasecmp(opt, "upgrade-timeout", nl) == 0)
+    return parse_count(val, 3600, &opt_upgrade_timeout) != 0 ||
+      opt_upgrade_timeout < 1 ? -1 : 0;
   return -1;
 }
 
@@ -6630,6 +6642,1770 @@ static void http_gc(void)
 }
 
 /* ---------------------------------------------------------------------
+ * Live upgrade (SIGUSR2)
+ *
+ * SIGUSR2 asks the daemon to hand everything it holds to a fresh copy of
+ * its binary (the absolute path it was started from, resolved once at
+ * startup, so a new build installed there is what runs):
+ *
+ *  1. upg_run() checks the path is executable (under -R: inside the
+ *     chroot), creates a SOCK_SEQPACKET socketpair and fork+execs the
+ *     binary with the original argv and SC_REMOTED_UPGRADE_FD=<fd> in the
+ *     environment.  The loop is not run again until the handover ends:
+ *     from here on nothing is read from or written to any peer, so the
+ *     state being copied is the state there is.
+ *  2. The whole state is serialized into a memfd (a temporary file where
+ *     memfd_create is missing) in a versioned, length-prefixed binary
+ *     format, one upg_save_* function per object kind, and sent with
+ *     every fd it references (listeners, VP connections, -U and mux
+ *     clients) in SCM_RIGHTS batches of UPG_FDS_MAX; fds are referenced
+ *     in the state by their position in that sequence.
+ *  3. The successor parses the options as usual (rejected options exit
+ *     it), skips chroot, bind/listen and the pid file, and upg_load()s
+ *     the state as untrusted input: every length bounded by what is left,
+ *     every fd index checked and used once, every id unique, names and
+ *     peers checked as the protocol parser would.  It rebuilds objects,
+ *     trees and lists, adopts the old process's timer-wheel epoch and
+ *     tick (CLOCK_MONOTONIC is system-wide) so every timer keeps its
+ *     deadline, writes the pid file and only then answers "ready".
+ *  4. On "ready" the old process sends a TLS close_notify on its TLS VPs
+ *     (their sessions crossed as zombies: scamper resumes them with
+ *     MASTER_RES into the new process), then _exit(0)s without any other
+ *     goodbye: no VP_DEPART, no unlink, and closing its copies of the
+ *     shared sockets sends nothing to peers.
+ *
+ * Until "ready" the old process keeps every object untouched; any failure
+ * (binary missing or not executable, fork/exec failure, options rejected,
+ * the successor exiting or crashing, an unreadable state version, no
+ * answer within -O upgrade-timeout seconds) is one log line, the child is
+ * killed and reaped, the pid file rewritten, and serving resumes; a later
+ * SIGUSR2 starts over.  The pause the peers see is the time from fork to
+ * "ready", during which the loop does not dispatch.
+ *
+ * The state, in order: header (magic, UPG_VERSION, version string, the
+ * wheel's epoch and tick, next VP id, mux generation, upgrade count);
+ * listeners and service sockets; statistics (count-prefixed); mux
+ * clients; VPs in accept order, each with its channels, a -U client
+ * inline in its channel; a trailer.  Integers are big-endian, strings
+ * and buffers length-prefixed, fds indexes.  To carry a new field, write
+ * it in the upg_save_* of its object and read it at the same place in
+ * the matching upg_load_* (with its checks), and bump UPG_VERSION: a
+ * successor refuses a version it does not read, and the old process
+ * then carries on.  The socketpair messages (header + memfd, fd batches,
+ * the answer) do not change with the version.
+ * --------------------------------------------------------------------- */
+
+#define UPG_ENV        "SC_REMOTED_UPGRADE_FD"
+#define UPG_MAGIC      0x53435255U  /* "SCRU" */
+#ifdef UPG_VERSION_OVERRIDE
+#define UPG_VERSION    UPG_VERSION_OVERRIDE
+#else
+#define UPG_VERSION    1
+#endif
+#define UPG_FDS_MAX    250          /* Linux caps SCM_RIGHTS at 253 */
+#define UPG_STR_MAX    4096
+#define UPG_NONE       0xffffffffU  /* no fd / no consumer */
+#define UPG_TICK_MAX   ((uint64_t)1 << 40)
+
+static char        *upg_exe = NULL;      /* absolute path to exec */
+static char       **upg_argv = NULL;     /* argv as given, before getopt */
+static int          upg_requested = 0;   /* SIGUSR2 seen */
+static int          upg_successor = 0;   /* started by an upgrade */
+static int          upg_sock = -1;       /* successor: the socketpair end */
+static unsigned long upg_count = 0;      /* upgrades this lineage made */
+
+static int pidfile_open(void);
+static int pidfile_write(void);
+
+/* a growing byte array the state is written into, and the fds it names */
+typedef struct upg_w
+{
+  uint8_t *p;
+  size_t   len;
+  size_t   cap;
+  int      err;
+  int     *fds;
+  uint32_t nfds;
+  uint32_t fdcap;
+} upg_w_t;
+
+static void w_put(upg_w_t *w, const void *d, size_t n)
+{
+  uint8_t *np;
+  size_t cap;
+  if(w->err || n == 0)
+    return;
+  if(w->len + n > w->cap)
+    {
+      cap = w->cap > 0 ? w->cap : 65536;
+      while(cap < w->len + n)
+	cap *= 2;
+      if((np = realloc(w->p, cap)) == NULL)
+	{
+	  w->err = 1;
+	  return;
+	}
+      w->p = np;
+      w->cap = cap;
+    }
+  memcpy(w->p + w->len, d, n);
+  w->len += n;
+  return;
+}
+
+static void w_u8(upg_w_t *w, uint8_t v)
+{
+  w_put(w, &v, 1);
+  return;
+}
+
+static void w_u32(upg_w_t *w, uint32_t v)
+{
+  uint8_t b[4];
+  bytes_htonl(b, v);
+  w_put(w, b, 4);
+  return;
+}
+
+static void w_u64(upg_w_t *w, uint64_t v)
+{
+  w_u32(w, (uint32_t)(v >> 32));
+  w_u32(w, (uint32_t)v);
+  return;
+}
+
+/* a string: u32 length + 1 (0 for NULL), then the bytes without NUL */
+static void w_str(upg_w_t *w, const char *s)
+{
+  size_t n;
+  if(s == NULL)
+    {
+      w_u32(w, 0);
+      return;
+    }
+  n = strlen(s);
+  w_u32(w, (uint32_t)n + 1);
+  w_put(w, s, n);
+  return;
+}
+
+/* a buffer's bytes: u64 length, then the bytes */
+static void w_buf(upg_w_t *w, const buf_t *b)
+{
+  const chunk_t *c;
+  w_u64(w, buf_len(b));
+  for(c = b->first; c != NULL; c = c->next)
+    w_put(w, c->data + c->head, c->tail - c->head);
+  return;
+}
+
+/* an fd: its index in the sequence sent, or UPG_NONE */
+static void w_fd(upg_w_t *w, int fd)
+{
+  int *nf;
+  if(fd < 0)
+    {
+      w_u32(w, UPG_NONE);
+      return;
+    }
+  if(w->nfds == w->fdcap)
+    {
+      uint32_t cap = w->fdcap > 0 ? w->fdcap * 2 : 256;
+      if((nf = realloc(w->fds, cap * sizeof(int))) == NULL)
+	{
+	  w->err = 1;
+	  return;
+	}
+      w->fds = nf;
+      w->fdcap = cap;
+    }
+  w->fds[w->nfds] = fd;
+  w_u32(w, w->nfds++);
+  return;
+}
+
+/* a timer: armed flag and absolute expiry tick */
+static void w_timer(upg_w_t *w, const tw_timer_t *t)
+{
+  w_u8(w, t->slot != NULL ? 1 : 0);
+  w_u64(w, t->slot != NULL ? t->expire : 0);
+  return;
+}
+
+static void w_sink(upg_w_t *w, const sink_t *s)
+{
+  w_buf(w, &s->out);
+  w_u8(w, s->full);
+  w_u64(w, s->last_progress);
+  w_timer(w, &s->stall_timer);
+  return;
+}
+
+/* the reader of an untrusted state; any overrun sets err and reads 0 */
+typedef struct upg_r
+{
+  const uint8_t *p;
+  size_t   len;
+  size_t   off;
+  int      err;
+  int     *fds;
+  uint8_t *fdused;
+  uint32_t nfds;
+} upg_r_t;
+
+static const uint8_t *r_get(upg_r_t *r, size_t n)
+{
+  const uint8_t *p;
+  if(r->err || n > r->len - r->off)
+    {
+      r->err = 1;
+      return NULL;
+    }
+  p = r->p + r->off;
+  r->off += n;
+  return p;
+}
+
+static uint8_t r_u8(upg_r_t *r)
+{
+  const uint8_t *p = r_get(r, 1);
+  return p != NULL ? p[0] : 0;
+}
+
+static uint32_t r_u32(upg_r_t *r)
+{
+  const uint8_t *p = r_get(r, 4);
+  return p != NULL ? bytes_ntohl(p) : 0;
+}
+
+static uint64_t r_u64(upg_r_t *r)
+{
+  uint64_t hi = r_u32(r);
+  return (hi << 32) | r_u32(r);
+}
+
+/* a flag that must be 0 or 1 */
+static uint8_t r_flag(upg_r_t *r)
+{
+  uint8_t v = r_u8(r);
+  if(v > 1)
+    r->err = 1;
+  return v;
+}
+
+/* a string of at most max bytes without NUL; *out NULL for NULL */
+static int r_str(upg_r_t *r, size_t max, char **out)
+{
+  const uint8_t *p;
+  uint32_t n = r_u32(r);
+  *out = NULL;
+  if(r->err || n == 0)
+    return r->err ? -1 : 0;
+  n--;
+  if(n > max || (p = r_get(r, n)) == NULL || memchr(p, '\0', n) != NULL ||
+     (*out = malloc((size_t)n + 1)) == NULL)
+    {
+      r->err = 1;
+      return -1;
+    }
+  memcpy(*out, p, n);
+  (*out)[n] = '\0';
+  return 0;
+}
+
+/* a string into a fixed array of size len (NUL included) */
+static int r_strbuf(upg_r_t *r, char *buf, size_t len)
+{
+  char *s;
+  if(r_str(r, len - 1, &s) != 0 || s == NULL)
+    {
+      r->err = 1;
+      free(s);
+      return -1;
+    }
+  memcpy(buf, s, strlen(s) + 1);
+  free(s);
+  return 0;
+}
+
+static int r_buf(upg_r_t *r, buf_t *b)
+{
+  const uint8_t *p;
+  uint64_t n = r_u64(r);
+  if(r->err || n > r->len - r->off || (p = r_get(r, (size_t)n)) == NULL ||
+     buf_append(b, p, (size_t)n) != 0)
+    {
+      r->err = 1;
+      return -1;
+    }
+  return 0;
+}
+
+/* an fd index: must name a received fd not used before; -1 for none */
+static int r_fd(upg_r_t *r)
+{
+  uint32_t i = r_u32(r);
+  if(r->err || i == UPG_NONE)
+    return -1;
+  if(i >= r->nfds || r->fdused[i])
+    {
+      r->err = 1;
+      return -1;
+    }
+  r->fdused[i] = 1;
+  return r->fds[i];
+}
+
+/* a tick: no later than the current tick (a past event) */
+static uint64_t r_past(upg_r_t *r)
+{
+  uint64_t v = r_u64(r);
+  if(v > tw_tick)
+    r->err = 1;
+  return v;
+}
+
+static void r_timer(upg_r_t *r, tw_timer_t *t)
+{
+  uint8_t armed = r_flag(r);
+  uint64_t exp = r_u64(r);
+  if(r->err || !armed)
+    return;
+  if(exp > tw_tick + UPG_TICK_MAX)
+    {
+      r->err = 1;
+      return;
+    }
+  tw_arm_at(t, exp);
+  return;
+}
+
+static void r_sink(upg_r_t *r, sink_t *s)
+{
+  r_buf(r, &s->out);
+  s->full = r_flag(r);
+  s->last_progress = r_past(r);
+  r_timer(r, &s->stall_timer);
+  return;
+}
+
+/* ---- saving ---- */
+
+static int vp_is_tls(const vp_t *vp);
+
+/* whether vp crosses: TLS connections not in GO do not */
+static int upg_vp_saved(const vp_t *vp)
+{
+  return !vp_is_tls(vp) || vp->state == VP_GO;
+}
+
+/*
+ * The position among the VPs saved of vp, or of the first saved VP after
+ * it; UPG_NONE for the end of the list (NULL).
+ */
+static uint32_t upg_vp_index(const vp_t *vp)
+{
+  dlist_node_t *n;
+  uint32_t i = 0;
+  if(vp == NULL)
+    return UPG_NONE;
+  for(n = vp_list.head; n != NULL; n = n->next)
+    {
+      const vp_t *x = CONTAINER_OF(n, vp_t, list_node);
+      if(x->accept_seq >= vp->accept_seq && upg_vp_saved(x))
+	return i;
+      if(upg_vp_saved(x))
+	i++;
+    }
+  return UPG_NONE;
+}
+
+/* a mux client: its socket, generation, output, parser state, pauses */
+static void upg_save_mc(upg_w_t *w, const mclient_t *mc)
+{
+  w_fd(w, mc->ev.fd);
+  w_u64(w, mc->gen);
+  w_u8(w, mc->ev.rd);
+  w_u8(w, mc->ev.wr);
+  w_sink(w, &mc->sink);
+  w_u8(w, mc->rx.hdr_have);
+  w_put(w, mc->rx.hdr, MUX_HDRLEN);
+  w_u32(w, mc->rx.left);
+  if(mc->rx.hdr_have == MUX_HDRLEN && mc->rx.chan == 0)
+    {
+      w_u32(w, mc->rx.ctl_have);
+      w_put(w, mc->rx.ctl, mc->rx.ctl_have);
+    }
+  w_u8(w, mc->in_paused);
+  w_u8(w, mc->in_pause_req);
+  /* the VP_UPDATE burst cursor: the saved VP it stands at */
+  w_u8(w, mc->bursting);
+  w_u32(w, mc->bursting ? upg_vp_index(mc->burst_next) : UPG_NONE);
+  w_timer(w, &mc->burst_timer);
+  return;
+}
+
+/* a -U client, written inside its channel's record */
+static void upg_save_uc(upg_w_t *w, const uclient_t *uc)
+{
+  w_fd(w, uc->ev.fd);
+  w_u8(w, uc->ev.rd);
+  w_u8(w, uc->ev.wr);
+  w_sink(w, &uc->sink);
+  w_u8(w, uc->eof);
+  w_u8(w, uc->closing);
+  w_u8(w, uc->in_paused);
+  return;
+}
+
+static int upg_save_chan(void *item, void *param)
+{
+  chan_t *c = item;
+  upg_w_t *w = param;
+  w_u32(w, c->id);
+  w_u8(w, c->fin_sent);
+  w_u8(w, c->fin_rcvd);
+  if(c->uc != NULL && !c->uc->dead)
+    {
+      w_u8(w, 1);
+      upg_save_uc(w, c->uc);
+    }
+  else if(c->mc != NULL && !c->mc->dead)
+    {
+      w_u8(w, 2);
+      w_u64(w, c->mc->gen);
+      w_u32(w, c->mc_id);
+    }
+  else
+    w_u8(w, 0);
+  return 0;
+}
+
+static int vp_is_tls(const vp_t *vp)
+{
+#ifdef HAVE_OPENSSL
+  return vp->ssl != NULL;
+#else
+  (void)vp;
+  return 0;
+#endif
+}
+
+/*
+ * A VP.  A TLS VP in GO crosses as a zombie whose -Z deadline starts now
+ * (its connection cannot cross); TLS connections not in GO do not cross.
+ */
+static void upg_save_vp(upg_w_t *w, const vp_t *vp)
+{
+  int tls = vp_is_tls(vp);
+  buf_t none;
+
+  memset(&none, 0, sizeof(none));
+  w_u8(w, (uint8_t)(tls ? VP_ZOMBIE : vp->state));
+  w_u32(w, vp->id);
+  w_u8(w, vp->magic_len);
+  w_put(w, vp->magic, vp->magic_len);
+  w_str(w, vp->name);
+  w_u8(w, vp->family == AF_INET6 ? 6 : 4);
+  w_str(w, vp->addr);
+  w_str(w, vp->peer);
+  w_u64(w, (uint64_t)vp->arrival.tv_sec);
+  w_u32(w, (uint32_t)vp->arrival.tv_usec);
+  w_u32(w, vp->snd_nxt);
+  w_u32(w, vp->snd_una);
+  w_u32(w, vp->rcv_nxt);
+  w_u32(w, vp->chan_next);
+  w_u8(w, vp->in_id_tree);
+  w_u8(w, vp->in_magic_tree);
+  w_u8(w, vp->in_handshake);
+  w_u64(w, tls ? mc_gen : vp->zombie_gen);
+  w_u8(w, tls ? 0 : (vp->src != NULL));
+  w_u64(w, vp->conn_tick);
+  w_u64(w, vp->rx_bytes);
+  w_u64(w, vp->rx_frames);
+  w_u64(w, vp->tx_bytes);
+  w_u64(w, vp->tx_frames);
+  w_buf(w, &vp->unacked);
+  w_u64(w, vp->last_rx);
+  w_u64(w, vp->last_tx);
+  if(tls)
+    {
+      /* a zombie from now: no connection, output, partial frame, timers
+       * but the -Z deadline */
+      tw_timer_t t;
+      t.slot = (dlist_t *)1;
+      t.expire = tw_tick + (uint64_t)opt_zombie;
+      w_timer(w, &t);
+      w_u8(w, 0);
+      w_u64(w, 0);
+      w_fd(w, -1);
+      w_fd(w, -1);
+      w_buf(w, &none);
+      w_u32(w, 0);
+      w_u8(w, 0); w_u8(w, 0); w_u8(w, 0); w_u8(w, 0);
+    }
+  else
+    {
+      w_timer(w, &vp->rx_timer);
+      w_timer(w, &vp->ka_timer);
+      w_fd(w, vp->ev.fd);
+      w_fd(w, vp->lev.fd);
+      w_buf(w, &vp->out);
+      w_u32(w, vp->rx.have);
+      w_put(w, vp->rx.part, vp->rx.have);
+      w_u8(w, vp->ev.rd);
+      w_u8(w, vp->ev.wr);
+      w_u8(w, vp->rd_blocked);
+      w_u8(w, vp->paused);
+    }
+  w_u32(w, (uint32_t)splaytree_count(&vp->chans));
+  splaytree_inorder(&vp->chans, upg_save_chan, w);
+  return;
+}
+
+/*
+ * The statistics counters, in a fixed order (upg_stats_fields); the
+ * format says how many there are, so a build that knows fewer or more
+ * takes those it shares.  The start time is kept: uptime goes on.
+ */
+static size_t upg_stats_fields(uint64_t **f, size_t max)
+{
+  size_t n = 0, i;
+#define UPG_STAT(x) do { if(n < max) f[n] = &(x); n++; } while(0)
+  UPG_STAT(stats.arrivals);
+  UPG_STAT(stats.resumes);
+  UPG_STAT(stats.zombies);
+  for(i=0; i<REJ_MAX; i++) UPG_STAT(stats.rejects[i]);
+  for(i=0; i<WHY_MAX; i++) UPG_STAT(stats.departures[i]);
+  for(i=0; i<2; i++) UPG_STAT(stats.relay_bytes[i]);
+  for(i=0; i<2; i++) UPG_STAT(stats.relay_frames[i]);
+  UPG_STAT(stats.bp_pauses);
+  UPG_STAT(stats.stall_disconnects);
+  UPG_STAT(stats.accept_pauses_emfile);
+  UPG_STAT(stats.accept_pauses_hscap);
+  for(i=0; i<2; i++) UPG_STAT(stats.mux_refused[i]);
+  UPG_STAT(stats.mux_burst_timeouts);
+  for(i=0; i<TLSF_MAX; i++) UPG_STAT(stats.tls_failures[i]);
+  UPG_STAT(stats.meta_loads_ok);
+  UPG_STAT(stats.meta_loads_err);
+  for(i=0; i<6; i++) UPG_STAT(stats.http_requests[i]);
+  UPG_STAT(stats.http_refused);
+  for(i=0; i<3; i++) UPG_STAT(stats.http_busy_us[i]);
+#undef UPG_STAT
+  return n;
+}
+
+#define UPG_STATS_MAX 128
+
+static void upg_save_stats(upg_w_t *w)
+{
+  uint64_t *f[UPG_STATS_MAX];
+  size_t i, n = upg_stats_fields(f, UPG_STATS_MAX);
+  w_u64(w, (uint64_t)stats.start.tv_sec);
+  w_u32(w, (uint32_t)stats.start.tv_usec);
+  w_u64(w, (uint64_t)stats.meta_last_ok.tv_sec);
+  w_u32(w, (uint32_t)stats.meta_last_ok.tv_usec);
+  w_u32(w, (uint32_t)n);
+  for(i=0; i<n; i++)
+    w_u64(w, *f[i]);
+  return;
+}
+
+/*
+ * Serialize the daemon's whole state into w.  Called between loop
+ * iterations (after flush and garbage collection), so no object is dead.
+ */
+static void upg_save(upg_w_t *w)
+{
+  dlist_node_t *n;
+  uint32_t cnt;
+  int i;
+
+  w_u32(w, UPG_MAGIC);
+  w_u32(w, UPG_VERSION);
+  w_str(w, PACKAGE_VERSION);
+  w_u64(w, (uint64_t)tw_epoch.tv_sec);
+  w_u32(w, (uint32_t)tw_epoch.tv_usec);
+  w_u64(w, tw_tick);
+  w_u32(w, vp_id_next);
+  w_u64(w, mc_gen);
+  w_u64(w, (uint64_t)upg_count + 1);
+
+  w_u8(w, (uint8_t)tcp_lev_count);
+  for(i=0; i<tcp_lev_count; i++)
+    w_fd(w, tcp_lev[i].fd);
+  w_fd(w, mux_lev.fd);
+  w_fd(w, mux_tcp_lev.fd);
+  w_fd(w, http_lev.fd);
+  w_fd(w, svc_fd); /* NOTIFY_SOCKET may be out of reach under -R */
+  w_fd(w, log_sock.fd); /* and so may /dev/log */
+
+  upg_save_stats(w);
+
+  for(cnt = 0, n = mc_list.head; n != NULL; n = n->next)
+    cnt++;
+  w_u32(w, cnt);
+  for(n = mc_list.head; n != NULL; n = n->next)
+    upg_save_mc(w, CONTAINER_OF(n, mclient_t, list_node));
+
+  for(cnt = 0, n = vp_list.head; n != NULL; n = n->next)
+    if(upg_vp_saved(CONTAINER_OF(n, vp_t, list_node)))
+      cnt++;
+  w_u32(w, cnt);
+  for(n = vp_list.head; n != NULL; n = n->next)
+    if(upg_vp_saved(CONTAINER_OF(n, vp_t, list_node)))
+      upg_save_vp(w, CONTAINER_OF(n, vp_t, list_node));
+  w_u32(w, UPG_MAGIC); /* trailer: a truncated state is detected */
+  return;
+}
+
+/* ---- loading ---- */
+
+static int upg_load_stats(upg_r_t *r)
+{
+  uint64_t *f[UPG_STATS_MAX], v;
+  size_t i, n = upg_stats_fields(f, UPG_STATS_MAX);
+  uint32_t cnt;
+
+  stats.start.tv_sec = (time_t)r_u64(r);
+  stats.start.tv_usec = (suseconds_t)(r_u32(r) % 1000000);
+  stats.meta_last_ok.tv_sec = (time_t)r_u64(r);
+  stats.meta_last_ok.tv_usec = (suseconds_t)(r_u32(r) % 1000000);
+  cnt = r_u32(r);
+  if(r->err || cnt > UPG_STATS_MAX)
+    return -1;
+  for(i=0; i<cnt && !r->err; i++)
+    {
+      v = r_u64(r);
+      if(i < n)
+	*f[i] = v;
+    }
+  return r->err ? -1 : 0;
+}
+
+static mclient_t *upg_mc_by_gen(uint64_t gen)
+{
+  dlist_node_t *n;
+  mclient_t *mc;
+  for(n = mc_list.head; n != NULL; n = n->next)
+    {
+      mc = CONTAINER_OF(n, mclient_t, list_node);
+      if(mc->gen == gen)
+	return mc;
+    }
+  return NULL;
+}
+
+/* register a loaded fdev with the interest it had */
+static void r_ev(upg_r_t *r, fdev_t *ev, uint8_t rd, uint8_t wr)
+{
+  if(r->err || ev->fd < 0)
+    return;
+  if(!ev_fd_ok(ev->fd) || ev_set(ev, rd, wr) != 0)
+    r->err = 1;
+  return;
+}
+
+static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
+{
+  const uint8_t *p;
+  mclient_t *mc;
+  uint8_t rd, wr;
+  uint32_t total;
+
+  if((mc = calloc(1, sizeof(mclient_t))) == NULL)
+    return -1;
+  fdev_init(&mc->ev, -1, FD_MC, mc);
+  sink_init(&mc->sink, mc_stall);
+  tw_timer_init(&mc->burst_timer, mc_burst_timeout);
+  dlist_node_init(&mc->paused_node);
+  splaytree_init(&mc->chans, chan_mc_cmp, offsetof(chan_t, mc_node));
+  dlist_node_init(&mc->list_node);
+  dlist_push_tail(&mc_list, &mc->list_node);
+  mc->ev.fd = r_fd(r);
+  mc->gen = r_u64(r);
+  rd = r_flag(r);
+  wr = r_flag(r);
+  r_sink(r, &mc->sink);
+  mc->rx.hdr_have = r_u8(r);
+  if(r->err || mc->ev.fd < 0 || mc->gen == 0 || mc->gen > mc_gen ||
+     mc->rx.hdr_have > MUX_HDRLEN)
+    return -1;
+  if((p = r_get(r, MUX_HDRLEN)) == NULL)
+    return -1;
+  memcpy(mc->rx.hdr, p, MUX_HDRLEN);
+  mc->rx.left = r_u32(r);
+  if(r->err)
+    return -1;
+  if(mc->rx.hdr_have == MUX_HDRLEN)
+    {
+      mc->rx.chan = bytes_ntohl(mc->rx.hdr);
+      total = bytes_ntohl(mc->rx.hdr + 4);
+      if(mc->rx.left == 0 || mc->rx.left > total)
+	return -1;
+      if(mc->rx.chan == 0)
+	{
+	  mc->rx.ctl_have = r_u32(r);
+	  if(r->err || total < 2 || total > MUX_CTL_MAX ||
+	     mc->rx.ctl_have != total - mc->rx.left ||
+	     (p = r_get(r, mc->rx.ctl_have)) == NULL ||
+	     (mc->rx.ctl = malloc(total)) == NULL)
+	    return -1;
+	  memcpy(mc->rx.ctl, p, mc->rx.ctl_have);
+	}
+    }
+  else if(mc->rx.left != 0)
+    return -1;
+  mc->in_paused = r_flag(r);
+  mc->in_pause_req = r_flag(r);
+  mc->bursting = r_flag(r);
+  *burst_idx = r_u32(r);
+  r_timer(r, &mc->burst_timer);
+  if(r->err || (!mc->bursting && *burst_idx != UPG_NONE) ||
+     (mc->list_node.prev != NULL &&
+		CONTAINER_OF(mc->list_node.prev, mclient_t,
+			     list_node)->gen >= mc->gen))
+    return -1; /* generations are unique and ascending */
+  if(mc->in_paused)
+    dlist_push_tail(&mc_in_paused, &mc->paused_node);
+  r_ev(r, &mc->ev, mc->in_paused ? 0 : rd, wr);
+  if(buf_len(&mc->sink.out) > 0)
+    out_queue(&mc->ev);
+  return r->err ? -1 : 0;
+}
+
+static int upg_load_uc(upg_r_t *r, vp_t *vp, chan_t *c)
+{
+  uclient_t *uc;
+  uint8_t rd, wr;
+
+  if((uc = uc_alloc(vp, -1)) == NULL)
+    return -1;
+  c->uc = uc;
+  uc->chan = c;
+  uc->ev.fd = r_fd(r);
+  rd = r_flag(r);
+  wr = r_flag(r);
+  r_sink(r, &uc->sink);
+  uc->eof = r_flag(r);
+  uc->closing = r_flag(r);
+  uc->in_paused = r_flag(r);
+  if(r->err || uc->ev.fd < 0)
+    return -1;
+  if(uc->in_paused)
+    dlist_push_tail(&uc_in_paused, &uc->paused_node);
+  r_ev(r, &uc->ev, uc->in_paused ? 0 : rd, wr);
+  if(buf_len(&uc->sink.out) > 0)
+    out_queue(&uc->ev);
+  return r->err ? -1 : 0;
+}
+
+static int upg_load_chan(upg_r_t *r, vp_t *vp)
+{
+  chan_t *c, key;
+  mclient_t *mc;
+  uint8_t kind;
+  uint32_t id = r_u32(r);
+
+  if(r->err || id == 0 || vp_chan_find(vp, id) != NULL ||
+     (c = calloc(1, sizeof(chan_t))) == NULL)
+    return -1;
+  c->id = id;
+  c->vp = vp;
+  splaytree_insert(&vp->chans, c);
+  c->fin_sent = r_flag(r);
+  c->fin_rcvd = r_flag(r);
+  kind = r_u8(r);
+  if(r->err)
+    return -1;
+  if(kind == 1)
+    return upg_load_uc(r, vp, c);
+  if(kind == 2)
+    {
+      uint64_t gen = r_u64(r);
+      key.mc_id = r_u32(r);
+      if(r->err || key.mc_id == 0 || (mc = upg_mc_by_gen(gen)) == NULL ||
+	 splaytree_find(&mc->chans, &key) != NULL)
+	return -1;
+      c->mc = mc;
+      c->mc_id = key.mc_id;
+      splaytree_insert(&mc->chans, c);
+      return 0;
+    }
+  return kind == 0 ? 0 : -1;
+}
+
+/* the characters of an address or MASTER_ID peer string */
+static int upg_peer_ok(const char *s)
+{
+  if(*s == '\0')
+    return 0;
+  for(; *s != '\0'; s++)
+    if(!isxdigit((unsigned char)*s) && *s != ':' && *s != '.' && *s != '?')
+      return 0;
+  return 1;
+}
+
+/* the -U socket path of vp, as vp_lev_open names it */
+static char *upg_sockpath(const vp_t *vp)
+{
+  size_t len;
+  char *path;
+  if(opt_udir == NULL)
+    return NULL;
+  len = strlen(opt_udir) + strlen(vp->peer) + 3 +
+    (vp->name != NULL ? strlen(vp->name) + 1 : 0);
+  if((path = malloc(len)) == NULL)
+    return NULL;
+  if(vp->name != NULL)
+    snprintf(path, len, "%s/%s-%s", opt_udir, vp->name, vp->peer);
+  else
+    snprintf(path, len, "%s/%s", opt_udir, vp->peer);
+  return path;
+}
+
+static int upg_load_vp(upg_r_t *r)
+{
+  const uint8_t *p;
+  vp_t *vp;
+  uint32_t i, nchans, have;
+  uint8_t rd = 0, wr = 0, fam, st, src;
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof(ss);
+  size_t k;
+
+  if((vp = calloc(1, sizeof(vp_t))) == NULL)
+    return -1;
+  fdev_init(&vp->ev, -1, FD_VP, vp);
+  fdev_init(&vp->lev, -1, FD_VP_LISTEN, vp);
+  vp->chan_next = 1;
+  splaytree_init(&vp->chans, chan_vp_cmp, offsetof(chan_t, vp_node));
+  tw_timer_init(&vp->rx_timer, vp_timer_rx);
+  tw_timer_init(&vp->ka_timer, vp_timer_ka);
+  dlist_node_init(&vp->list_node);
+  dlist_node_init(&vp->again_node);
+  dlist_push_tail(&vp_list, &vp->list_node);
+  vp->accept_seq = ++vp_accept_seq;
+
+  st = r_u8(r);
+  vp->state = (vpstate_t)st;
+  vp->id = r_u32(r);
+  vp->magic_len = r_u8(r);
+  if(r->err || st < VP_HANDSHAKE || st > VP_FLUSH)
+    return -1;
+  if(vp->magic_len > 0)
+    {
+      if((p = r_get(r, vp->magic_len)) == NULL ||
+	 (vp->magic = malloc(vp->magic_len)) == NULL)
+	return -1;
+      memcpy(vp->magic, p, vp->magic_len);
+    }
+  if(r_str(r, 255, &vp->name) != 0)
+    return -1;
+  if(vp->name != NULL)
+    for(k=0; vp->name[k] != '\0'; k++)
+      if(!rp_name_char_ok((uint8_t)vp->name[k]))
+	return -1;
+  fam = r_u8(r);
+  vp->family = fam == 6 ? AF_INET6 : AF_INET;
+  if(r_strbuf(r, vp->addr, sizeof(vp->addr)) != 0 ||
+     r_strbuf(r, vp->peer, sizeof(vp->peer)) != 0 ||
+     (fam != 4 && fam != 6) || !upg_peer_ok(vp->addr) ||
+     !upg_peer_ok(vp->peer))
+    return -1;
+  vp->arrival.tv_sec = (time_t)r_u64(r);
+  vp->arrival.tv_usec = (suseconds_t)(r_u32(r) % 1000000);
+  vp->snd_nxt = r_u32(r);
+  vp->snd_una = r_u32(r);
+  vp->rcv_nxt = r_u32(r);
+  vp->chan_next = r_u32(r);
+  vp->in_id_tree = r_flag(r);
+  vp->in_magic_tree = r_flag(r);
+  vp->in_handshake = r_flag(r);
+  vp->zombie_gen = r_u64(r);
+  src = r_flag(r);
+  vp->conn_tick = r_past(r);
+  vp->rx_bytes = r_u64(r);
+  vp->rx_frames = r_u64(r);
+  vp->tx_bytes = r_u64(r);
+  vp->tx_frames = r_u64(r);
+  r_buf(r, &vp->unacked);
+  vp->last_rx = r_past(r);
+  vp->last_tx = r_past(r);
+  r_timer(r, &vp->rx_timer);
+  r_timer(r, &vp->ka_timer);
+  vp->ev.fd = r_fd(r);
+  vp->lev.fd = r_fd(r);
+  r_buf(r, &vp->out);
+  have = r_u32(r);
+  if(r->err || vp->zombie_gen > mc_gen || vp->chan_next == 0 ||
+     (vp->in_id_tree && (vp->id == 0 || vp->id >= vp_id_next)) ||
+     (!vp->in_id_tree && vp->id != 0) ||
+     (vp->in_magic_tree && vp->magic_len == 0) ||
+     (vp->state == VP_ZOMBIE) != (vp->ev.fd < 0) ||
+     (vp->lev.fd >= 0 && (vp->state != VP_GO || opt_udir == NULL)) ||
+     ((vp->state == VP_GO || vp->state == VP_ZOMBIE) && !vp->in_id_tree) ||
+     (vp->state == VP_ZOMBIE && (buf_len(&vp->out) > 0 || have > 0)) ||
+     (vp->in_handshake && vp->state == VP_GO) ||
+     have >= RP_HDRLEN + 65535 ||
+     (have > 0 && rp_rx_reserve(&vp->rx, have < RP_HDRLEN ?
+				RP_HDRLEN : have) != 0))
+    return -1;
+  if(have > 0)
+    {
+      if((p = r_get(r, have)) == NULL)
+	return -1;
+      memcpy(vp->rx.part, p, have);
+      vp->rx.have = have;
+      /* a held header is checked again when the rest arrives */
+      if(have >= RP_HDRLEN &&
+	 have >= RP_HDRLEN + (uint32_t)bytes_ntohs(vp->rx.part + 8))
+	return -1;
+    }
+  rd = r_flag(r);
+  wr = r_flag(r);
+  vp->rd_blocked = r_flag(r);
+  vp->paused = r_flag(r);
+  if(r->err)
+    return -1;
+  if(vp->in_id_tree)
+    {
+      if(vp_find_id(vp->id) != NULL)
+	return -1;
+      splaytree_insert(&vp_by_id, vp);
+    }
+  if(vp->in_magic_tree)
+    {
+      if(vp_find_magic(vp->magic, vp->magic_len) != NULL)
+	return -1;
+      splaytree_insert(&vp_by_magic, vp);
+    }
+  if(vp->in_handshake)
+    handshake_count++;
+  /* the connection counts against its source again (per-source-max) */
+  if(src && vp->ev.fd >= 0 &&
+     getpeername(vp->ev.fd, (struct sockaddr *)&ss, &sl) == 0)
+    src_hold(vp, (struct sockaddr *)&ss);
+  if(vp->lev.fd >= 0)
+    {
+      if((vp->sockpath = upg_sockpath(vp)) == NULL)
+	return -1;
+      r_ev(r, &vp->lev, 1, 0);
+    }
+  r_ev(r, &vp->ev, rd, wr);
+  if(buf_len(&vp->out) > 0)
+    out_queue(&vp->ev);
+  nchans = r_u32(r);
+  for(i=0; i<nchans && !r->err; i++)
+    if(upg_load_chan(r, vp) != 0)
+      return -1;
+  return r->err ? -1 : 0;
+}
+
+/*
+ * Rebuild the daemon's state from a serialized state of len bytes and
+ * the nfds fds that came with it.  The input is untrusted: any
+ * inconsistency fails the load (-1, *why says where), leaving objects
+ * built so far on the daemon's lists for shutdown_all() to release.  The
+ * fds used are marked in used[]; the caller closes the others.  On
+ * success *from_version is the old process's version string (caller
+ * frees).
+ */
+static int upg_load(const uint8_t *buf, size_t len, int *fds,
+		    uint8_t *used, uint32_t nfds, const char **why,
+		    char **from_version)
+{
+  upg_r_t rr, *r = &rr;
+  struct timeval epoch;
+  uint64_t tick, now;
+  uint32_t i, cnt, ver, nmc, *burst = NULL;
+  dlist_node_t *n;
+  uint8_t nlev;
+  int fd;
+
+  memset(r, 0, sizeof(*r));
+  r->p = buf;
+  r->len = len;
+  r->fds = fds;
+  r->fdused = used;
+  r->nfds = nfds;
+  *from_version = NULL;
+
+  *why = "header";
+  if(r_u32(r) != UPG_MAGIC)
+    return -1;
+  if((ver = r_u32(r)) != UPG_VERSION)
+    {
+      *why = "state version";
+      return -1;
+    }
+  if(r_str(r, 256, from_version) != 0)
+    return -1;
+  epoch.tv_sec = (time_t)r_u64(r);
+  epoch.tv_usec = (suseconds_t)(r_u32(r) % 1000000);
+  tick = r_u64(r);
+  vp_id_next = r_u32(r);
+  mc_gen = r_u64(r);
+  upg_count = (unsigned long)r_u64(r);
+  if(r->err || tick > UPG_TICK_MAX || mc_gen > UPG_TICK_MAX)
+    return -1;
+
+  /* adopt the old process's clock: every absolute tick stays valid */
+  *why = "clock";
+  tw_epoch = epoch;
+  tw_tick = tick;
+  tw_done = tick; /* the old process fired everything due up to now */
+  now = tw_clock();
+  if(now < tick || now > tick + 3600)
+    return -1;
+
+  *why = "listeners";
+  nlev = r_u8(r);
+  if(r->err || nlev > 2)
+    return -1;
+  for(i=0; i<nlev; i++)
+    {
+      fdev_init(&tcp_lev[i], r_fd(r), FD_TCP_LISTEN, NULL);
+      if(tcp_lev[i].fd < 0)
+	return -1;
+      tcp_lev_count++;
+      r_ev(r, &tcp_lev[i], 1, 0);
+    }
+  if((fd = r_fd(r)) >= 0)
+    {
+      if(opt_muxpath == NULL)
+	{
+	  close(fd);
+	  return -1;
+	}
+      fdev_init(&mux_lev, fd, FD_MUX_LISTEN, NULL);
+      r_ev(r, &mux_lev, 1, 0);
+    }
+  if((fd = r_fd(r)) >= 0)
+    {
+      if(opt_mux_listen == NULL)
+	{
+	  close(fd);
+	  return -1;
+	}
+      fdev_init(&mux_tcp_lev, fd, FD_MUX_LISTEN, NULL);
+      r_ev(r, &mux_tcp_lev, 1, 0);
+    }
+  if((fd = r_fd(r)) >= 0)
+    {
+      if(metrics_sslen == 0)
+	{
+	  close(fd);
+	  return -1;
+	}
+      fdev_init(&http_lev, fd, FD_HTTP_LISTEN, NULL);
+      r_ev(r, &http_lev, 1, 0);
+    }
+  if((fd = r_fd(r)) >= 0)
+    {
+      if(svc_fd < 0)
+	svc_fd = fd;
+      else
+	close(fd);
+    }
+  if((fd = r_fd(r)) >= 0)
+    {
+      if(log_syslog && log_sock.fd < 0)
+	log_sock.fd = fd;
+      else
+	close(fd);
+    }
+  if(r->err || tcp_lev_count == 0)
+    return -1;
+
+  *why = "counters";
+  if(upg_load_stats(r) != 0)
+    return -1;
+
+  *why = "mux clients";
+  nmc = r_u32(r);
+  if(r->err || nmc > r->len - r->off ||
+     (burst = malloc(((size_t)nmc + 1) * sizeof(uint32_t))) == NULL)
+    return -1;
+  for(i=0; i<nmc && !r->err; i++)
+    if(upg_load_mc(r, &burst[i]) != 0)
+      goto err;
+  *why = "VPs";
+  cnt = r_u32(r);
+  for(i=0; i<cnt && !r->err; i++)
+    if(upg_load_vp(r) != 0)
+      goto err;
+  *why = "mux burst cursors";
+  for(i=0, n = mc_list.head; i<nmc && n != NULL; i++, n = n->next)
+    {
+      mclient_t *mc = CONTAINER_OF(n, mclient_t, list_node);
+      dlist_node_t *v = vp_list.head;
+      uint32_t k;
+      if(burst[i] != UPG_NONE && burst[i] >= cnt)
+	goto err;
+      for(k=0; burst[i] != UPG_NONE && k < burst[i]; k++)
+	v = v->next;
+      mc->burst_next = (burst[i] != UPG_NONE && v != NULL) ?
+	CONTAINER_OF(v, vp_t, list_node) : NULL;
+    }
+  free(burst);
+  burst = NULL;
+  *why = "trailer";
+  if(r_u32(r) != UPG_MAGIC || r->off != r->len)
+    return -1;
+  return 0;
+
+ err:
+  free(burst);
+  return -1;
+}
+
+/* ---- the handover: messages over the socketpair ---- */
+
+/* send len bytes of data and n fds (n <= UPG_FDS_MAX) as one message */
+static int upg_sendmsg(int sock, const void *data, size_t len,
+		       const int *fds, uint32_t n)
+{
+  union
+  {
+    struct cmsghdr h;
+    char b[CMSG_SPACE(UPG_FDS_MAX * sizeof(int))];
+  } u;
+  struct msghdr msg;
+  struct iovec iov;
+  struct cmsghdr *cm;
+  ssize_t rc;
+
+  memset(&msg, 0, sizeof(msg));
+  memset(&u, 0, sizeof(u));
+  iov.iov_base = (void *)data;
+  iov.iov_len = len;
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  if(n > 0)
+    {
+      msg.msg_control = u.b;
+      msg.msg_controllen = CMSG_SPACE(n * sizeof(int));
+      cm = CMSG_FIRSTHDR(&msg);
+      cm->cmsg_level = SOL_SOCKET;
+      cm->cmsg_type = SCM_RIGHTS;
+      cm->cmsg_len = CMSG_LEN(n * sizeof(int));
+      memcpy(CMSG_DATA(cm), fds, n * sizeof(int));
+    }
+  do
+    rc = sendmsg(sock, &msg, 0);
+  while(rc < 0 && errno == EINTR);
+  return rc == (ssize_t)len ? 0 : -1;
+}
+
+/*
+ * Receive one message of at most len bytes and at most UPG_FDS_MAX fds
+ * (close-on-exec).  Returns the bytes read (0: EOF) or -1; *n is the
+ * number of fds stored at fds.  A message whose fds did not fit fails.
+ */
+static ssize_t upg_recvmsg(int sock, void *data, size_t len, int *fds,
+			   uint32_t *n)
+{
+  union
+  {
+    struct cmsghdr h;
+    char b[CMSG_SPACE(UPG_FDS_MAX * sizeof(int))];
+  } u;
+  struct msghdr msg;
+  struct iovec iov;
+  struct cmsghdr *cm;
+  ssize_t rc;
+  int flags = 0;
+  uint32_t i, k;
+
+#ifdef MSG_CMSG_CLOEXEC
+  flags |= MSG_CMSG_CLOEXEC;
+#endif
+  *n = 0;
+  memset(&msg, 0, sizeof(msg));
+  iov.iov_base = data;
+  iov.iov_len = len;
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = u.b;
+  msg.msg_controllen = sizeof(u.b);
+  do
+    rc = recvmsg(sock, &msg, flags);
+  while(rc < 0 && errno == EINTR);
+  if(rc < 0)
+    return -1;
+  for(cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm))
+    {
+      if(cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+	continue;
+      k = (uint32_t)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+      for(i=0; i<k; i++)
+	{
+	  int fd;
+	  memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+	  if(fds != NULL && *n < UPG_FDS_MAX)
+	    {
+	      fd_cloexec(fd);
+	      fds[(*n)++] = fd;
+	    }
+	  else
+	    close(fd);
+	}
+    }
+  if(msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC))
+    return -1;
+  return rc;
+}
+
+/* a file descriptor for the serialized state */
+static int upg_state_fd(const uint8_t *p, size_t len)
+{
+  size_t off = 0;
+  ssize_t n;
+  int fd;
+#ifdef HAVE_MEMFD_CREATE
+  fd = memfd_create("sc_remoted-state", MFD_CLOEXEC);
+#else
+  FILE *fp = tmpfile();
+  fd = fp != NULL ? dup(fileno(fp)) : -1;
+  if(fp != NULL)
+    fclose(fp);
+  if(fd >= 0)
+    fd_cloexec(fd);
+#endif
+  if(fd < 0)
+    return -1;
+  while(off < len)
+    {
+      if((n = write(fd, p + off, len - off)) < 0)
+	{
+	  if(errno == EINTR)
+	    continue;
+	  close(fd);
+	  return -1;
+	}
+      off += (size_t)n;
+    }
+  return fd;
+}
+
+/* ---- the old process ---- */
+
+/* describe how child pid ended, reaping it (killed first if running) */
+static void upg_reap(pid_t pid, char *buf, size_t len)
+{
+  int st, i;
+  pid_t rc = 0;
+
+  /* it may be exiting on its own: give it a moment to be reaped */
+  for(i=0; i<100; i++)
+    {
+      if((rc = waitpid(pid, &st, WNOHANG)) != 0)
+	break;
+      usleep(10000);
+    }
+  if(rc == 0)
+    {
+      kill(pid, SIGKILL);
+      rc = waitpid(pid, &st, 0);
+      snprintf(buf, len, "pid %ld killed", (long)pid);
+      return;
+    }
+  if(rc < 0)
+    snprintf(buf, len, "pid %ld lost", (long)pid);
+  else if(WIFEXITED(st))
+    snprintf(buf, len, "pid %ld exited with status %d%s", (long)pid,
+	     WEXITSTATUS(st), WEXITSTATUS(st) == 127 ?
+	     " (could not execute)" : "");
+  else if(WIFSIGNALED(st))
+    snprintf(buf, len, "pid %ld killed by signal %d", (long)pid,
+	     WTERMSIG(st));
+  else
+    snprintf(buf, len, "pid %ld ended", (long)pid);
+  return;
+}
+
+/* the pid file names this process again (the successor may have
+ * written its own pid before failing) */
+static void upg_pidfile_restore(void)
+{
+  char buf[32];
+  int fd, len;
+  if(opt_pidfile == NULL)
+    return;
+  if((fd = open(opt_pidfile, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW |
+		O_CLOEXEC, 0644)) < 0)
+    return;
+  len = snprintf(buf, sizeof(buf), "%ld\n", (long)getpid());
+  if(write(fd, buf, (size_t)len) != len)
+    log_err("%s: could not rewrite pid file", opt_pidfile);
+  close(fd);
+  return;
+}
+
+/* the environment for the successor: ours plus UPG_ENV (and the path) */
+static char **upg_envp(int fd)
+{
+  extern char **environ;
+  char **envp;
+  size_t n = 0, k = 0, len;
+
+  while(environ[n] != NULL)
+    n++;
+  if((envp = calloc(n + 3, sizeof(char *))) == NULL)
+    return NULL;
+  /* WATCHDOG_PID names this process: without it the successor, which
+   * becomes the main pid, keeps the watchdog */
+  for(n=0; environ[n] != NULL; n++)
+    if(strncmp(environ[n], UPG_ENV, strlen(UPG_ENV)) != 0 &&
+       strncmp(environ[n], "WATCHDOG_PID=", 13) != 0)
+      envp[k++] = environ[n];
+  if((envp[k] = malloc(64)) == NULL)
+    {
+      free(envp);
+      return NULL;
+    }
+  snprintf(envp[k++], 64, UPG_ENV "=%d", fd);
+  len = strlen(UPG_ENV) + strlen("_EXE=") + strlen(upg_exe) + 1;
+  if((envp[k] = malloc(len)) == NULL)
+    {
+      free(envp[k - 1]);
+      free(envp);
+      return NULL;
+    }
+  snprintf(envp[k], len, UPG_ENV "_EXE=%s", upg_exe);
+  return envp;
+}
+
+static void upg_envp_free(char **envp)
+{
+  size_t n;
+  if(envp == NULL)
+    return;
+  for(n=0; envp[n] != NULL; n++)
+    if(strncmp(envp[n], UPG_ENV, strlen(UPG_ENV)) == 0)
+      free(envp[n]);
+  free(envp);
+  return;
+}
+
+/*
+ * The old process is done: the service manager learns the new main pid
+ * (from this process, the one NotifyAccess=main trusts) and that it is
+ * ready; TLS VPs get a close_notify (their sessions went across as
+ * zombies); the process exits without touching anything else the
+ * successor now serves.
+ */
+static void upg_exit(long newpid)
+{
+  char msg[64];
+#ifdef HAVE_OPENSSL
+  dlist_node_t *n;
+  vp_t *vp;
+  for(n = vp_list.head; n != NULL; n = n->next)
+    {
+      vp = CONTAINER_OF(n, vp_t, list_node);
+      if(vp->ssl != NULL && vp->ev.fd >= 0)
+	{
+	  SSL_shutdown(vp->ssl);
+	  close(vp->ev.fd);
+	}
+    }
+#endif
+  snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1", newpid);
+  svc_send(msg);
+  fflush(NULL);
+  _exit(0);
+}
+
+/* wait until sock is readable or the deadline (monotonic) passes */
+static int upg_wait(int sock, const struct timeval *deadline)
+{
+  struct pollfd pfd;
+  struct timeval now;
+  int64_t ms;
+  int rc;
+
+  for(;;)
+    {
+      time_mono(&now);
+      if((ms = timeval_diff_ms(deadline, &now)) <= 0)
+	return 0;
+      pfd.fd = sock;
+      pfd.events = POLLIN;
+      pfd.revents = 0;
+      rc = poll(&pfd, 1, ms > INT_MAX ? INT_MAX : (int)ms);
+      if(rc > 0)
+	return 1;
+      if(rc < 0 && errno != EINTR)
+	return -1;
+    }
+}
+
+/*
+ * Hand over to a new process (see the section comment).  Returns only
+ * if the upgrade failed: everything is as it was, and it has been logged.
+ */
+static void upg_run(void)
+{
+  char why[384], how[96], reply[512];
+  struct timeval t0, t1, deadline, tv;
+  uint8_t hdr[24];
+  upg_w_t w;
+  char **envp = NULL;
+  int sp[2] = {-1, -1}, memfd = -1;
+  uint32_t off, n, got;
+  pid_t pid = -1;
+  ssize_t rn;
+
+  why[0] = '\0';
+  memset(&w, 0, sizeof(w));
+  time_mono(&t0);
+  if(upg_exe == NULL)
+    {
+      log_err("upgrade refused: the path of the running binary is unknown");
+      return;
+    }
+  if(access(upg_exe, X_OK) != 0)
+    {
+      log_err("upgrade refused: cannot execute %s%s: %s", upg_exe,
+#ifdef HAVE_CHROOT
+	      opt_chroot != NULL ? " inside the -R chroot" :
+#endif
+	      "", strerror(errno));
+      return;
+    }
+
+  upg_save(&w);
+  if(w.err || (memfd = upg_state_fd(w.p, w.len)) < 0)
+    {
+      snprintf(why, sizeof(why), "could not write the state: %s",
+	       w.err ? "out of memory" : strerror(errno));
+      goto fail;
+    }
+  time_mono(&t1);
+  if(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sp) != 0 ||
+     fd_cloexec(sp[0]) != 0 || fd_cloexec(sp[1]) != 0 ||
+     (envp = upg_envp(sp[1])) == NULL)
+    {
+      snprintf(why, sizeof(why), "socketpair: %s", strerror(errno));
+      goto fail;
+    }
+  fflush(NULL);
+  if((pid = fork()) < 0)
+    {
+      snprintf(why, sizeof(why), "fork: %s", strerror(errno));
+      goto fail;
+    }
+  if(pid == 0)
+    {
+      /* only async-signal-safe calls until exec */
+      close(sp[0]);
+      fcntl(sp[1], F_SETFD, 0);
+      execve(upg_exe, upg_argv, envp);
+      _exit(127);
+    }
+  close(sp[1]);
+  sp[1] = -1;
+  upg_envp_free(envp);
+  envp = NULL;
+
+  /* no send may block past the deadline */
+  deadline = t0;
+  deadline.tv_sec += opt_upgrade_timeout;
+  tv.tv_sec = opt_upgrade_timeout;
+  tv.tv_usec = 0;
+  setsockopt(sp[0], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+
+  bytes_htonl(hdr, UPG_MAGIC);
+  bytes_htonl(hdr + 4, UPG_VERSION);
+  bytes_htonl(hdr + 8, w.nfds);
+  bytes_htonl(hdr + 12, (uint32_t)((uint64_t)w.len >> 32));
+  bytes_htonl(hdr + 16, (uint32_t)w.len);
+  bytes_htonl(hdr + 20, (uint32_t)getpid());
+  /* a send fails when the new process has gone away; it may have said
+   * why first (e.g. it cannot read this state version), so look for
+   * its answer either way */
+  if(upg_sendmsg(sp[0], hdr, 24, &memfd, 1) == 0)
+    for(off = 0; off < w.nfds; off += n)
+      {
+	n = w.nfds - off > UPG_FDS_MAX ? UPG_FDS_MAX : w.nfds - off;
+	bytes_htonl(hdr, UPG_MAGIC);
+	bytes_htonl(hdr + 4, off);
+	bytes_htonl(hdr + 8, n);
+	if(upg_sendmsg(sp[0], hdr, 12, w.fds + off, n) != 0)
+	  break;
+      }
+  close(memfd);
+  memfd = -1;
+
+  if(upg_wait(sp[0], &deadline) <= 0)
+    {
+      upg_reap(pid, how, sizeof(how));
+      snprintf(why, sizeof(why), "no answer within %lds (%s)",
+	       opt_upgrade_timeout, how);
+      pid = -1;
+      goto fail;
+    }
+  if((rn = upg_recvmsg(sp[0], reply, sizeof(reply) - 1, NULL, &got)) < 9 ||
+     bytes_ntohl((uint8_t *)reply) != UPG_MAGIC)
+    goto lost;
+  reply[rn] = '\0';
+  if(reply[4] != 0)
+    {
+      upg_reap(pid, how, sizeof(how));
+      snprintf(why, sizeof(why), "%.160s (%s)", reply + 9, how);
+      pid = -1;
+      goto fail;
+    }
+
+  time_mono(&tv);
+  log_notice("upgrade: pid %ld (version %s) serves now, after a %lldms "
+	     "pause (state: %zu bytes, %u fds, written in %lldms); pid %ld "
+	     "(version %s) exits", (long)bytes_ntohl((uint8_t *)reply + 5),
+	     reply + 9, (long long)timeval_diff_ms(&tv, &t0), w.len, w.nfds,
+	     (long long)timeval_diff_ms(&t1, &t0), (long)getpid(),
+	     PACKAGE_VERSION);
+  upg_exit((long)bytes_ntohl((uint8_t *)reply + 5));
+  return;
+
+ lost:
+  upg_reap(pid, how, sizeof(how));
+  snprintf(why, sizeof(why), "the new process went away before it was "
+	   "ready (%s)", how);
+  pid = -1;
+
+ fail:
+  if(pid > 0)
+    upg_reap(pid, how, sizeof(how));
+  log_err("upgrade failed, still serving: %s", why);
+  upg_pidfile_restore();
+  upg_envp_free(envp);
+  if(sp[0] >= 0) close(sp[0]);
+  if(sp[1] >= 0) close(sp[1]);
+  if(memfd >= 0) close(memfd);
+  free(w.p);
+  free(w.fds);
+  return;
+}
+
+/* ---- the successor ---- */
+
+/* tell the old process how the load went: ok, or why not */
+static void upg_reply(int ok, const char *text)
+{
+  uint8_t b[9 + 256];
+  size_t len = strlen(text);
+  if(len > 255)
+    len = 255;
+  bytes_htonl(b, UPG_MAGIC);
+  b[4] = ok ? 0 : 1;
+  bytes_htonl(b + 5, (uint32_t)getpid());
+  memcpy(b + 9, text, len);
+  if(upg_sendmsg(upg_sock, b, 9 + len, NULL, 0) != 0)
+    log_err("upgrade: could not answer the old process: %s",
+	    strerror(errno));
+  return;
+}
+
+/*
+ * Receive the state and fds from the old process and rebuild everything
+ * from them; then write the pid file and answer "ready".  Returns 0, or
+ * -1 after logging and answering why (the caller exits without cleanup:
+ * nothing it holds may be unlinked or closed toward a peer).
+ */
+static int upg_successor_load(void)
+{
+  char why[256], *from = NULL;
+  const char *where = NULL;
+  uint8_t hdr[24], *used = NULL;
+  const uint8_t *map = MAP_FAILED;
+  int *fds = NULL, memfd = -1, rc = -1;
+  uint32_t nfds = 0, got = 0, k, ver;
+  uint64_t slen;
+  long oldpid;
+  struct stat sb;
+  ssize_t n;
+  dlist_node_t *nd;
+  unsigned int nvp = 0, nmc = 0;
+  struct timeval t0, t1;
+
+  why[0] = '\0';
+  time_mono(&t0);
+  if((n = upg_recvmsg(upg_sock, hdr, sizeof(hdr), &memfd, &k)) != 24 ||
+     k != 1 || bytes_ntohl(hdr) != UPG_MAGIC)
+    {
+      snprintf(why, sizeof(why), "no state header from the old process");
+      goto done;
+    }
+  ver = bytes_ntohl(hdr + 4);
+  nfds = bytes_ntohl(hdr + 8);
+  slen = ((uint64_t)bytes_ntohl(hdr + 12) << 32) | bytes_ntohl(hdr + 16);
+  oldpid = (long)bytes_ntohl(hdr + 20);
+  /* the fds are taken in any case (the header and batches are the same
+   * in every version): a socket closed with messages unread would reset
+   * the old process's end before it reads why */
+  if(nfds > (1U << 24) || (fds = malloc((nfds + 1) * sizeof(int))) == NULL ||
+     (used = calloc(nfds + 1, 1)) == NULL)
+    {
+      snprintf(why, sizeof(why), "too many fds (%u)", nfds);
+      goto done;
+    }
+  while(got < nfds)
+    {
+      uint8_t b[12];
+      int batch[UPG_FDS_MAX];
+      if((n = upg_recvmsg(upg_sock, b, sizeof(b), batch, &k)) != 12 ||
+	 bytes_ntohl(b) != UPG_MAGIC || bytes_ntohl(b + 4) != got ||
+	 bytes_ntohl(b + 8) != k || k == 0 || k > nfds - got)
+	{
+	  uint32_t i;
+	  for(i=0; i<k; i++)
+	    close(batch[i]);
+	  snprintf(why, sizeof(why), "bad fd batch after %u of %u fds", got,
+		   nfds);
+	  goto done;
+	}
+      memcpy(fds + got, batch, k * sizeof(int));
+      got += k;
+    }
+  if(ver != UPG_VERSION)
+    {
+      snprintf(why, sizeof(why), "version %s cannot read state version %u "
+	       "(reads %u)", PACKAGE_VERSION, ver, (unsigned int)UPG_VERSION);
+      goto done;
+    }
+  if(fstat(memfd, &sb) != 0 || (uint64_t)sb.st_size != slen || slen == 0 ||
+     slen > SIZE_MAX ||
+     (map = mmap(NULL, (size_t)slen, PROT_READ, MAP_PRIVATE, memfd, 0))
+     == MAP_FAILED)
+    {
+      snprintf(why, sizeof(why), "cannot read the state: %s",
+	       strerror(errno));
+      goto done;
+    }
+  if(upg_load(map, (size_t)slen, fds, used, nfds, &where, &from) != 0)
+    {
+      snprintf(why, sizeof(why), "version %s: bad state (%s)",
+	       PACKAGE_VERSION, where);
+      goto done;
+    }
+  if(pidfile_open() != 0 || pidfile_write() != 0)
+    {
+      snprintf(why, sizeof(why), "could not write the pid file");
+      goto done;
+    }
+  rc = 0;
+
+ done:
+  if(map != MAP_FAILED)
+    munmap((void *)map, (size_t)slen);
+  if(memfd >= 0)
+    close(memfd);
+  for(k=0; k<got; k++)
+    if(!used[k])
+      close(fds[k]);
+  free(fds);
+  free(used);
+  if(rc != 0)
+    {
+      log_err("upgrade: not taking over: %s", why);
+      upg_reply(0, why);
+      free(from);
+      return -1;
+    }
+  for(nd = vp_list.head; nd != NULL; nd = nd->next)
+    nvp++;
+  for(nd = mc_list.head; nd != NULL; nd = nd->next)
+    nmc++;
+  time_mono(&t1);
+  log_notice("upgrade %lu: pid %ld version %s took over from pid %ld "
+	     "version %s: %u VPs, %u mux clients (loaded in %lldms)",
+	     upg_count, (long)getpid(), PACKAGE_VERSION, oldpid,
+	     from != NULL ? from : "?", nvp, nmc,
+	     (long long)timeval_diff_ms(&t1, &t0));
+  free(from);
+  upg_reply(1, PACKAGE_VERSION);
+  close(upg_sock);
+  upg_sock = -1;
+  return 0;
+}
+
+/*
+ * At startup, before getopt permutes argv: keep argv for the successor,
+ * find the absolute path of this binary, and notice whether this process
+ * is a successor.  Returns 0, or -1 if out of memory.
+ */
+static int upg_init(int argc, char *argv[])
+{
+  char buf[PATH_MAX], *p;
+  ssize_t n;
+  int i;
+  long fd;
+
+  if((upg_argv = calloc((size_t)argc + 1, sizeof(char *))) == NULL)
+    return -1;
+  for(i=0; i<argc; i++)
+    if((upg_argv[i] = strdup(argv[i])) == NULL)
+      return -1;
+  if((p = getenv(UPG_ENV "_EXE")) != NULL && p[0] == '/')
+    upg_exe = strdup(p);
+  else if((n = readlink("/proc/self/exe", buf, sizeof(buf) - 1)) > 0 &&
+	  buf[0] == '/')
+    {
+      buf[n] = '\0';
+      upg_exe = strdup(buf);
+    }
+  else if(argc > 0 && strchr(argv[0], '/') != NULL &&
+	  realpath(argv[0], buf) != NULL)
+    upg_exe = strdup(buf);
+  if((p = getenv(UPG_ENV)) != NULL)
+    {
+      if(string_tolong(p, &fd) == 0 && fd > 2 && fd < INT_MAX)
+	{
+	  upg_successor = 1;
+	  upg_sock = (int)fd;
+	  fd_cloexec(upg_sock);
+	}
+      unsetenv(UPG_ENV);
+    }
+  unsetenv(UPG_ENV "_EXE");
+  return 0;
+}
+
+/*
+ * Before -R chroots (not in a successor: it is already inside): the
+ * binary's path as seen inside the chroot, if it lies under it.
+ */
+static void upg_chroot_path(void)
+{
+#ifdef HAVE_CHROOT
+  char root[PATH_MAX];
+  size_t len;
+  if(opt_chroot == NULL || upg_successor || upg_exe == NULL ||
+     realpath(opt_chroot, root) == NULL)
+    return;
+  len = strlen(root);
+  if(len > 1 && strncmp(upg_exe, root, len) == 0 && upg_exe[len] == '/')
+    memmove(upg_exe, upg_exe + len, strlen(upg_exe + len) + 1);
+#endif
+  return;
+}
+
+static void upg_free(void)
+{
+  size_t i;
+  if(upg_argv != NULL)
+    for(i=0; upg_argv[i] != NULL; i++)
+      free(upg_argv[i]);
+  free(upg_argv);
+  upg_argv = NULL;
+  free(upg_exe);
+  upg_exe = NULL;
+  return;
+}
+
+/* ---------------------------------------------------------------------
  * Signals
  *
  * Handlers only write the signal number to a self-pipe; the loop reads it
@@ -6674,6 +8450,8 @@ static void sig_drain(void)
 		svc_send("STOPPING=1");
 	      loop_stop = 1;
 	    }
+	  else if(b[i] == SIGUSR2)
+	    upg_requested = 1;
 	}
     }
   return;
@@ -6699,7 +8477,7 @@ static int sig_init(void)
   sa.sa_handler = sig_handler;
   sa.sa_flags = 0; /* no SA_RESTART: the wait returns */
   if(sigaction(SIGHUP, &sa, NULL) != 0 || sigaction(SIGINT, &sa, NULL) != 0 ||
-     sigaction(SIGTERM, &sa, NULL) != 0)
+     sigaction(SIGTERM, &sa, NULL) != 0 || sigaction(SIGUSR2, &sa, NULL) != 0)
     {
       log_err("could not install signal handlers: %s", strerror(errno));
       return -1;
@@ -6964,7 +8742,7 @@ static int check_options(int argc, char *argv[])
     }
 #endif
 #ifdef HAVE_CHROOT
-  if(opt_chroot != NULL &&
+  if(opt_chroot != NULL && !upg_successor &&
      (stat(opt_chroot, &sb) != 0 || !S_ISDIR(sb.st_mode)))
     {
       fprintf(stderr, "sc_remoted: -R %s: not a directory\n", opt_chroot);
@@ -7012,7 +8790,7 @@ static int check_udir(void)
 static int privileges_settle(uid_t ruid, uid_t euid)
 {
 #ifdef HAVE_CHROOT
-  if(opt_chroot != NULL)
+  if(opt_chroot != NULL && !upg_successor) /* a successor is inside */
     {
       if(ruid != euid && seteuid(euid) != 0)
 	{
@@ -7033,10 +8811,10 @@ static int privileges_settle(uid_t ruid, uid_t euid)
     }
   /* -D is silent unless startup fails */
 #ifdef HAVE_CHROOT
-  if(ruid == 0 && opt_chroot == NULL && !opt_daemon)
+  if(ruid == 0 && opt_chroot == NULL && !opt_daemon && !upg_successor)
     log_warn("warning: running as root without -R");
 #else
-  if(ruid == 0 && !opt_daemon)
+  if(ruid == 0 && !opt_daemon && !upg_successor)
     log_warn("warning: running as root");
 #endif
   return 0;
@@ -7155,6 +8933,11 @@ static int loop_run(void)
       tw_advance(tw_tick); /* after dispatch: read before judging silence */
       flush_pending();
       gc_collect();
+      if(upg_requested && !loop_stop)
+	{
+	  upg_requested = 0;
+	  upg_run(); /* returns only if the upgrade failed */
+	}
     }
   return 0;
 }
@@ -7168,10 +8951,13 @@ int main(int argc, char *argv[])
   /* a setuid binary runs as the invoking user until it needs more */
   if(ruid != euid && seteuid(ruid) != 0)
     return 255;
+  if(upg_init(argc, argv) != 0)
+    return 255;
   if((rc = check_options(argc, argv)) != 0)
     return rc == 1 ? 0 : rc;
   log_init();
   svc_init();
+  upg_chroot_path();
   if(privileges_settle(ruid, euid) != 0)
     return 255;
   if((rc = check_udir()) != 0)
@@ -7187,13 +8973,28 @@ int main(int argc, char *argv[])
   if(tls_init() != 0)
     goto fail;
 #endif
-  if(tcp_listen() != 0 || mux_listen() != 0 || mux_tcp_listen() != 0 ||
-     http_listen() != 0 || meta_load() != 0 || pidfile_open() != 0)
-    goto fail;
-  if(opt_daemon && become_daemon() != 0)
-    goto fail;
-  if(pidfile_write() != 0 || ev_init() != 0 || sig_init() != 0)
-    goto fail;
+  if(upg_successor)
+    {
+      /* listeners and everything else come with the state; the pid file
+       * is written once it is loaded; -D already happened */
+      fdev_init(&mux_lev, -1, FD_MUX_LISTEN, NULL);
+      if(meta_load() != 0 || ev_init() != 0 || sig_init() != 0 ||
+	 upg_successor_load() != 0)
+	{
+	  fflush(NULL);
+	  _exit(255); /* nothing shared may be unlinked or closed */
+	}
+    }
+  else
+    {
+      if(tcp_listen() != 0 || mux_listen() != 0 || mux_tcp_listen() != 0 ||
+	 http_listen() != 0 || meta_load() != 0 || pidfile_open() != 0)
+	goto fail;
+      if(opt_daemon && become_daemon() != 0)
+	goto fail;
+      if(pidfile_write() != 0 || ev_init() != 0 || sig_init() != 0)
+	goto fail;
+    }
   for(i=0; i<tcp_lev_count; i++)
     if(ev_set(&tcp_lev[i], 1, 0) != 0)
       goto fail;
@@ -7207,6 +9008,7 @@ int main(int argc, char *argv[])
 
   rc = loop_run();
   shutdown_all();
+  upg_free();
   return rc == 0 ? 0 : 255;
 
  fail:
@@ -7216,6 +9018,7 @@ int main(int argc, char *argv[])
       pidfile_fd = -1;
     }
   shutdown_all();
+  upg_free();
   return 255;
 }
 #endif

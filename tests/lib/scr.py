@@ -42,7 +42,7 @@ __all__ = [
     'uuencode', 'uudecode', 'DataBlock', 'peer_id', 'socket_mode',
     'wait_until', 'probe_res', 'assert_session_freed', 'wait_closed',
     'faketime_lib', 'faketime_env',
-    'main',
+    'main', 'AdoptedProc', 'become_subreaper',
     'MASTER_NEW', 'MASTER_ID', 'CHANNEL_NEW', 'CHANNEL_FIN', 'KEEPALIVE',
     'ACK', 'MASTER_RES', 'MASTER_REJ', 'MASTER_OK',
 ]
@@ -409,6 +409,69 @@ class Daemon:
         if self.proc is not None:
             self.returncode = self.proc.returncode
         self._close_fh()
+
+    # -- live upgrade (SIGUSR2) ------------------------------------------
+
+    _UPG_OK = re.compile(r'upgrade \d+: pid (\d+) version (\S+) took over')
+    _UPG_FAIL = re.compile(r'upgrade (?:failed, still serving|refused): .*')
+
+    def upgrade(self, timeout=20, pump=None):
+        """SIGUSR2 and wait for the handover: the serving process exits
+        0 and its successor's log line names its pid and version.  From
+        then on this object controls the successor (see AdoptedProc).
+        pump: called repeatedly while waiting (an event loop's run_once)
+        instead of sleeping.  Returns (new pid, new version string)."""
+        become_subreaper()
+        n0 = len(self._UPG_OK.findall(self.log()))
+        old = self.proc
+        old.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while old.poll() is None:
+            if time.monotonic() >= deadline:
+                raise TimeoutError('no handover within %.1fs; log:\n%s'
+                                   % (timeout, self.log()[-3000:]))
+            if pump is not None:
+                pump()
+            else:
+                time.sleep(0.01)
+        rc = old.returncode
+        if rc != 0:
+            raise AssertionError('old process exited %s; log:\n%s'
+                                 % (rc, self.log()[-3000:]))
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self._UPG_OK.findall(self.log())
+            if len(found) > n0:
+                pid, ver = int(found[n0][0]), found[n0][1]
+                break
+            if time.monotonic() >= deadline:
+                raise TimeoutError('no successor log line; log:\n%s'
+                                   % self.log()[-3000:])
+            if pump is not None:
+                pump()
+            else:
+                time.sleep(0.02)
+        self.proc = AdoptedProc(pid)
+        return pid, ver
+
+    def upgrade_fails(self, timeout=30):
+        """SIGUSR2 expecting a rollback: returns the failure log line once
+        it appears; the same process must still be serving."""
+        become_subreaper()
+        n0 = len(self._UPG_FAIL.findall(self.log()))
+        self.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self._UPG_FAIL.findall(self.log())
+            if len(found) > n0:
+                break
+            self._check_alive('a failed upgrade')
+            if time.monotonic() >= deadline:
+                raise TimeoutError('no rollback line; log:\n%s'
+                                   % self.log()[-3000:])
+            time.sleep(0.02)
+        self._check_alive('a failed upgrade')
+        return found[n0]
 
     def _close_fh(self):
         if self._stderr_fh is not None:
@@ -1271,6 +1334,55 @@ def assert_session_freed(daemon, fs, sockname=None, clients=(), timeout=5):
     if r != 'REJ':
         raise AssertionError('session still known to remoted: RES got %s'
                              % r)
+
+
+def become_subreaper():
+    """Make this process the reaper of orphaned descendants (Linux
+    PR_SET_CHILD_SUBREAPER), so a daemon's successor after a live
+    upgrade (a child of the old process) can be waited for."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class AdoptedProc:
+    """A Popen-like handle on a process this test did not start but
+    reaps as a subreaper (poll, wait, send_signal, kill, pid,
+    returncode)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                pid, st = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -1
+                return self.returncode
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(st)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(['pid %d' % self.pid],
+                                                timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------
