@@ -341,15 +341,16 @@ static int parse_cidr_add(const char *val, cidr_t **list, size_t *count)
 }
 
 /*
- * -O mux-listen: a bare port binds 127.0.0.1 only; otherwise addr:port
- * or [v6addr]:port with a literal address.
+ * An extra listener's [addr:]port (-O mux-listen, -O metrics): a bare
+ * port binds 127.0.0.1 only, since neither protocol authenticates;
+ * otherwise addr:port or [v6addr]:port with a literal address.
  */
-static int parse_mux_listen(const char *arg)
+static int parse_listen_addr(const char *arg, struct sockaddr_storage *ss,
+			     socklen_t *sl)
 {
   char buf[INET6_ADDRSTRLEN + 16], *addr, *port, *p;
   long lo;
 
-  opt_mux_listen = arg;
   if(string_isdigits(arg))
     {
       addr = "127.0.0.1";
@@ -380,48 +381,9 @@ static int parse_mux_listen(const char *arg)
   if(!string_isdigits(port) || strlen(port) > 5 ||
      string_tolong(port, &lo) != 0 || lo < 1 || lo > 65535)
     return -1;
-  if(sockaddr_fromstr(addr, (int)lo, &mux_tcp_ss, &mux_tcp_sslen) < 0)
+  if(sockaddr_fromstr(addr, (int)lo, ss, sl) < 0)
     return -1;
   return 0;
-}
-
-/*
- * -O metrics=[addr:]port: a bare port is 127.0.0.1 only; an address is a
- * literal IPv4 or IPv6 address (IPv6 in brackets).
- */
-static int parse_metrics(const char *arg)
-{
-  char *dup, *port, *p;
-  const char *addr = "127.0.0.1";
-  long lo;
-  int rc = -1;
-
-  if((dup = strdup(arg)) == NULL)
-    return -1;
-  port = dup;
-  if(dup[0] == '[')
-    {
-      if((p = strchr(dup, ']')) == NULL || p[1] != ':')
-	goto done;
-      *p = '\0';
-      addr = dup + 1;
-      port = p + 2;
-    }
-  else if((p = strrchr(dup, ':')) != NULL)
-    {
-      *p = '\0';
-      addr = dup;
-      port = p + 1;
-    }
-  if(!string_isdigits(port) || strlen(port) > 5 ||
-     (lo = atol(port)) < 1 || lo > 65535)
-    goto done;
-  if(sockaddr_fromstr(addr, (int)lo, &metrics_ss, &metrics_sslen) < 0)
-    goto done;
-  rc = 0;
- done:
-  free(dup);
-  return rc;
 }
 
 /* -O name=value: the resource limits */
@@ -448,13 +410,16 @@ static int parse_O_value(const char *opt)
   if(nl == 14 && strncasecmp(opt, "per-source-max", nl) == 0)
     return parse_count(val, 10000000, &opt_per_source_max);
   if(nl == 10 && strncasecmp(opt, "mux-listen", nl) == 0)
-    return parse_mux_listen(val);
+    {
+      opt_mux_listen = val;
+      return parse_listen_addr(val, &mux_tcp_ss, &mux_tcp_sslen);
+    }
   if(nl == 7 && strncasecmp(opt, "mux-max", nl) == 0)
     return parse_count(val, 10000000, &opt_mux_max);
   if(nl == 17 && strncasecmp(opt, "mux-burst-timeout", nl) == 0)
     return parse_count(val, 86400, &opt_mux_burst_timeout);
   if(nl == 7 && strncasecmp(opt, "metrics", nl) == 0)
-    return parse_metrics(val);
+    return parse_listen_addr(val, &metrics_ss, &metrics_sslen);
   if(nl == 11 && strncasecmp(opt, "metrics-max", nl) == 0)
     return parse_count(val, 1000000, &opt_metrics_max);
   if(nl == 15 && strncasecmp(opt, "upgrade-timeout", nl) == 0)
@@ -1242,6 +1207,8 @@ static void uc_flush(uclient_t *uc);
 static void mc_dispatch(mclient_t *mc, int rd, int wr);
 static void mc_flush(mclient_t *mc);
 static void tcp_accept(fdev_t *lev);
+static int tcp_listen_fd(const struct sockaddr *sa, socklen_t sl,
+			 const char *what);
 static void mux_accept(fdev_t *lev);
 static void sig_drain(void);
 typedef struct hclient hclient_t;
@@ -4885,27 +4852,13 @@ static void mux_tcp_setup(int fd, const struct sockaddr *sa)
 static int mux_tcp_listen(void)
 {
   const struct sockaddr *sa = (struct sockaddr *)&mux_tcp_ss;
-  int fd, on = 1;
+  int fd;
 
   fdev_init(&mux_tcp_lev, -1, FD_MUX_LISTEN, NULL);
   if(opt_mux_listen == NULL)
     return 0;
-  if((fd = socket(sa->sa_family, SOCK_STREAM, 0)) < 0)
-    {
-      log_err("could not create the mux-listen socket: %s", strerror(errno));
-      return -1;
-    }
-  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
-  if(sa->sa_family == AF_INET6)
-    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof(on));
-  if(bind(fd, sa, mux_tcp_sslen) != 0 || listen(fd, SOMAXCONN) != 0 ||
-     fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0)
-    {
-      log_err("could not listen on mux-listen %s: %s", opt_mux_listen,
-	      strerror(errno));
-      close(fd);
-      return -1;
-    }
+  if((fd = tcp_listen_fd(sa, mux_tcp_sslen, "mux clients")) < 0)
+    return -1;
   mux_tcp_lev.fd = fd;
   log_dbg("mux over tcp on %s", opt_mux_listen);
   return 0;
@@ -6593,31 +6546,14 @@ static void http_accept(void)
 /* create the -O metrics listener (not yet watched); 0 or -1 */
 static int http_listen(void)
 {
-  char addr[INET6_ADDRSTRLEN];
   const struct sockaddr *sa = (const struct sockaddr *)&metrics_ss;
-  int fd, on = 1;
+  int fd;
 
   fdev_init(&http_lev, -1, FD_HTTP_LISTEN, NULL);
   if(metrics_sslen == 0)
     return 0;
-  if(sockaddr_tostr(sa, addr, sizeof(addr)) == NULL)
-    snprintf(addr, sizeof(addr), "?");
-  if((fd = socket(sa->sa_family, SOCK_STREAM, 0)) < 0)
-    {
-      log_err("could not create metrics socket: %s", strerror(errno));
-      return -1;
-    }
-  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
-  if(sa->sa_family == AF_INET6)
-    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof(on));
-  if(bind(fd, sa, metrics_sslen) != 0 || listen(fd, SOMAXCONN) != 0 ||
-     fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0)
-    {
-      log_err("could not listen for metrics on %s port %d: %s", addr,
-	      sockaddr_port(sa), strerror(errno));
-      close(fd);
-      return -1;
-    }
+  if((fd = tcp_listen_fd(sa, metrics_sslen, "metrics")) < 0)
+    return -1;
   http_lev.fd = fd;
   return 0;
 }
@@ -8508,7 +8444,12 @@ static void gc_collect(void)
   return;
 }
 
-static int tcp_listen_one(const struct sockaddr *sa, socklen_t sl)
+/*
+ * A non-blocking TCP listener on sa, for `what` (named in the error
+ * line); the fd, or -1 after a log line.
+ */
+static int tcp_listen_fd(const struct sockaddr *sa, socklen_t sl,
+			 const char *what)
 {
   char addr[INET6_ADDRSTRLEN];
   int fd, on = 1;
@@ -8517,7 +8458,7 @@ static int tcp_listen_one(const struct sockaddr *sa, socklen_t sl)
     snprintf(addr, sizeof(addr), "?");
   if((fd = socket(sa->sa_family, SOCK_STREAM, 0)) < 0)
     {
-      log_err("could not create %s socket: %s",
+      log_err("could not create %s %s socket: %s", what,
 	      sa->sa_family == AF_INET6 ? "IPv6" : "IPv4", strerror(errno));
       return -1;
     }
@@ -8527,11 +8468,19 @@ static int tcp_listen_one(const struct sockaddr *sa, socklen_t sl)
   if(bind(fd, sa, sl) != 0 || listen(fd, SOMAXCONN) != 0 ||
      fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0)
     {
-      log_err("could not listen on %s port %d: %s", addr, listen_port,
-	      strerror(errno));
+      log_err("could not listen for %s on %s port %d: %s", what, addr,
+	      sockaddr_port(sa), strerror(errno));
       close(fd);
       return -1;
     }
+  return fd;
+}
+
+static int tcp_listen_one(const struct sockaddr *sa, socklen_t sl)
+{
+  int fd;
+  if((fd = tcp_listen_fd(sa, sl, "scamper")) < 0)
+    return -1;
   fdev_init(&tcp_lev[tcp_lev_count++], fd, FD_TCP_LISTEN, NULL);
   return 0;
 }
