@@ -5641,18 +5641,27 @@ static void svc_tick_need(void)
   return;
 }
 
-/* every listener is up and the loop is about to run */
-static void svc_ready(void)
+/*
+ * every listener is up and the loop is about to run.  A live upgrade's
+ * successor does not announce: the old (main) process sends MAINPID= and
+ * READY=1 for it, and under NotifyAccess=main anything this process sends
+ * before that is refused (and logged by systemd); its first STATUS= goes
+ * from the service tick, a second later.
+ */
+static void svc_ready(int announce)
 {
   char msg[64];
   if(svc_fd < 0)
     return;
-  if(getpid() != svc_pid0)
-    snprintf(msg, sizeof(msg), "READY=1\nMAINPID=%ld", (long)getpid());
-  else
-    snprintf(msg, sizeof(msg), "READY=1");
-  svc_send(msg);
-  svc_status_update();
+  if(announce)
+    {
+      if(getpid() != svc_pid0)
+	snprintf(msg, sizeof(msg), "READY=1\nMAINPID=%ld", (long)getpid());
+      else
+	snprintf(msg, sizeof(msg), "READY=1");
+      svc_send(msg);
+      svc_status_update();
+    }
   svc_wd_last = tw_tick;
   tw_arm(&svc_timer, 1);
   return;
@@ -8953,7 +8962,7 @@ int main(int argc, char *argv[])
     goto fail;
   if(http_lev.fd >= 0 && ev_set(&http_lev, 1, 0) != 0)
     goto fail;
-  svc_ready();
+  svc_ready(!upg_successor);
 
   rc = loop_run();
   shutdown_all();

@@ -479,11 +479,19 @@ class TestUpgradeNotify(unittest.TestCase):
         rx.wait_for(lambda p, m: m == 'READY=1', T)
         up.install(ALT)
         new, _ = d.upgrade(T)
-        pid, msg = rx.wait_for(lambda p, m: m.startswith('MAINPID='), T)
+        seen = []
+        pid, msg = rx.wait_for(lambda p, m: seen.append((p, m)) or
+                               m.startswith('MAINPID='), T)
         self.assertEqual(pid, old)
         self.assertEqual(msg, 'MAINPID=%d\nREADY=1' % new)
-        pid, msg = rx.wait_for(lambda p, m: m == 'WATCHDOG=1' and p == new,
-                               T)
+        pid, msg = rx.wait_for(lambda p, m: seen.append((p, m)) or
+                               (m == 'WATCHDOG=1' and p == new), T)
+        # the new process is not the main pid until MAINPID=: it must not
+        # announce READY=1 itself (systemd refuses and logs it), and its
+        # STATUS= comes from its service tick
+        mine = [m for p, m in seen if p == new]
+        self.assertNotIn('READY=1', mine)
+        self.assertTrue(any(m.startswith('STATUS=') for m in mine), seen)
         self.assertEqual(d.stop(), 0)
 
 
