@@ -7251,6 +7251,26 @@ static void r_ev(upg_r_t *r, fdev_t *ev, uint8_t rd, uint8_t wr)
   return;
 }
 
+/*
+ * An optional listener of the state: none, or an fd for lev, which this
+ * process must have been configured for too (else the state is refused).
+ */
+static int r_listener(upg_r_t *r, fdev_t *lev, fdtype_t type,
+		      int configured)
+{
+  int fd;
+  if((fd = r_fd(r)) < 0)
+    return 0;
+  if(!configured)
+    {
+      close(fd);
+      return -1;
+    }
+  fdev_init(lev, fd, type, NULL);
+  r_ev(r, lev, 1, 0);
+  return 0;
+}
+
 static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
 {
   const uint8_t *p;
@@ -7616,36 +7636,12 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
       tcp_lev_count++;
       r_ev(r, &tcp_lev[i], 1, 0);
     }
-  if((fd = r_fd(r)) >= 0)
-    {
-      if(opt_muxpath == NULL)
-	{
-	  close(fd);
-	  return -1;
-	}
-      fdev_init(&mux_lev, fd, FD_MUX_LISTEN, NULL);
-      r_ev(r, &mux_lev, 1, 0);
-    }
-  if((fd = r_fd(r)) >= 0)
-    {
-      if(opt_mux_listen == NULL)
-	{
-	  close(fd);
-	  return -1;
-	}
-      fdev_init(&mux_tcp_lev, fd, FD_MUX_LISTEN, NULL);
-      r_ev(r, &mux_tcp_lev, 1, 0);
-    }
-  if((fd = r_fd(r)) >= 0)
-    {
-      if(metrics_sslen == 0)
-	{
-	  close(fd);
-	  return -1;
-	}
-      fdev_init(&http_lev, fd, FD_HTTP_LISTEN, NULL);
-      r_ev(r, &http_lev, 1, 0);
-    }
+  if(r_listener(r, &mux_lev, FD_MUX_LISTEN, opt_muxpath != NULL) != 0)
+    return -1;
+  if(r_listener(r, &mux_tcp_lev, FD_MUX_LISTEN, opt_mux_listen != NULL) != 0)
+    return -1;
+  if(r_listener(r, &http_lev, FD_HTTP_LISTEN, metrics_sslen != 0) != 0)
+    return -1;
   if((fd = r_fd(r)) >= 0)
     {
       if(svc_fd < 0)
