@@ -1070,3 +1070,235 @@ size_t json_escape(char *dst, size_t dstlen, const uint8_t *src,
     dst[end] = '\0';
   return out;
 }
+
+/* ---- PROXY protocol header ---- */
+
+static const uint8_t proxy_v2_sig[12] = {
+  0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A
+};
+
+uint32_t crc32c(uint32_t crc, const uint8_t *buf, size_t len)
+{
+  size_t i;
+  int k;
+  crc = ~crc;
+  for(i=0; i<len; i++)
+    {
+      crc ^= buf[i];
+      for(k=0; k<8; k++)
+	crc = (crc >> 1) ^ (0x82F63B78U & (0U - (crc & 1U)));
+    }
+  return ~crc;
+}
+
+/* a v1 port: 1 to 5 digits, no leading zero, at most 65535; or -1 */
+static int proxy_v1_port(const char *s)
+{
+  size_t n = strlen(s), i;
+  long v = 0;
+  if(n == 0 || n > 5 || (n > 1 && s[0] == '0'))
+    return -1;
+  for(i=0; i<n; i++)
+    {
+      if(s[i] < '0' || s[i] > '9')
+	return -1;
+      v = v * 10 + (s[i] - '0');
+    }
+  return v <= 65535 ? (int)v : -1;
+}
+
+/* split line at single spaces into at most max fields; the count or -1 */
+static int proxy_v1_split(char *line, char **f, int max)
+{
+  int n = 0;
+  char *p = line;
+  for(;;)
+    {
+      if(n == max || *p == '\0' || *p == ' ')
+	return -1; /* too many fields, or an empty one */
+      f[n++] = p;
+      if((p = strchr(p, ' ')) == NULL)
+	return n;
+      *p++ = '\0';
+    }
+}
+
+/* a version 1 line whose bytes so far match "PROXY " */
+static long proxy_v1_parse(const uint8_t *buf, size_t len, proxy_hdr_t *out)
+{
+  static const char pfx[] = "PROXY ";
+  char line[PROXY_V1_MAX + 1], *f[5];
+  size_t i, end = len < PROXY_V1_MAX ? len : PROXY_V1_MAX;
+  int fam, sport, dport, n;
+
+  for(i=0; i<end && buf[i] != '\n'; i++)
+    {
+      if(i < 6 && buf[i] != (uint8_t)pfx[i])
+	return PROXY_E_SIG;
+      if(buf[i] == '\0')
+	return PROXY_E_V1;
+    }
+  if(i == end)
+    return len >= PROXY_V1_MAX ? PROXY_E_LONG : PROXY_MORE;
+  if(i < 7 || buf[i-1] != '\r')
+    return PROXY_E_V1;
+  memcpy(line, buf + 6, i - 7);
+  line[i - 7] = '\0';
+  memset(out, 0, sizeof(*out));
+  out->version = 1;
+  if(strcmp(line, "UNKNOWN") == 0 || strncmp(line, "UNKNOWN ", 8) == 0)
+    {
+      out->cmd = PROXY_CMD_LOCAL;
+      return (long)i + 1;
+    }
+  if((n = proxy_v1_split(line, f, 5)) != 5)
+    return PROXY_E_V1;
+  if(strcmp(f[0], "TCP4") == 0)
+    fam = AF_INET;
+  else if(strcmp(f[0], "TCP6") == 0)
+    fam = AF_INET6;
+  else
+    return PROXY_E_V1;
+  if((sport = proxy_v1_port(f[3])) < 0 || (dport = proxy_v1_port(f[4])) < 0)
+    return PROXY_E_V1;
+  /* sockaddr_fromstr takes either family: insist on the one named */
+  if(strchr(f[1], ':') != NULL || strchr(f[2], ':') != NULL)
+    {
+      if(fam != AF_INET6)
+	return PROXY_E_V1;
+    }
+  else if(fam != AF_INET)
+    return PROXY_E_V1;
+  if(sockaddr_fromstr(f[1], sport, &out->src, &out->srclen) != fam ||
+     sockaddr_fromstr(f[2], dport, &out->dst, &out->dstlen) != fam)
+    return PROXY_E_V1;
+  out->cmd = PROXY_CMD_PROXY;
+  return (long)i + 1;
+}
+
+/* fill ss from a v2 address block: addresses then ports, network order */
+static void proxy_v2_addr(int fam, const uint8_t *a, const uint8_t *port,
+			  struct sockaddr_storage *ss, socklen_t *sl)
+{
+  struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+  struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+  memset(ss, 0, sizeof(*ss));
+  if(fam == AF_INET)
+    {
+      s4->sin_family = AF_INET;
+      memcpy(&s4->sin_addr, a, 4);
+      memcpy(&s4->sin_port, port, 2);
+      *sl = sizeof(*s4);
+    }
+  else
+    {
+      s6->sin6_family = AF_INET6;
+      memcpy(&s6->sin6_addr, a, 16);
+      memcpy(&s6->sin6_port, port, 2);
+      *sl = sizeof(*s6);
+    }
+  return;
+}
+
+/* the TLVs in buf[off..total): they must tile it; CRC32C must match */
+static long proxy_v2_tlvs(const uint8_t *buf, size_t off, size_t total)
+{
+  uint8_t copy[PROXY_HDR_MAX];
+  size_t tl;
+  while(off < total)
+    {
+      if(total - off < 3)
+	return PROXY_E_TLV;
+      tl = bytes_ntohs(buf + off + 1);
+      if(total - off - 3 < tl)
+	return PROXY_E_TLV;
+      if(buf[off] == 0x03) /* PP2_TYPE_CRC32C over the header, field 0 */
+	{
+	  if(tl != 4)
+	    return PROXY_E_TLV;
+	  memcpy(copy, buf, total);
+	  memset(copy + off + 3, 0, 4);
+	  if(crc32c(0, copy, total) != bytes_ntohl(buf + off + 3))
+	    return PROXY_E_TLV;
+	}
+      off += 3 + tl;
+    }
+  return 0;
+}
+
+/* a version 2 header whose bytes so far match the signature */
+static long proxy_v2_parse(const uint8_t *buf, size_t len, proxy_hdr_t *out)
+{
+  size_t i, total, alen;
+  int cmd, fam;
+  long rc;
+
+  for(i=0; i<len && i<sizeof(proxy_v2_sig); i++)
+    if(buf[i] != proxy_v2_sig[i])
+      return PROXY_E_SIG;
+  if(len < 16)
+    return PROXY_MORE;
+  if((buf[12] >> 4) != 2 || (cmd = buf[12] & 0x0f) > PROXY_CMD_PROXY)
+    return PROXY_E_VERSION;
+  total = 16 + (size_t)bytes_ntohs(buf + 14);
+  if(total > PROXY_HDR_MAX)
+    return PROXY_E_LONG;
+  if(len < total)
+    return PROXY_MORE;
+  /* LOCAL ignores the addresses, but they still come before any TLV */
+  switch(buf[13] >> 4)
+    {
+    case 0: alen = 0; fam = AF_UNSPEC; break;
+    case 1: alen = 12; fam = AF_INET; break;
+    case 2: alen = 36; fam = AF_INET6; break;
+    case 3: alen = 216; fam = AF_UNIX; break;
+    default: return PROXY_E_FAMILY;
+    }
+  if(cmd == PROXY_CMD_PROXY &&
+     ((fam != AF_INET && fam != AF_INET6) || (buf[13] & 0x0f) != 1))
+    return PROXY_E_FAMILY;
+  if(total - 16 < alen)
+    return PROXY_E_ADDRLEN;
+  if((rc = proxy_v2_tlvs(buf, 16 + alen, total)) != 0)
+    return rc;
+  memset(out, 0, sizeof(*out));
+  out->version = 2;
+  out->cmd = cmd;
+  if(cmd == PROXY_CMD_PROXY && fam == AF_INET)
+    {
+      proxy_v2_addr(fam, buf + 16, buf + 24, &out->src, &out->srclen);
+      proxy_v2_addr(fam, buf + 20, buf + 26, &out->dst, &out->dstlen);
+    }
+  else if(cmd == PROXY_CMD_PROXY)
+    {
+      proxy_v2_addr(fam, buf + 16, buf + 48, &out->src, &out->srclen);
+      proxy_v2_addr(fam, buf + 32, buf + 50, &out->dst, &out->dstlen);
+    }
+  return (long)total;
+}
+
+long proxy_hdr_parse(const uint8_t *buf, size_t len, proxy_hdr_t *out)
+{
+  if(len == 0)
+    return PROXY_MORE;
+  if(buf[0] == 'P')
+    return proxy_v1_parse(buf, len, out);
+  if(buf[0] == proxy_v2_sig[0])
+    return proxy_v2_parse(buf, len, out);
+  return PROXY_E_SIG;
+}
+
+const char *proxy_hdr_strerror(long rc)
+{
+  switch(rc)
+    {
+    case PROXY_E_SIG:     return "no PROXY protocol signature";
+    case PROXY_E_LONG:    return "PROXY header too long";
+    case PROXY_E_V1:      return "malformed PROXY v1 line";
+    case PROXY_E_VERSION: return "unknown PROXY v2 version or command";
+    case PROXY_E_FAMILY:  return "PROXY v2 family is not TCP over IPv4/IPv6";
+    case PROXY_E_ADDRLEN: return "PROXY v2 header shorter than its addresses";
+    case PROXY_E_TLV:     return "bad PROXY v2 TLV (length or CRC32C)";
+    }
+  return rc > 0 ? "complete" : "incomplete PROXY header";
+}

@@ -237,4 +237,46 @@ long     http_req_parse(const char *buf, size_t len, size_t max,
 size_t   json_escape(char *dst, size_t dstlen, const uint8_t *src,
 		     size_t len);
 
+/*
+ * The PROXY protocol header (HAProxy's proxy-protocol.txt, versions 1 and
+ * 2) that a trusted balancer puts before the first byte of a relayed
+ * connection.  proxy_hdr_parse() looks at the bytes received so far:
+ *   > 0            the length of the complete header; *out is filled
+ *   PROXY_MORE     not complete yet; every byte given belongs to the
+ *                  header, so the caller may consume them all and read on
+ *   < 0            one of the PROXY_E_ errors (proxy_hdr_strerror)
+ * Version 1: "PROXY TCP4|TCP6 src dst sport dport\r\n" (single spaces,
+ * literal addresses of the named family, ports 0..65535 without leading
+ * zeros) or "PROXY UNKNOWN...\r\n", at most PROXY_V1_MAX bytes.  Version
+ * 2: the 12-byte signature, version 2, command LOCAL or PROXY, and for
+ * PROXY a TCP over IPv4 or IPv6 address block; the TLVs after it must
+ * tile the rest exactly and a CRC32C TLV, if present, must match.  The
+ * whole header is at most PROXY_HDR_MAX bytes.  LOCAL (v2) and UNKNOWN
+ * (v1) carry no address: cmd is PROXY_CMD_LOCAL.
+ */
+#define PROXY_V1_MAX      107
+#define PROXY_HDR_MAX     1024
+#define PROXY_MORE        0
+#define PROXY_E_SIG       (-1)  /* neither signature */
+#define PROXY_E_LONG      (-2)  /* longer than the limits above */
+#define PROXY_E_V1        (-3)  /* malformed version 1 line */
+#define PROXY_E_VERSION   (-4)  /* v2 version or command not known */
+#define PROXY_E_FAMILY    (-5)  /* v2 family/transport not TCP over IP */
+#define PROXY_E_ADDRLEN   (-6)  /* v2 length shorter than the addresses */
+#define PROXY_E_TLV       (-7)  /* v2 TLVs do not tile, or bad CRC32C */
+#define PROXY_CMD_LOCAL   0
+#define PROXY_CMD_PROXY   1
+typedef struct proxy_hdr
+{
+  int      version;      /* 1 or 2 */
+  int      cmd;          /* PROXY_CMD_LOCAL or PROXY_CMD_PROXY */
+  struct sockaddr_storage src, dst;  /* PROXY only, with the ports */
+  socklen_t srclen, dstlen;
+} proxy_hdr_t;
+long     proxy_hdr_parse(const uint8_t *buf, size_t len, proxy_hdr_t *out);
+const char *proxy_hdr_strerror(long rc);
+
+/* CRC32C (Castagnoli), as the PROXY v2 CRC32C TLV uses; crc 0 to start */
+uint32_t crc32c(uint32_t crc, const uint8_t *buf, size_t len);
+
 #endif /* UTILS_H */

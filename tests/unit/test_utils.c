@@ -11,6 +11,7 @@
 #include <sys/time.h>
 #include <sys/un.h>
 #include <netinet/in.h>
+#include <arpa/inet.h>
 
 #include <errno.h>
 #include <fcntl.h>
@@ -805,6 +806,169 @@ static void test_json_escape(void)
   CHECK(je(NULL, 0, "\x01", 1) == 6);
 }
 
+/* a v2 header: sig, ver/cmd, fam, then the body given */
+static size_t pp2(uint8_t *b, int vercmd, int fam, const uint8_t *body,
+		  size_t blen)
+{
+  static const uint8_t sig[12] = {0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A,
+				  0x51, 0x55, 0x49, 0x54, 0x0A};
+  memcpy(b, sig, 12);
+  b[12] = (uint8_t)vercmd;
+  b[13] = (uint8_t)fam;
+  bytes_htons(b + 14, (uint16_t)blen);
+  memcpy(b + 16, body, blen);
+  return 16 + blen;
+}
+
+static long pp(const char *s, proxy_hdr_t *h)
+{
+  return proxy_hdr_parse((const uint8_t *)s, strlen(s), h);
+}
+
+static void test_proxy_v1(void)
+{
+  static const char *bad[] = {
+    "PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",          /* LF without CR */
+    "PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",           /* a field short */
+    "PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",       /* a field more */
+    "PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n",        /* double space */
+    "PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",        /* leading zero */
+    "PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",     /* port range */
+    "PROXY TCP4 ::1 ::1 1 2\r\n",                 /* family mismatch */
+    "PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",
+    "PROXY TCP4 1.2.3 5.6.7.8 1 2\r\n",
+    "PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+    "PROXY \r\n",
+  };
+  char longline[200];
+  proxy_hdr_t h;
+  const char *ok = "PROXY TCP4 192.0.2.7 198.51.100.1 40000 2000\r\nXYZ";
+  size_t i;
+  char a[INET6_ADDRSTRLEN];
+
+  CHECK(pp(ok, &h) == (long)strlen(ok) - 3);
+  CHECK(h.version == 1 && h.cmd == PROXY_CMD_PROXY);
+  CHECK(strcmp(sockaddr_tostr((struct sockaddr *)&h.src, a, sizeof(a)),
+	       "192.0.2.7") == 0);
+  CHECK(sockaddr_port((struct sockaddr *)&h.src) == 40000);
+  CHECK(sockaddr_port((struct sockaddr *)&h.dst) == 2000);
+  CHECK(pp("PROXY TCP6 2001:db8::1 ::1 0 65535\r\n", &h) == 36);
+  CHECK(h.src.ss_family == AF_INET6 &&
+	sockaddr_port((struct sockaddr *)&h.dst) == 65535);
+  CHECK(pp("PROXY UNKNOWN\r\n", &h) == 15 && h.cmd == PROXY_CMD_LOCAL);
+  CHECK(pp("PROXY UNKNOWN ffff::1 ::1 1 2\r\n", &h) > 0 &&
+	h.cmd == PROXY_CMD_LOCAL);
+  /* every prefix of a good line asks for more */
+  for(i=1; i<strlen(ok) - 4; i++)
+    if(!CHECK(proxy_hdr_parse((const uint8_t *)ok, i, &h) == PROXY_MORE))
+      break;
+  for(i=0; i<sizeof(bad)/sizeof(bad[0]); i++)
+    if(!CHECK(pp(bad[i], &h) == PROXY_E_V1))
+      printf("  bad v1: %s", bad[i]);
+  CHECK(pp("PROXZ", &h) == PROXY_E_SIG);
+  CHECK(pp("GET / HTTP/1.0\r\n", &h) == PROXY_E_SIG);
+  CHECK(pp("\r\n\r\x0b", &h) == PROXY_E_SIG);
+  memset(longline, 'x', sizeof(longline) - 1);
+  longline[sizeof(longline) - 1] = '\0';
+  memcpy(longline, "PROXY TCP4 ", 11);
+  CHECK(pp(longline, &h) == PROXY_E_LONG);
+  CHECK(proxy_hdr_parse((const uint8_t *)longline, 106, &h) == PROXY_MORE);
+}
+
+static void test_proxy_v2(void)
+{
+  uint8_t b[PROXY_HDR_MAX + 64], body[300];
+  proxy_hdr_t h;
+  size_t n, i;
+  uint32_t crc;
+  char a[INET6_ADDRSTRLEN];
+
+  CHECK(crc32c(0, (const uint8_t *)"123456789", 9) == 0xE3069283U);
+  /* PROXY TCP over IPv4: 127.0.0.5:4242 -> 127.0.0.1:8000 */
+  memcpy(body, "\x7f\x00\x00\x05\x7f\x00\x00\x01\x10\x92\x1f\x40", 12);
+  n = pp2(b, 0x21, 0x11, body, 12);
+  CHECK(proxy_hdr_parse(b, n, &h) == 28);
+  CHECK(h.version == 2 && h.cmd == PROXY_CMD_PROXY);
+  CHECK(strcmp(sockaddr_tostr((struct sockaddr *)&h.src, a, sizeof(a)),
+	       "127.0.0.5") == 0);
+  CHECK(sockaddr_port((struct sockaddr *)&h.src) == 4242);
+  CHECK(sockaddr_port((struct sockaddr *)&h.dst) == 8000);
+  for(i=0; i<n; i++)
+    if(!CHECK(proxy_hdr_parse(b, i, &h) == PROXY_MORE))
+      break;
+  /* trailing bytes after the header are not the parser's */
+  b[n] = 0xAA;
+  CHECK(proxy_hdr_parse(b, n + 1, &h) == 28);
+
+  /* IPv6 with a NOOP TLV and a valid CRC32C TLV */
+  memset(body, 0, 36);
+  body[15] = 1;          /* src ::1 */
+  body[31] = 2;          /* dst ::2 */
+  body[32] = 0x01; body[33] = 0x02; body[34] = 0x00; body[35] = 0x50;
+  memcpy(body + 36, "\x04\x00\x02xy", 5);
+  memcpy(body + 41, "\x03\x00\x04\x00\x00\x00\x00", 7);
+  n = pp2(b, 0x21, 0x21, body, 48);
+  crc = crc32c(0, b, n);
+  bytes_htonl(b + n - 4, crc);
+  CHECK(proxy_hdr_parse(b, n, &h) == (long)n);
+  CHECK(h.src.ss_family == AF_INET6 &&
+	sockaddr_port((struct sockaddr *)&h.src) == 258);
+  b[n - 1] ^= 1;
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_TLV);
+  /* a TLV running past the end; a stray byte after the last TLV */
+  n = pp2(b, 0x21, 0x21, body, 40);
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_TLV);
+  n = pp2(b, 0x21, 0x21, body, 37);
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_TLV);
+  /* CRC32C TLV of the wrong length */
+  memcpy(body + 36, "\x03\x00\x03\x00\x00\x00", 6);
+  n = pp2(b, 0x21, 0x21, body, 42);
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_TLV);
+
+  /* LOCAL: accepted whatever the family; address ignored */
+  n = pp2(b, 0x20, 0x00, body, 0);
+  CHECK(proxy_hdr_parse(b, n, &h) == 16 && h.cmd == PROXY_CMD_LOCAL);
+  n = pp2(b, 0x20, 0x11, body, 12);
+  CHECK(proxy_hdr_parse(b, n, &h) == 28 && h.cmd == PROXY_CMD_LOCAL);
+  memset(body, 0, 216);
+  n = pp2(b, 0x20, 0x31, body, 216);
+  CHECK(proxy_hdr_parse(b, n, &h) == (long)n && h.cmd == PROXY_CMD_LOCAL);
+
+  /* refusals */
+  n = pp2(b, 0x11, 0x11, body, 12);
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_VERSION);
+  n = pp2(b, 0x22, 0x11, body, 12);
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_VERSION);
+  n = pp2(b, 0x21, 0x00, body, 0);
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_FAMILY);
+  n = pp2(b, 0x21, 0x12, body, 12);          /* UDP */
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_FAMILY);
+  n = pp2(b, 0x21, 0x31, body, 216);         /* unix */
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_FAMILY);
+  n = pp2(b, 0x21, 0x41, body, 12);
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_FAMILY);
+  n = pp2(b, 0x21, 0x11, body, 8);
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_ADDRLEN);
+  n = pp2(b, 0x21, 0x21, body, 12);
+  CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_ADDRLEN);
+  /* oversized: known from the length field, before the body arrives */
+  pp2(b, 0x21, 0x11, body, 0);
+  bytes_htons(b + 14, PROXY_HDR_MAX - 15);
+  CHECK(proxy_hdr_parse(b, 16, &h) == PROXY_E_LONG);
+  bytes_htons(b + 14, PROXY_HDR_MAX - 16);
+  CHECK(proxy_hdr_parse(b, 16, &h) == PROXY_MORE);
+  /* a wrong signature byte, at any position */
+  for(i=0; i<12; i++)
+    {
+      n = pp2(b, 0x21, 0x11, body, 12);
+      b[i] ^= 0x40;
+      if(!CHECK(proxy_hdr_parse(b, n, &h) == PROXY_E_SIG))
+	break;
+    }
+  CHECK(strcmp(proxy_hdr_strerror(PROXY_E_TLV),
+	       "bad PROXY v2 TLV (length or CRC32C)") == 0);
+}
+
 int main(void)
 {
   UNIT_RUN(test_bytes);
@@ -828,5 +992,7 @@ int main(void)
   UNIT_RUN(test_cidr_source);
   UNIT_RUN(test_http_req);
   UNIT_RUN(test_json_escape);
+  UNIT_RUN(test_proxy_v1);
+  UNIT_RUN(test_proxy_v2);
   return unit_exit();
 }
