@@ -483,6 +483,40 @@ def http_seeds():
     }
 
 
+# ---- PROXY protocol headers (fuzz_proxy.c: the connection's first bytes) --
+
+def proxy_seeds():
+    sig = b"\r\n\r\n\x00\r\nQUIT\n"
+
+    def v2(vercmd, fam, body):
+        return sig + bytes([vercmd, fam]) + struct.pack(">H", len(body)) + body
+
+    a4 = bytes([127, 0, 0, 5, 127, 0, 0, 1]) + struct.pack(">HH", 4242, 8000)
+    a6 = bytes(15) + b"\x01" + bytes(15) + b"\x02" + struct.pack(">HH", 1, 2)
+    tlvs = b"\x04\x00\x02xy" + b"\x20\x00\x05\x01\x00\x00\x00\x00"
+    crc_hdr = v2(0x21, 0x11, a4 + b"\x03\x00\x04" + bytes(4))
+    return {
+        "v1_tcp4": b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 2000\r\n\x00",
+        "v1_tcp6": b"PROXY TCP6 2001:db8::1 ::1 0 65535\r\nrest",
+        "v1_unknown": b"PROXY UNKNOWN\r\n",
+        "v1_unknown_addr": b"PROXY UNKNOWN ::1 ::1 1 2\r\n",
+        "v1_lf_only": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",
+        "v1_long": b"PROXY TCP4 " + b"1" * 120 + b"\r\n",
+        "v2_tcp4": v2(0x21, 0x11, a4) + b"\x00\x00\x00\x0a",
+        "v2_tcp6": v2(0x21, 0x21, a6),
+        "v2_tlvs": v2(0x21, 0x11, a4 + tlvs),
+        "v2_crc_zero": crc_hdr,
+        "v2_local": v2(0x20, 0x00, b""),
+        "v2_local_addr": v2(0x20, 0x11, a4),
+        "v2_unix": v2(0x21, 0x31, bytes(216)),
+        "v2_udp": v2(0x21, 0x12, a4),
+        "v2_short": v2(0x21, 0x21, a4),
+        "v2_bad_tlv": v2(0x21, 0x11, a4 + b"\x04\x00\x09x"),
+        "v2_long": sig + b"\x21\x11\x04\x00",
+        "not_proxy": b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x0a",
+    }
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "corpus")
@@ -496,6 +530,7 @@ def main():
             "fuzz_svc": svc_seeds(),
             "fuzz_cidr": cidr_seeds(),
             "fuzz_http": http_seeds(),
+            "fuzz_proxy": proxy_seeds(),
         }
         for target, seeds in targets.items():
             d = os.path.join(out, target)
