@@ -31,7 +31,8 @@
  *
  * Sections, in order: options and usage; logging; buffers; objects;
  * statistics; event loop and backends; timer wheel; access control
- * (allow-lists, per-source limits); transport (plain/TLS); backpressure
+ * (allow-lists, per-source limits); pre-protocol header (PROXY protocol
+ * from trusted balancers); transport (plain/TLS); backpressure
  * (watermarks toward local consumers, the unacked limit toward VPs);
  * remote protocol; channels; per-VP unix sockets; mux protocol; mux
  * over TCP; metadata; TLS context and name matching; service manager
@@ -196,6 +197,9 @@ static const char   *opt_mux_listen = NULL;  /* -O mux-listen as given */
 static long          opt_mux_max   = 0;      /* 0: no cap */
 static long          opt_mux_burst_timeout = 60;
 static struct sockaddr_storage mux_tcp_ss;   /* the parsed mux-listen */
+static cidr_t       *opt_proxy_from = NULL;  /* balancers sending PROXY */
+static size_t        opt_proxy_from_count = 0;
+static unsigned int  opt_proxy_ports = 0x1;  /* PP_ bits; -P only */
 static socklen_t     mux_tcp_sslen = 0;
 #ifdef HAVE_OPENSSL
 static char         *opt_certfile  = NULL;  /* -c */
@@ -266,6 +270,9 @@ static void usage(unsigned int which)
 	    " watermarks)\n"
 	    "        stall-timeout=SECS, unacked-max=BYTES, handshake-max=N\n"
 	    "        allow=CIDR, per-source-max=N (who may be a VP)\n"
+	    "        proxy-from=CIDR (balancers that send a PROXY header),"
+	    " proxy-ports=LIST\n"
+	    "          (of scamper,mux,metrics; default scamper)\n"
 	    "        mux-listen=[addr:]port, mux-allow=CIDR, mux-max=N,"
 	    " mux-burst-timeout=SECS\n"
 	    "        metrics=[addr:]port (HTTP /metrics and /vps; no"
@@ -341,6 +348,40 @@ static int parse_cidr_add(const char *val, cidr_t **list, size_t *count)
 }
 
 /*
+ * -O proxy-ports: a comma-separated list of the listeners that expect a
+ * PROXY header from -O proxy-from addresses: scamper (-P), mux
+ * (-O mux-listen), metrics (-O metrics).  Replaces the default (scamper).
+ */
+static int parse_proxy_ports(const char *val)
+{
+  static const char *names[] = {"scamper", "mux", "metrics"};
+  const char *p = val, *e;
+  unsigned int bits = 0;
+  size_t i, n;
+
+  for(;;)
+    {
+      e = strchr(p, ',');
+      n = e != NULL ? (size_t)(e - p) : strlen(p);
+      for(i=0; i<3; i++)
+	if(n == strlen(names[i]) && strncasecmp(p, names[i], n) == 0)
+	  break;
+      if(i == 3)
+	{
+	  fprintf(stderr, "sc_remoted: proxy-ports: %.*s: not one of "
+		  "scamper, mux, metrics\n", (int)n, p);
+	  return -1;
+	}
+      bits |= 1U << i;
+      if(e == NULL)
+	break;
+      p = e + 1;
+    }
+  opt_proxy_ports = bits;
+  return 0;
+}
+
+/*
  * An extra listener's [addr:]port (-O mux-listen, -O metrics): a bare
  * port binds 127.0.0.1 only, since neither protocol authenticates;
  * otherwise addr:port or [v6addr]:port with a literal address.
@@ -407,6 +448,10 @@ static int parse_O_value(const char *opt)
     return parse_cidr_add(val, &opt_allow, &opt_allow_count);
   if(nl == 9 && strncasecmp(opt, "mux-allow", nl) == 0)
     return parse_cidr_add(val, &opt_mux_allow, &opt_mux_allow_count);
+  if(nl == 10 && strncasecmp(opt, "proxy-from", nl) == 0)
+    return parse_cidr_add(val, &opt_proxy_from, &opt_proxy_from_count);
+  if(nl == 11 && strncasecmp(opt, "proxy-ports", nl) == 0)
+    return parse_proxy_ports(val);
   if(nl == 14 && strncasecmp(opt, "per-source-max", nl) == 0)
     return parse_count(val, 10000000, &opt_per_source_max);
   if(nl == 10 && strncasecmp(opt, "mux-listen", nl) == 0)
@@ -1005,6 +1050,7 @@ typedef enum
   FD_SIGNAL,          /* the self-pipe */
   FD_HTTP_LISTEN,     /* the -O metrics listener */
   FD_HC,              /* a metrics HTTP client */
+  FD_PREHDR,          /* waiting for a PROXY header */
 } fdtype_t;
 
 /* one registered fd; embedded in the object that owns the fd */
@@ -1214,6 +1260,8 @@ static void sig_drain(void);
 typedef struct hclient hclient_t;
 static void hc_dispatch(hclient_t *hc, int rd, int wr);
 static void http_accept(void);
+typedef struct prehdr prehdr_t;
+static void prehdr_read(prehdr_t *ph);
 
 /* ---------------------------------------------------------------------
  * Statistics
@@ -1309,6 +1357,7 @@ static struct
   struct timeval meta_last_ok;         /* wall time; 0 if never */
   uint64_t  http_requests[6];          /* by hc_code_idx() */
   uint64_t  http_refused;              /* over -O metrics-max */
+  uint64_t  proxy_hdrs[3];             /* PROXY headers: PHR_ results */
   uint64_t  http_busy_us[3];           /* loop time serving HTTP, by
 					  hc route: other, /metrics, /vps */
   struct timeval start;                /* wall time at startup */
@@ -1533,6 +1582,7 @@ static void ev_dispatch(fdev_t *ev, int rd, int wr)
     case FD_SIGNAL:     sig_drain(); break;
     case FD_HTTP_LISTEN: http_accept(); break;
     case FD_HC:         hc_dispatch(ev->obj, rd, wr); break;
+    case FD_PREHDR:     prehdr_read(ev->obj); break;
     }
   return;
 }
@@ -2076,6 +2126,248 @@ static int access_mux_check(const struct sockaddr *tcp_sa)
       return -1;
     }
   return 0;
+}
+
+/* ---------------------------------------------------------------------
+ * Pre-protocol header (PROXY protocol: -O proxy-from, -O proxy-ports)
+ *
+ * Behind a TCP balancer every connection comes from the balancer; with
+ * the PROXY protocol (HAProxy's send-proxy / send-proxy-v2) it first
+ * sends a header naming the real client.  A listener opts in with its
+ * PP_ bit in opt_proxy_ports; a connection it accepts from an
+ * -O proxy-from address is parked here as a prehdr_t and nothing else
+ * sees it until the header is complete: the header is read with a peek
+ * and only its own bytes are consumed, so TLS and the protocol behind it
+ * find their first byte untouched.  Then the fd and the header's source
+ * address go to the listener's take function (prehdr_take), which runs
+ * the allow-list and per-source checks on that address exactly as for a
+ * direct connection; the balancer's own address needs no -O allow entry.
+ * Connections from other addresses never get here, so a header from an
+ * untrusted source is only a protocol error to the protocol that reads
+ * it.  A v2 LOCAL or v1 UNKNOWN header (a balancer's health check) is
+ * closed quietly, and so is a connection that closes before sending a
+ * byte (a plain TCP check).  Each parked connection has PREHDR_TIMEOUT
+ * seconds; at most -O handshake-max are parked at once.  Live upgrade:
+ * parked connections are not part of the handed-over state; the old
+ * process closes them on exit and the balancer's client retries.
+ * --------------------------------------------------------------------- */
+
+#define PP_SCAMPER      0x1   /* -P */
+#define PP_MUX          0x2   /* -O mux-listen */
+#define PP_METRICS      0x4   /* -O metrics */
+#define PREHDR_TIMEOUT  5     /* seconds for the whole header */
+
+#define PHR_OK     0          /* stats.proxy_hdrs[]: a client's address */
+#define PHR_LOCAL  1          /* health check (LOCAL, UNKNOWN, no bytes) */
+#define PHR_BAD    2          /* malformed, truncated, or too slow */
+
+struct prehdr
+{
+  fdev_t        ev;
+  unsigned int  kind;                /* the listener's PP_ bit */
+  uint8_t       dead;
+  char          peer[INET6_ADDRSTRLEN + 8]; /* the balancer, for logs */
+  uint8_t       in[PROXY_HDR_MAX];   /* header bytes consumed so far */
+  size_t        have;
+  tw_timer_t    timer;
+  dlist_node_t  list_node;
+  slist_node_t  gc_node;
+};
+
+static dlist_t prehdr_list;
+static slist_t gc_prehdrs;
+static uint64_t prehdr_cap_logged = UINT64_MAX;
+
+static void vp_take(int fd, const struct sockaddr *sa);
+static void mux_take(int fd, const struct sockaddr *tcp_sa);
+static void http_take(int fd);
+
+/* does a connection from sa to the kind listener start with a header? */
+static int prehdr_wanted(unsigned int kind, const struct sockaddr *sa)
+{
+  return (opt_proxy_ports & kind) != 0 && opt_proxy_from_count > 0 &&
+    cidr_list_match(opt_proxy_from, opt_proxy_from_count, sa);
+}
+
+/*
+ * The one teardown of a parked connection: closes the fd unless it was
+ * handed on (fd -1); memory is freed at the end of the loop iteration.
+ */
+static void prehdr_close(prehdr_t *ph)
+{
+  if(ph->dead)
+    return;
+  ph->dead = 1;
+  tw_cancel(&ph->timer);
+  ev_close(&ph->ev);
+  dlist_remove(&prehdr_list, &ph->list_node);
+  slist_push_tail(&gc_prehdrs, &ph->gc_node);
+  return;
+}
+
+/* a refused header: one log line, a count, the close */
+static void prehdr_fail(prehdr_t *ph, const char *why)
+{
+  stats.proxy_hdrs[PHR_BAD]++;
+  log_warn("%s: %s: closing", ph->peer, why);
+  prehdr_close(ph);
+  return;
+}
+
+static void prehdr_timer(tw_timer_t *t)
+{
+  prehdr_t *ph = CONTAINER_OF(t, prehdr_t, timer);
+  prehdr_fail(ph, ph->have > 0 ? "PROXY header not complete in time" :
+	      "no PROXY header in time");
+  return;
+}
+
+/*
+ * Park an accepted connection from a trusted balancer until its header
+ * is read.  Owns fd from here on: closes it when refused.
+ */
+static void prehdr_open(int fd, const struct sockaddr *sa, unsigned int kind)
+{
+  prehdr_t *ph;
+  char addr[INET6_ADDRSTRLEN];
+
+  if((long)prehdr_list.count >= opt_handshake_max)
+    {
+      if(prehdr_cap_logged != tw_tick)
+	log_warn("%ld connections waiting for a PROXY header: refusing "
+		 "new ones", (long)prehdr_list.count);
+      prehdr_cap_logged = tw_tick;
+      close(fd);
+      return;
+    }
+  if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
+     (ph = calloc(1, sizeof(prehdr_t))) == NULL)
+    {
+      log_warn("could not take balancer connection fd %d", fd);
+      close(fd);
+      return;
+    }
+  fdev_init(&ph->ev, fd, FD_PREHDR, ph);
+  ph->kind = kind;
+  if(sockaddr_tostr(sa, addr, sizeof(addr)) == NULL)
+    snprintf(addr, sizeof(addr), "?");
+  snprintf(ph->peer, sizeof(ph->peer), "%s%c%d", addr,
+	   sa->sa_family == AF_INET6 ? '.' : ':', sockaddr_port(sa));
+  tw_timer_init(&ph->timer, prehdr_timer);
+  dlist_node_init(&ph->list_node);
+  dlist_push_tail(&prehdr_list, &ph->list_node);
+  tw_arm(&ph->timer, PREHDR_TIMEOUT);
+  if(ev_set(&ph->ev, 1, 0) != 0)
+    prehdr_fail(ph, "could not register");
+  return;
+}
+
+/* consume n header bytes already seen with MSG_PEEK; 0 or -1 */
+static int prehdr_consume(prehdr_t *ph, size_t n)
+{
+  ssize_t r;
+  while(n > 0)
+    {
+      if((r = recv(ph->ev.fd, ph->in + ph->have, n, 0)) <= 0)
+	return -1; /* peeked bytes cannot vanish: treat as lost */
+      ph->have += (size_t)r;
+      n -= (size_t)r;
+    }
+  return 0;
+}
+
+/* the header is complete: hand the fd on under the client's address */
+static void prehdr_take(prehdr_t *ph, const proxy_hdr_t *h)
+{
+  char addr[INET6_ADDRSTRLEN];
+  int fd = ph->ev.fd;
+
+  if(h->cmd == PROXY_CMD_LOCAL)
+    {
+      stats.proxy_hdrs[PHR_LOCAL]++;
+      log_dbg("%s: PROXY v%d health check", ph->peer, h->version);
+      prehdr_close(ph);
+      return;
+    }
+  stats.proxy_hdrs[PHR_OK]++;
+  if(opt_flags & OPT_DEBUG)
+    {
+      if(sockaddr_tostr((const struct sockaddr *)&h->src, addr,
+			sizeof(addr)) == NULL)
+	snprintf(addr, sizeof(addr), "?");
+      log_dbg("%s: PROXY v%d: client %s port %d", ph->peer, h->version,
+	      addr, sockaddr_port((const struct sockaddr *)&h->src));
+    }
+  ev_forget(&ph->ev);
+  ph->ev.fd = -1;
+  prehdr_close(ph);
+  switch(ph->kind)
+    {
+    case PP_SCAMPER: vp_take(fd, (const struct sockaddr *)&h->src); break;
+    case PP_MUX:     mux_take(fd, (const struct sockaddr *)&h->src); break;
+    default:         http_take(fd); break;
+    }
+  return;
+}
+
+/*
+ * Readable: peek at what has arrived, consume the bytes that belong to
+ * the header (all of them while it is incomplete, since a PROXY_MORE
+ * answer means every byte so far is header), and act on the verdict.
+ */
+static void prehdr_read(prehdr_t *ph)
+{
+  proxy_hdr_t h;
+  ssize_t n;
+  long rc;
+
+  if(ph->dead)
+    return;
+  n = recv(ph->ev.fd, ph->in + ph->have, sizeof(ph->in) - ph->have,
+	   MSG_PEEK);
+  if(n < 0)
+    {
+      if(errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+	prehdr_fail(ph, "read error before the PROXY header");
+      return;
+    }
+  if(n == 0)
+    {
+      if(ph->have > 0)
+	{
+	  prehdr_fail(ph, "truncated PROXY header");
+	  return;
+	}
+      stats.proxy_hdrs[PHR_LOCAL]++;
+      log_dbg("%s: closed before a PROXY header (health check)", ph->peer);
+      prehdr_close(ph);
+      return;
+    }
+  rc = proxy_hdr_parse(ph->in, ph->have + (size_t)n, &h);
+  if(rc < 0)
+    prehdr_fail(ph, proxy_hdr_strerror(rc));
+  else if(prehdr_consume(ph, rc == PROXY_MORE ? (size_t)n :
+			 (size_t)rc - ph->have) != 0)
+    prehdr_fail(ph, "read error in the PROXY header");
+  else if(rc > 0)
+    prehdr_take(ph, &h);
+  return;
+}
+
+static void prehdr_shutdown(void)
+{
+  dlist_node_t *n;
+  while((n = prehdr_list.head) != NULL)
+    prehdr_close(CONTAINER_OF(n, prehdr_t, list_node));
+  return;
+}
+
+static void prehdr_gc(void)
+{
+  slist_node_t *n;
+  while((n = slist_pop_head(&gc_prehdrs)) != NULL)
+    free(CONTAINER_OF(n, prehdr_t, gc_node));
+  return;
 }
 
 /* ---------------------------------------------------------------------
@@ -3583,11 +3875,27 @@ static vp_t *vp_accept_fd(int fd, const struct sockaddr *sa)
   return vp;
 }
 
+/*
+ * A scamper connection from sa (its own address, or the one its PROXY
+ * header gave): the access checks, then a session.  Owns fd.
+ */
+static void vp_take(int fd, const struct sockaddr *sa)
+{
+  vp_t *vp;
+  if(access_vp_check(sa) != 0)
+    {
+      close(fd);
+      return;
+    }
+  if((vp = vp_accept_fd(fd, sa)) != NULL)
+    src_hold(vp, sa);
+  return;
+}
+
 static void tcp_accept(fdev_t *lev)
 {
   struct sockaddr_storage ss;
   socklen_t sl;
-  vp_t *vp;
   int fd, i;
 
   for(i=0; i<64; i++)
@@ -3602,13 +3910,10 @@ static void tcp_accept(fdev_t *lev)
 	    log_warn("accept failed: %s", strerror(errno));
 	  return;
 	}
-      if(access_vp_check((struct sockaddr *)&ss) != 0)
-	{
-	  close(fd);
-	  continue;
-	}
-      if((vp = vp_accept_fd(fd, (struct sockaddr *)&ss)) != NULL)
-	src_hold(vp, (struct sockaddr *)&ss);
+      if(prehdr_wanted(PP_SCAMPER, (struct sockaddr *)&ss))
+	prehdr_open(fd, (struct sockaddr *)&ss, PP_SCAMPER);
+      else
+	vp_take(fd, (struct sockaddr *)&ss);
     }
   return;
 }
@@ -4764,6 +5069,28 @@ static mclient_t *mc_open(int fd)
 
 static void mux_tcp_setup(int fd, const struct sockaddr *sa);
 
+/*
+ * A mux client: tcp_sa is its address on the TCP mux (its own, or the one
+ * its PROXY header gave), NULL on the -M socket.  Owns fd.
+ */
+static void mux_take(int fd, const struct sockaddr *tcp_sa)
+{
+  if(access_mux_check(tcp_sa) != 0)
+    {
+      close(fd);
+      return;
+    }
+  if(tcp_sa != NULL)
+    mux_tcp_setup(fd, tcp_sa);
+  if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
+     mc_open(fd) == NULL)
+    {
+      log_warn("could not take mux client fd %d", fd);
+      close(fd);
+    }
+  return;
+}
+
 /* a client on the -M socket or, with lev == &mux_tcp_lev, over TCP */
 static void mux_accept(fdev_t *lev)
 {
@@ -4779,19 +5106,10 @@ static void mux_accept(fdev_t *lev)
 	    accept_pause("mux_accept");
 	  return;
 	}
-      if(access_mux_check(tcp ? (struct sockaddr *)&ss : NULL) != 0)
-	{
-	  close(fd);
-	  continue;
-	}
-      if(tcp)
-	mux_tcp_setup(fd, (struct sockaddr *)&ss);
-      if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
-	 mc_open(fd) == NULL)
-	{
-	  log_warn("could not take mux client fd %d", fd);
-	  close(fd);
-	}
+      if(tcp && prehdr_wanted(PP_MUX, (struct sockaddr *)&ss))
+	prehdr_open(fd, (struct sockaddr *)&ss, PP_MUX);
+      else
+	mux_take(fd, tcp ? (struct sockaddr *)&ss : NULL);
     }
   return;
 }
@@ -5970,6 +6288,8 @@ static int metrics_render(buf_t *b)
   static const char *const code_labels[6] = {"200", "400", "404", "405",
 					     "431", "500"};
   static const char *const route_labels[3] = {"other", "/metrics", "/vps"};
+  static const char *const proxy_labels[3] = {"client", "health_check",
+					      "refused"};
   const char *backend = ev_backend == EVB_EPOLL ? "epoll" :
     ev_backend == EVB_KQUEUE ? "kqueue" : "select";
   vp_totals_t t;
@@ -6066,6 +6386,10 @@ static int metrics_render(buf_t *b)
   rc |= prom_u64(b, "sc_remoted_http_connections_refused_total", "counter",
 		 "HTTP connections closed at accept: over -O metrics-max.",
 		 stats.http_refused);
+  rc |= prom_labelled(b, "sc_remoted_proxy_headers_total", "counter",
+		      "PROXY protocol headers from -O proxy-from balancers, "
+		      "by result.", "result", proxy_labels, stats.proxy_hdrs,
+		      3);
   rc |= prom_head(b, "sc_remoted_http_busy_seconds_total", "counter",
 		  "Time the event loop spent serving HTTP connections, by "
 		  "the path being answered.");
@@ -6503,12 +6827,46 @@ static void hc_dispatch(hclient_t *hc, int rd, int wr)
   return;
 }
 
+/* a metrics client (after its PROXY header, if any); owns fd */
+static void http_take(int fd)
+{
+  hclient_t *hc;
+  int sndbuf;
+
+  if((long)hc_list.count >= opt_metrics_max)
+    {
+      stats.http_refused++;
+      if(http_cap_logged != tw_tick)
+	log_warn("%ld metrics connections open (-O metrics-max): "
+		 "refusing new ones", opt_metrics_max);
+      http_cap_logged = tw_tick;
+      close(fd);
+      return;
+    }
+  if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
+     (hc = calloc(1, sizeof(hclient_t))) == NULL)
+    {
+      log_err("could not take metrics client fd %d", fd);
+      close(fd);
+      return;
+    }
+  sndbuf = HC_SNDBUF;
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+  fdev_init(&hc->ev, fd, FD_HC, hc);
+  tw_timer_init(&hc->timer, hc_timer);
+  dlist_node_init(&hc->list_node);
+  dlist_push_tail(&hc_list, &hc->list_node);
+  tw_arm(&hc->timer, HC_TIMEOUT);
+  if(ev_set(&hc->ev, 1, 0) != 0)
+    hc_close(hc, "could not register");
+  return;
+}
+
 static void http_accept(void)
 {
   struct sockaddr_storage ss;
   socklen_t sl;
-  hclient_t *hc;
-  int fd, i, sndbuf;
+  int fd, i;
 
   for(i=0; i<64; i++)
     {
@@ -6522,32 +6880,10 @@ static void http_accept(void)
 	    log_err("metrics accept failed: %s", strerror(errno));
 	  return;
 	}
-      if((long)hc_list.count >= opt_metrics_max)
-	{
-	  stats.http_refused++;
-	  if(http_cap_logged != tw_tick)
-	    log_warn("%ld metrics connections open (-O metrics-max): "
-		     "refusing new ones", opt_metrics_max);
-	  http_cap_logged = tw_tick;
-	  close(fd);
-	  continue;
-	}
-      if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
-	 (hc = calloc(1, sizeof(hclient_t))) == NULL)
-	{
-	  log_err("could not take metrics client fd %d", fd);
-	  close(fd);
-	  continue;
-	}
-      sndbuf = HC_SNDBUF;
-      setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
-      fdev_init(&hc->ev, fd, FD_HC, hc);
-      tw_timer_init(&hc->timer, hc_timer);
-      dlist_node_init(&hc->list_node);
-      dlist_push_tail(&hc_list, &hc->list_node);
-      tw_arm(&hc->timer, HC_TIMEOUT);
-      if(ev_set(&hc->ev, 1, 0) != 0)
-	hc_close(hc, "could not register");
+      if(prehdr_wanted(PP_METRICS, (struct sockaddr *)&ss))
+	prehdr_open(fd, (struct sockaddr *)&ss, PP_METRICS);
+      else
+	http_take(fd);
     }
   return;
 }
@@ -8446,6 +8782,7 @@ static void gc_collect(void)
   while((n = slist_pop_head(&gc_vps)) != NULL)
     vp_free(CONTAINER_OF(n, vp_t, gc_node));
   http_gc();
+  prehdr_gc();
   return;
 }
 
@@ -8781,6 +9118,7 @@ static void shutdown_all(void)
   int i;
 
   http_shutdown();
+  prehdr_shutdown();
   while((n = mc_list.head) != NULL)
     mc_close(CONTAINER_OF(n, mclient_t, list_node), "shutting down");
   while((n = vp_list.head) != NULL)
@@ -8844,6 +9182,8 @@ static int globals_init(void)
   fdev_init(&sig_ev, -1, FD_SIGNAL, NULL);
   dlist_init(&hc_list);
   slist_init(&gc_hcs);
+  dlist_init(&prehdr_list);
+  slist_init(&gc_prehdrs);
   fdev_init(&http_lev, -1, FD_HTTP_LISTEN, NULL);
   time_wall(&stats.start);
   tw_init();

@@ -2073,3 +2073,45 @@ def read_pidfile(path):
     except OSError:
         return None
     return int(text) if re.fullmatch(r'\d+\n', text) else None
+
+
+# ---------------------------------------------------------------------------
+# PROXY protocol headers (HAProxy's proxy-protocol.txt), as a balancer in
+# front of sc_remoted -O proxy-from sends them
+# ---------------------------------------------------------------------------
+
+PROXY_V2_SIG = b'\r\n\r\n\x00\r\nQUIT\n'
+
+
+def proxy_v1(src, dst):
+    """'PROXY TCP4|TCP6 ...' line for (host, port) tuples src and dst."""
+    fam = 'TCP6' if ':' in src[0] else 'TCP4'
+    return ('PROXY %s %s %s %d %d\r\n' % (fam, src[0], dst[0], src[1],
+                                          dst[1])).encode()
+
+
+def proxy_v2(src=None, dst=None, local=False, tlvs=b'', fam=None):
+    """A v2 header: PROXY over TCP for src/dst (host, port) tuples, or
+    LOCAL (a health check) when local; tlvs is appended raw."""
+    if local:
+        return PROXY_V2_SIG + b'\x20\x00' + struct.pack('>H', len(tlvs)) + tlvs
+    if ':' in src[0]:
+        af, f = socket.AF_INET6, 0x21
+    else:
+        af, f = socket.AF_INET, 0x11
+    body = (socket.inet_pton(af, src[0]) + socket.inet_pton(af, dst[0]) +
+            struct.pack('>HH', src[1], dst[1]) + tlvs)
+    return (PROXY_V2_SIG + bytes([0x21, f if fam is None else fam]) +
+            struct.pack('>H', len(body)) + body)
+
+
+def proxy_factory(host, port, header, source=None):
+    """A FakeScamper sock_factory: connect (from source, if given) and
+    send header first, as a balancer does."""
+    def make():
+        kw = {'source_address': (source, 0)} if source else {}
+        s = socket.create_connection((host, port), timeout=5, **kw)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(header)
+        return s
+    return make
