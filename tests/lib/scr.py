@@ -23,6 +23,7 @@ import errno
 import glob
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -32,6 +33,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 import unittest
 
@@ -2115,3 +2117,121 @@ def proxy_factory(host, port, header, source=None):
         s.sendall(header)
         return s
     return make
+
+
+class ReconnectingVP(threading.Thread):
+    """A fake scamper -R that stays connected the way scamper does, in a
+    thread of its own: on losing its connection it waits `delay` seconds
+    (a (lo, hi) range; scamper waits 30-61 s, tests scale it down),
+    reconnects and sends MASTER_RES with its magic; on MASTER_OK it goes
+    on, on MASTER_REJ it draws a new magic, drops its session, waits again
+    and starts over with MASTER_NEW.  In GO it answers every line received
+    on a channel with "echo NAME LINE\\n" and sends a KEEPALIVE every
+    `keepalive` seconds.  source: local address to connect from.
+
+    events: list of (time.monotonic(), kind, detail), kind one of 'go'
+    (new session; detail the MASTER_ID alias), 'resumed', 'rej', 'lost'
+    (detail: why).  connected: an Event set while in GO.  stop() ends the
+    thread and closes the socket."""
+
+    def __init__(self, host, port, name, source=None, delay=(0.2, 1.0),
+                 keepalive=20):
+        super().__init__(daemon=True, name='vp-%s' % name)
+        self.source = source
+        self.delay = delay
+        self.keepalive = keepalive
+        self.fs = FakeScamper(port, name=name, host=host,
+                              sock_factory=self._connect)
+        self.events = []
+        self.lock = threading.Lock()
+        self.connected = threading.Event()
+        self.stopping = threading.Event()
+        self.alias = None
+        self.resumable = False
+
+    def _connect(self):
+        kw = {'source_address': (self.source, 0)} if self.source else {}
+        s = socket.create_connection((self.fs.host, self.fs.port),
+                                     timeout=5, **kw)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+
+    def _event(self, kind, detail=None):
+        with self.lock:
+            self.events.append((time.monotonic(), kind, detail))
+
+    def events_since(self, t, kind=None):
+        with self.lock:
+            return [e for e in self.events
+                    if e[0] >= t and (kind is None or e[1] == kind)]
+
+    def _new_session(self):
+        fs = self.fs
+        fs.chan_data.clear()
+        fs.new_channels.clear()
+        fs.channels_seen = []
+        fs.fins = set()
+        fs.send_new()
+
+    def _attempt(self):
+        """One connection: MASTER_RES if there is a session to resume,
+        else MASTER_NEW; then serve until the connection is lost."""
+        fs = self.fs
+        fs.close()
+        fs.rejected = False
+        fs.connect()
+        if self.resumable:
+            fs.send_res()
+        else:
+            self._new_session()
+        f = fs.recv_frame(10)
+        if f.type == MASTER_REJ:
+            fs.magic = os.urandom(8)
+            self.resumable = False
+            self._event('rej')
+            return
+        if f.type == MASTER_OK:
+            self._event('resumed')
+        else:
+            self.alias = fs.vp_alias
+            self.resumable = True
+            self._event('go', fs.vp_alias)
+        self.connected.set()
+        try:
+            self._serve()
+        finally:
+            self.connected.clear()
+
+    def _serve(self):
+        fs = self.fs
+        last_ka = time.monotonic()
+        while not self.stopping.is_set():
+            try:
+                fs.recv_frame(0.3)
+            except TimeoutError:
+                pass
+            for ch, buf in list(fs.chan_data.items()):
+                while b'\n' in buf:
+                    i = buf.index(b'\n')
+                    line = bytes(buf[:i])
+                    del buf[:i + 1]
+                    fs.send_data(ch, b'echo %s %s\n' % (fs.name.encode(),
+                                                        line))
+            if time.monotonic() - last_ka >= self.keepalive:
+                fs.send_keepalive()
+                last_ka = time.monotonic()
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                self._attempt()
+            except (OSError, EOFError, TimeoutError, AssertionError) as e:
+                if not self.stopping.is_set():
+                    self._event('lost', str(e)[:200])
+            if self.stopping.wait(random.uniform(*self.delay)):
+                break
+        self.fs.close()
+
+    def stop(self):
+        self.stopping.set()
+        self.join(10)
