@@ -27,7 +27,7 @@ does.  Checked, in order:
   * the killed daemon comes back and new VPs reach it.
 
 Prints the VP distribution, /vps, and the failover timeline.  Exits 77
-when haproxy is missing.  Takes about 40 s.
+when haproxy is missing.  Takes about 12 s.
 """
 
 import os
@@ -281,13 +281,16 @@ class HAProxyScaleTest(unittest.TestCase):
             if name.startswith('vp'):
                 agg.conns[i].send(n, b'hello %d\n' % n)
 
+        pinged = set()
+
         def answered(name):
             i, n = chans[name]
             data = bytes(agg.chan_data.get((i, n), b''))
             if name.startswith('vp'):
                 return b'echo %s hello %d\n' % (name.encode(), n) in data
-            if b'MORE\n' in data and not hasattr(self, '_pinged'):
-                self._pinged = True
+            # real scamper: its MORE first, then a ping, then OK id-1
+            if b'MORE\n' in data and name not in pinged:
+                pinged.add(name)
                 agg.conns[i].send(n, b'ping -c 1 127.0.0.1\n')
             return b'OK id-1\n' in data
 
