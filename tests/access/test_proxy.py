@@ -10,8 +10,12 @@ or 127.0.0.2 (not trusted) and writing the header by hand.
 
 import os
 import re
+import shutil
 import socket
+import ssl
+import subprocess
 import sys
+import tempfile
 import time
 import unittest
 
@@ -94,6 +98,31 @@ class ProxyScamperTest(ProxyBase):
         fs2.send_new()
         fs2.recv_frame()
         self.assertEqual(fs2.vp_alias, '127.0.0.12:8')
+
+    @unittest.skipIf(os.environ.get('SC_HAVE_OPENSSL') == '0' or
+                     not shutil.which('openssl'), 'no TLS')
+    def test_header_before_tls(self):
+        """The header comes in clear before the TLS ClientHello."""
+        tmp = tempfile.mkdtemp(prefix='scr-proxy-tls-')
+        self.addCleanup(shutil.rmtree, tmp, True)
+        key, crt = os.path.join(tmp, 'k.pem'), os.path.join(tmp, 'c.pem')
+        subprocess.run(['openssl', 'req', '-x509', '-newkey', 'ec',
+                        '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+                        '-nodes', '-keyout', key, '-out', crt, '-days', '2',
+                        '-subj', '/CN=localhost'], check=True,
+                       capture_output=True)
+        d = self.daemon(tls={'cert': crt, 'key': key})
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        raw = self.raw(d, proxy_v2(('127.0.0.13', 99), ('127.0.0.1', 1)))
+        tls = ctx.wrap_socket(raw, server_hostname=None)
+        fs = FakeScamper(d.port, sock=tls, name='tls')
+        self.addCleanup(fs.close)
+        fs.send_new()
+        fs.recv_frame()
+        self.assertEqual(fs.vp_alias, '127.0.0.13:99')
+        d.wait_socket('tls-127.0.0.13:99')
 
     def test_untrusted_source_header_is_protocol_error(self):
         d = self.daemon()
