@@ -6421,7 +6421,8 @@ static const char page_css[] =
   "tr.st-go td:nth-child(5) { color: #1a7f37; font-weight: 600; }\n"
   "tr.st-zombie { background: #fff0f6; }\n"
   "tr.st-zombie td:nth-child(5) { color: #bf3989; font-weight: 600; }\n"
-  ".note { color: #666; }\n";
+  ".note { color: #666; }\n"
+  "td:nth-child(2) { white-space: normal; min-width: 10em; max-width: 22em; }\n";
 
 /*
  * /status.js: sorting, filtering and refreshing from /vps and /metrics
