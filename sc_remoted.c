@@ -6798,7 +6798,14 @@ static int hc_text(hclient_t *hc, const http_req_t *req, int code,
  */
 static int hc_stream(hclient_t *hc, int kind, buf_t *pre)
 {
-  int rc = 0;
+  int rc = 0, on = 1;
+  /*
+   * A streamed answer ends with a small write (the last rows, the
+   * terminating chunk) that Nagle would hold until the client's delayed
+   * ACK, some 40 ms later: the whole answer is queued already, so send
+   * segments as they are.  (Not a TCP socket: harmless EOPNOTSUPP.)
+   */
+  setsockopt(hc->ev.fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
   hc->vps = 1;
   hc->kind = (uint8_t)kind;
   hc->phase = 0;
