@@ -6422,7 +6422,8 @@ static const char page_css[] =
   "tr.st-zombie { background: #fff0f6; }\n"
   "tr.st-zombie td:nth-child(5) { color: #bf3989; font-weight: 600; }\n"
   ".note { color: #666; }\n"
-  "td:nth-child(2) { white-space: normal; min-width: 10em; max-width: 22em; }\n";
+  "td:nth-child(2) { white-space: normal; min-width: 10em; max-width: 22em; }\n"
+  "#controls[hidden] { display: none; }\n";
 
 /*
  * /status.js: sorting, filtering and refreshing from /vps and /metrics

@@ -314,6 +314,9 @@ class BrowserTest(unittest.TestCase):
                                 ".cells[0].textContent"), 'syd-au')
         self.assertTrue(b.eval("document.getElementById('controls')"
                                ".hidden"))
+        self.assertEqual(b.eval("getComputedStyle(document.getElementById("
+                                "'controls')).display"), 'none')
+        b.screenshot(os.path.join(self.tmp, 'status-page-nojs.png'))
         self.assertFalse(b.eval("document.body.classList.contains('js')"))
         self.assertEqual(b.eval("document.querySelectorAll('#vps script, "
                                 "#vps img').length"), 0)
