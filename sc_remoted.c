@@ -6363,7 +6363,7 @@ static int bbytes(buf_t *b, uint64_t n)
   return bprintf(b, "%.1f %s", v, unit[i]);
 }
 
-static const meta_t *vp_meta(const vp_t *vp)
+static const meta_t *page_vp_meta(const vp_t *vp)
 {
   meta_t key;
   if(vp->name == NULL || meta_table == NULL)
@@ -6373,7 +6373,7 @@ static const meta_t *vp_meta(const vp_t *vp)
 }
 
 /* a metadata value (by key name) of m, or "" */
-static const char *meta_val(const meta_t *m, const char *k)
+static const char *page_meta_val(const meta_t *m, const char *k)
 {
   size_t i;
   if(m == NULL)
@@ -6657,15 +6657,15 @@ static int page_row(buf_t *b, vp_t *vp)
   static const char *const st[] = {"?", "handshake", "go", "zombie",
 				   "flush"};
   const char *state = st[vp->state <= VP_FLUSH ? vp->state : 0];
-  const meta_t *m = vp_meta(vp);
+  const meta_t *m = page_vp_meta(vp);
   vp_clients_t cl = {0, 0};
   int rc = 0;
 
   splaytree_inorder(&vp->chans, chan_count_clients, &cl);
   rc |= bprintf(b, "<tr class=\"st-%s\" data-id=\"%u\"><td>", state, vp->id);
   rc |= vp->name != NULL ? bhtml(b, vp->name) : bprintf(b, "(none)");
-  rc |= bprintf(b, "</td><td>") | bhtml(b, meta_val(m, "place")) |
-    bprintf(b, "</td><td>") | bhtml(b, meta_val(m, "cc")) |
+  rc |= bprintf(b, "</td><td>") | bhtml(b, page_meta_val(m, "place")) |
+    bprintf(b, "</td><td>") | bhtml(b, page_meta_val(m, "cc")) |
     bprintf(b, "</td><td>%s</td><td>%s</td><td class=\"n\">", vp->addr,
 	    state);
   if(vp->state == VP_GO)
