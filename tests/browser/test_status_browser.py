@@ -24,7 +24,9 @@ installed or cannot start.  Run by tests/run (not by make check: it takes
 """
 
 import base64
+import fcntl
 import json
+import select
 import os
 import shutil
 import subprocess
@@ -37,7 +39,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..', 'lib'))
 sys.path.insert(0, os.path.join(HERE, '..', 'e2e'))
 
-import scr  # noqa: E402
 from scr import Daemon, wait_until  # noqa: E402
 
 CHROMIUM = os.environ.get('SC_CHROMIUM') or shutil.which('chromium') or \
@@ -69,8 +70,12 @@ class CDP:
                 'about:blank']
 
         def fds():
-            os.dup2(to_chrome_r, 3)
-            os.dup2(from_chrome_w, 4)
+            # via copies at >= 10: a pipe end that already is fd 3 or 4
+            # would keep its close-on-exec flag through a dup2 onto itself
+            r = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10)
+            w = fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+            os.dup2(r, 3)
+            os.dup2(w, 4)
         self.log = open(os.path.join(tmp, 'chromium.log'), 'wb')
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                      stdout=self.log, stderr=self.log,
@@ -97,7 +102,6 @@ class CDP:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError('no answer from chromium')
-            import select
             r, _, _ = select.select([self._r], [], [], left)
             if not r:
                 continue

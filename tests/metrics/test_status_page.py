@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import os
 import unittest
 
 import scr
