@@ -1068,7 +1068,7 @@ typedef struct vp vp_t;
 typedef struct uclient uclient_t;
 typedef struct mclient mclient_t;
 
-#define VP_FLAP_KEEP 8  /* flap times kept per VP for "flaps in the last hour" */
+#define VP_FLAP_KEEP 8  /* connection times kept per VP (flaps in 1 h) */
 
 struct vp
 {
@@ -5708,7 +5708,8 @@ static void svc_close(void)
  * Prometheus text format 0.0.4), /vps (JSON, one object per named
  * VP) and / (an HTML status page; its script and style are /status.js
  * and /status.css, so a strict Content-Security-Policy needs neither
- * 'unsafe-inline' nor hashes to keep in step with the code).  Each connection (hclient_t) holds at most HC_HEAD_MAX bytes of
+ * 'unsafe-inline' nor hashes to keep in step with the code).  Each
+ * connection (hclient_t) holds at most HC_HEAD_MAX bytes of
  * request and handles one request at a time; pipelined requests wait in
  * the input buffer, unread beyond it.  /metrics is small and built whole;
  * /vps is streamed: a cursor (the last VP id written) is advanced through
