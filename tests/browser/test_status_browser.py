@@ -39,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..', 'lib'))
 sys.path.insert(0, os.path.join(HERE, '..', 'e2e'))
 
+import scr  # noqa: E402
 from scr import Daemon, wait_until  # noqa: E402
 
 CHROMIUM = os.environ.get('SC_CHROMIUM') or shutil.which('chromium') or \
@@ -205,6 +206,18 @@ class BrowserTest(unittest.TestCase):
             self.nvps += 1
         wait_until(lambda: len(self.d.vps()) == self.nvps, 20,
                    what='%d VPs in /vps' % self.nvps)
+        # a local client on ams-nl with data both ways: the byte, frame,
+        # channel and client columns are not all zero
+        fs = self.fakes['ams-nl']
+        name = fs.expected_socket_name()
+        self.d.wait_socket(name, 10)
+        uc = scr.UnixClient(os.path.join(self.d.udir, name), 10)
+        self.addCleanup(uc.close)
+        chan = fs.wait_channel_new(10)
+        fs.send_data(chan, b'x' * 150000)
+        self.assertEqual(uc.recv_exact(150000, 10), b'x' * 150000)
+        uc.send(b'y' * 2500)
+        fs.recv_channel_data(chan, 2500, 10)
         self.url = 'http://127.0.0.1:%d/' % self.d.metrics_port
 
     def browser(self, js):
@@ -240,6 +253,9 @@ class BrowserTest(unittest.TestCase):
         by = {r[0]: r for r in rows}
         self.assertEqual(by['ams-nl'][1:5],
                          ['Amsterdam, NL', 'NL', '127.0.0.1', 'go'])
+        # bytes from VP, to VP; channels, clients
+        self.assertEqual(by['ams-nl'][8:10], ['150.0 kB', '2.5 kB'])
+        self.assertEqual(by['ams-nl'][12:14], ['1', '1'])
         if self.real:
             self.assertEqual(by['real-vp'][4], 'go')
             self.assertEqual(by['real-vp'][2], 'ZZ')
