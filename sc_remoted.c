@@ -158,6 +158,7 @@
 #define OPT_SKIPNAMEVERIFY 0x0010
 #define OPT_NOTIMES        0x0020
 #define OPT_SYSLOG         0x0040
+#define OPT_METRICS_VPS    0x0080  /* per-VP series on /metrics */
 
 /* ---------------------------------------------------------------------
  * Options and usage
@@ -275,8 +276,10 @@ static void usage(unsigned int which)
 	    "          (of scamper,mux,metrics; default scamper)\n"
 	    "        mux-listen=[addr:]port, mux-allow=CIDR, mux-max=N,"
 	    " mux-burst-timeout=SECS\n"
-	    "        metrics=[addr:]port (HTTP /metrics and /vps; no"
-	    " authentication), metrics-max=N\n"
+	    "        metrics=[addr:]port (HTTP /metrics, /vps and a status"
+	    " page at /; no\n"
+	    "        authentication), metrics-max=N, metrics-vps (per-VP"
+	    " series)\n"
 	    "        upgrade-timeout=SECS (SIGUSR2 live upgrade)\n");
 #ifdef HAVE_CHROOT
   if(which & USAGE_R)
@@ -485,6 +488,7 @@ static int parse_O(const char *opt)
 #endif
     {"notimes",    OPT_NOTIMES},
     {"syslog",     OPT_SYSLOG},
+    {"metrics-vps", OPT_METRICS_VPS},
   };
   size_t i;
   if(strchr(opt, '=') != NULL)
@@ -1110,6 +1114,8 @@ typedef struct vp vp_t;
 typedef struct uclient uclient_t;
 typedef struct mclient mclient_t;
 
+#define VP_FLAP_KEEP 8  /* connection times kept per VP (flaps in 1 h) */
+
 struct vp
 {
   fdev_t        ev;             /* the scamper connection; fd -1 if none */
@@ -1163,6 +1169,8 @@ struct vp
   uint64_t      rx_frames;
   uint64_t      tx_bytes;       /* channel data to scamper */
   uint64_t      tx_frames;
+  uint32_t      flaps;          /* arrivals + resumes of this session */
+  uint32_t      flap_ticks[VP_FLAP_KEEP]; /* ring: ticks of the last ones */
 };
 
 /* a channel of a VP; its consumer is a local client or a mux client */
@@ -3061,6 +3069,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
 	stats.arrivals++;
       else
 	stats.resumes++;
+      vp->flap_ticks[vp->flaps++ % VP_FLAP_KEEP] = (uint32_t)tw_tick;
       tw_arm(&vp->rx_timer, TIMEOUT_RX_ABORT);
       tw_arm(&vp->ka_timer, TIMEOUT_KEEPALIVE);
       if(old == VP_HANDSHAKE)
@@ -6014,8 +6023,11 @@ static void svc_close(void)
  * Metrics over HTTP (-O metrics=[addr:]port)
  *
  * A small HTTP/1.1 server in the same loop: GET or HEAD of /metrics (the
- * Prometheus text format 0.0.4) and /vps (JSON, one object per named
- * VP).  Each connection (hclient_t) holds at most HC_HEAD_MAX bytes of
+ * Prometheus text format 0.0.4), /vps (JSON, one object per named
+ * VP) and / (an HTML status page; its script and style are /status.js
+ * and /status.css, so a strict Content-Security-Policy needs neither
+ * 'unsafe-inline' nor hashes to keep in step with the code).  Each
+ * connection (hclient_t) holds at most HC_HEAD_MAX bytes of
  * request and handles one request at a time; pipelined requests wait in
  * the input buffer, unread beyond it.  /metrics is small and built whole;
  * /vps is streamed: a cursor (the last VP id written) is advanced through
@@ -6023,7 +6035,10 @@ static void svc_close(void)
  * below HC_LOW, so a connection holds O(HC_LOW + one VP) bytes whatever
  * the number of VPs and however slowly it reads (and its kernel send
  * buffer is fixed at HC_SNDBUF).  VPs that leave meanwhile
- * are skipped; VPs that arrive with higher ids are included.
+ * are skipped; VPs that arrive with higher ids are included.  The status
+ * page's table and, with -O metrics-vps, the per-VP series of /metrics
+ * (one pass over the VPs per metric family, since the text format wants
+ * a family's samples together) are streamed the same way.
  *
  * One timer per connection: while waiting for a request it is the request
  * deadline (a whole request head within HC_TIMEOUT seconds of the
@@ -6048,15 +6063,22 @@ typedef struct hclient
   uint8_t       dead;
   uint8_t       busy;           /* answering a request */
   uint8_t       close_after;    /* close once out is written */
-  uint8_t       vps;            /* streaming /vps */
+  uint8_t       vps;            /* streaming (kind says what) */
   uint8_t       vps_chunked;    /* with chunked transfer coding */
   uint8_t       vps_first;      /* no VP object written yet */
+  uint8_t       kind;           /* HS_VPS, HS_PAGE or HS_METRICS */
+  uint8_t       phase;          /* HS_METRICS: the per-VP family */
   uint8_t       route;          /* 0 other, 1 /metrics, 2 /vps */
   uint32_t      cursor;         /* last VP id written */
   tw_timer_t    timer;
   dlist_node_t  list_node;
   slist_node_t  gc_node;
 } hclient_t;
+
+/* what a streaming answer renders per VP */
+#define HS_VPS     0            /* /vps: JSON objects */
+#define HS_PAGE    1            /* /: HTML table rows */
+#define HS_METRICS 2            /* /metrics with -O metrics-vps */
 
 static dlist_t      hc_list;                /* all HTTP clients */
 static slist_t      gc_hcs;
@@ -6454,6 +6476,18 @@ static int bjson_meta(buf_t *b, const char *name)
   return rc;
 }
 
+/* how many of the VP's arrivals and resumes fell in the last secs
+ * seconds (at most VP_FLAP_KEEP are remembered) */
+static unsigned int vp_flaps_recent(const vp_t *vp, uint64_t secs)
+{
+  unsigned int i, n = 0, kept;
+  kept = vp->flaps < VP_FLAP_KEEP ? vp->flaps : VP_FLAP_KEEP;
+  for(i=0; i<kept; i++)
+    if((uint64_t)vp->flap_ticks[i] + secs > tw_tick)
+      n++;
+  return n;
+}
+
 /* one VP as a JSON object */
 static int vps_render_one(buf_t *b, vp_t *vp, const hc_clock_t *clk)
 {
@@ -6488,6 +6522,8 @@ static int vps_render_one(buf_t *b, vp_t *vp, const hc_clock_t *clk)
 		"\"clients\":{\"unix\":%u,\"mux\":%u}",
 		buf_len(&vp->unacked), splaytree_count(&vp->chans),
 		cl.uc, cl.mc);
+  rc |= bprintf(b, ",\"flaps\":%u,\"flaps_1h\":%u", vp->flaps,
+		vp_flaps_recent(vp, 3600));
 #ifdef HAVE_OPENSSL
   if(vp->ssl != NULL)
     {
@@ -6508,10 +6544,480 @@ static int vps_render_one(buf_t *b, vp_t *vp, const hc_clock_t *clk)
   return rc;
 }
 
+/* ---- per-VP series (-O metrics-vps) ---- */
+
+/*
+ * The per-VP families, written one after the other; each is a pass over
+ * the VPs in id order.  A VP is labelled vp="name", or address="a.b.c.d"
+ * when it sent no name, plus id="N" (its session id): a scamper that
+ * restarts gets a new session under the same name while the old one is
+ * still a zombie, and two series with one label set would be dropped by
+ * Prometheus as duplicates (alerts aggregate with max by (vp)).  Opt-in:
+ * every VP adds 6 to 7 series to every scrape, and every session's series
+ * live on in Prometheus's index for as long as it retains data.
+ */
+#define VPM_FAMILIES 6
+
+static const struct { const char *name, *type, *help; }
+  vpm_family[VPM_FAMILIES] = {
+  {"sc_remoted_vp_up", "gauge",
+   "1 while the VP is connected, 0 while it is a zombie."},
+  {"sc_remoted_vp_connected_since_seconds", "gauge",
+   "Start of the VP's current connection (absent while a zombie)."},
+  {"sc_remoted_vp_last_rx_timestamp_seconds", "gauge",
+   "Last time anything was read from the VP."},
+  {"sc_remoted_vp_zombie_deadline_seconds", "gauge",
+   "When a zombie VP will be discarded unless it resumes."},
+  {"sc_remoted_vp_relay_bytes_total", "counter",
+   "Channel data bytes relayed for the VP's session, by direction."},
+  {"sc_remoted_vp_flaps_total", "counter",
+   "Connections of the VP's session: its arrival plus each resume."},
+};
+
+static int vpm_head(buf_t *b, int phase)
+{
+  return prom_head(b, vpm_family[phase].name, vpm_family[phase].type,
+		   vpm_family[phase].help);
+}
+
+/* the label set of vp, with room for one more label after it */
+static int vpm_labels(buf_t *b, const vp_t *vp)
+{
+  char stack[256], *esc = stack;
+  size_t len, need;
+  int rc;
+  if(vp->name == NULL)
+    return bprintf(b, "{address=\"%s\",id=\"%u\"", vp->addr, vp->id);
+  len = strlen(vp->name);
+  need = prom_label_escape(NULL, 0, (const uint8_t *)vp->name, len);
+  if(need >= sizeof(stack) && (esc = malloc(need + 1)) == NULL)
+    return -1;
+  prom_label_escape(esc, need + 1, (const uint8_t *)vp->name, len);
+  rc = buf_append(b, "{vp=\"", 5) | buf_append(b, esc, need) |
+    bprintf(b, "\",id=\"%u\"", vp->id);
+  if(esc != stack)
+    free(esc);
+  return rc;
+}
+
+/* the sample(s) of family `phase` for vp */
+static int vpm_render_one(buf_t *b, int phase, const vp_t *vp,
+			  const hc_clock_t *clk)
+{
+  const char *name = vpm_family[phase].name;
+  int rc = 0;
+
+  switch(phase)
+    {
+    case 0:
+      rc |= buf_append(b, name, strlen(name)) | vpm_labels(b, vp) |
+	bprintf(b, "} %d\n", vp->state == VP_GO ? 1 : 0);
+      break;
+    case 1:
+      if(vp->state == VP_GO)
+	rc |= buf_append(b, name, strlen(name)) | vpm_labels(b, vp) |
+	  bprintf(b, "} %.0f\n", hc_tick_wall(clk, vp->conn_tick));
+      break;
+    case 2:
+      rc |= buf_append(b, name, strlen(name)) | vpm_labels(b, vp) |
+	bprintf(b, "} %.0f\n", hc_tick_wall(clk, vp->last_rx));
+      break;
+    case 3:
+      if(vp->state == VP_ZOMBIE && vp->rx_timer.slot != NULL)
+	rc |= buf_append(b, name, strlen(name)) | vpm_labels(b, vp) |
+	  bprintf(b, "} %.0f\n", hc_tick_wall(clk, vp->rx_timer.expire));
+      break;
+    case 4:
+      rc |= buf_append(b, name, strlen(name)) | vpm_labels(b, vp) |
+	bprintf(b, ",direction=\"from_vp\"} %" PRIu64 "\n", vp->rx_bytes);
+      rc |= buf_append(b, name, strlen(name)) | vpm_labels(b, vp) |
+	bprintf(b, ",direction=\"to_vp\"} %" PRIu64 "\n", vp->tx_bytes);
+      break;
+    default:
+      rc |= buf_append(b, name, strlen(name)) | vpm_labels(b, vp) |
+	bprintf(b, "} %u\n", vp->flaps);
+      break;
+    }
+  return rc;
+}
+
+/* ---- the status page (/) ---- */
+
+/* append s as HTML text (or a quoted attribute value) */
+static int bhtml(buf_t *b, const char *s)
+{
+  char stack[1024], *esc = stack;
+  size_t len = strlen(s), need;
+  int rc;
+  need = html_escape(NULL, 0, (const uint8_t *)s, len);
+  if(need >= sizeof(stack) && (esc = malloc(need + 1)) == NULL)
+    return -1;
+  html_escape(esc, need + 1, (const uint8_t *)s, len);
+  rc = buf_append(b, esc, need);
+  if(esc != stack)
+    free(esc);
+  return rc;
+}
+
+/* a duration as the page shows it: "3d 4h", "2h 5m", "5m 2s", "7s" */
+static int bdur(buf_t *b, uint64_t s)
+{
+  if(s >= 86400)
+    return bprintf(b, "%" PRIu64 "d %" PRIu64 "h", s / 86400,
+		   s % 86400 / 3600);
+  if(s >= 3600)
+    return bprintf(b, "%" PRIu64 "h %" PRIu64 "m", s / 3600, s % 3600 / 60);
+  if(s >= 60)
+    return bprintf(b, "%" PRIu64 "m %" PRIu64 "s", s / 60, s % 60);
+  return bprintf(b, "%" PRIu64 "s", s);
+}
+
+/* a byte count as the page shows it: "812 B", "1.5 MB" (powers of 1000) */
+static int bbytes(buf_t *b, uint64_t n)
+{
+  static const char *const unit[] = {"B", "kB", "MB", "GB", "TB", "PB"};
+  double v = (double)n;
+  int i = 0;
+  if(n < 1000)
+    return bprintf(b, "%" PRIu64 " B", n);
+  while(v >= 1000 && i < 5)
+    {
+      v /= 1000;
+      i++;
+    }
+  return bprintf(b, "%.1f %s", v, unit[i]);
+}
+
+static const meta_t *page_vp_meta(const vp_t *vp)
+{
+  meta_t key;
+  if(vp->name == NULL || meta_table == NULL)
+    return NULL;
+  key.name = vp->name;
+  return splaytree_find(&meta_table->tree, &key);
+}
+
+/* a metadata value (by key name) of m, or "" */
+static const char *page_meta_val(const meta_t *m, const char *k)
+{
+  size_t i;
+  if(m == NULL)
+    return "";
+  for(i=0; i<META_NFIELDS; i++)
+    if(strcmp(meta_keys[i].key, k) == 0)
+      return m->val[i] != NULL ? m->val[i] : "";
+  return "";
+}
+
+/* the page's columns; status.js renders the same ones from /vps */
+static const char *const page_cols[][2] = {
+  {"name", "Name"}, {"place", "Place"}, {"cc", "Country"},
+  {"address", "Address"}, {"state", "State"}, {"up", "Connected for"},
+  {"rx", "Last data"}, {"zd", "Zombie deadline"},
+  {"bytes_from_vp", "Bytes from VP"}, {"bytes_to_vp", "Bytes to VP"},
+  {"frames_from_vp", "Frames from VP"}, {"frames_to_vp", "Frames to VP"},
+  {"channels", "Channels"}, {"clients", "Clients"},
+  {"flaps_1h", "Flaps (1h)"},
+};
+
+/* /status.css: the page's style */
+static const char page_css[] =
+  "body { font: 14px/1.4 system-ui, sans-serif; margin: 1em 2em; color: #222; background: #fafafa; }\n"
+  "header h1 { display: inline-block; margin: 0 .5em 0 0; font-size: 1.6em; }\n"
+  "header p { display: inline-block; margin: 0; color: #666; }\n"
+  "a { color: #0550ae; }\n"
+  "#totals { display: flex; flex-wrap: wrap; gap: .8em; margin: 1em 0; }\n"
+  "#totals div { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .5em 1em; min-width: 7em; }\n"
+  "#totals .k { display: block; color: #666; font-size: .85em; }\n"
+  "#totals .v { display: block; font-size: 1.5em; font-weight: 600; }\n"
+  "#t-go { color: #1a7f37; }\n"
+  "#t-zombie { color: #bf3989; }\n"
+  "#controls { margin: .5em 0; display: flex; gap: .5em; align-items: center; }\n"
+  "#controls input { width: 22em; padding: .3em; }\n"
+  "#status { color: #666; }\n"
+  "body.stale #status { color: #c00; font-weight: 600; }\n"
+  "table { border-collapse: collapse; background: #fff; width: 100%; }\n"
+  "th, td { border: 1px solid #ddd; padding: .25em .5em; text-align: left; white-space: nowrap; }\n"
+  "th { background: #eef1f4; position: sticky; top: 0; }\n"
+  "body.js th { cursor: pointer; user-select: none; }\n"
+  "th[aria-sort=\"ascending\"]::after { content: \" \\25B2\"; }\n"
+  "th[aria-sort=\"descending\"]::after { content: \" \\25BC\"; }\n"
+  "td.n { text-align: right; font-variant-numeric: tabular-nums; }\n"
+  "tr.st-go td:nth-child(5) { color: #1a7f37; font-weight: 600; }\n"
+  "tr.st-zombie { background: #fff0f6; }\n"
+  "tr.st-zombie td:nth-child(5) { color: #bf3989; font-weight: 600; }\n"
+  ".note { color: #666; }\n"
+  "td:nth-child(2) { white-space: normal; min-width: 10em; max-width: 22em; }\n"
+  "#controls[hidden] { display: none; }\n";
+
+/*
+ * /status.js: sorting, filtering and refreshing from /vps and /metrics
+ * without a reload.  Rows are built with textContent only, never from
+ * HTML, so VP names and metadata cannot become markup.
+ */
+static const char page_js[] =
+  "'use strict';\n"
+  "(function () {\n"
+  "  var tbody = document.querySelector('#vps tbody');\n"
+  "  var heads = Array.prototype.slice.call(document.querySelectorAll('#vps th'));\n"
+  "  var keys = heads.map(function (th) { return th.dataset.key; });\n"
+  "  var filter = document.getElementById('filter');\n"
+  "  var fstate = document.getElementById('fstate');\n"
+  "  var fcc = document.getElementById('fcc');\n"
+  "  var status = document.getElementById('status');\n"
+  "  var vps = [], skew = 0, sortKey = 'name', sortDir = 1, last = null;\n"
+  "\n"
+  "  function dur(s) {\n"
+  "    s = Math.max(0, Math.round(s));\n"
+  "    var d = Math.floor(s / 86400), h = Math.floor(s % 86400 / 3600);\n"
+  "    var m = Math.floor(s % 3600 / 60), x = s % 60;\n"
+  "    if (d) return d + 'd ' + h + 'h';\n"
+  "    if (h) return h + 'h ' + m + 'm';\n"
+  "    if (m) return m + 'm ' + x + 's';\n"
+  "    return x + 's';\n"
+  "  }\n"
+  "  function bytes(n) {\n"
+  "    var u = ['B', 'kB', 'MB', 'GB', 'TB', 'PB'], i = 0;\n"
+  "    if (n < 1000) return n + ' B';\n"
+  "    while (n >= 1000 && i < 5) { n /= 1000; i++; }\n"
+  "    return n.toFixed(1) + ' ' + u[i];\n"
+  "  }\n"
+  "  function meta(v, k) {\n"
+  "    var m = v.metadata;\n"
+  "    return m && typeof m[k] === 'string' ? m[k] : '';\n"
+  "  }\n"
+  "  function lc(s) { return s.toLowerCase(); }\n"
+  "  /* [text, sort key] of column `key` for VP v at server time now */\n"
+  "  function cell(v, key, now) {\n"
+  "    var x;\n"
+  "    switch (key) {\n"
+  "    case 'name': return v.name === null ? ['(none)', ''] : [v.name, lc(v.name)];\n"
+  "    case 'place': case 'cc': x = meta(v, key); return [x, lc(x)];\n"
+  "    case 'address': case 'state': return [v[key], v[key]];\n"
+  "    case 'up':\n"
+  "      if (v.connected_since === null) return ['', -1];\n"
+  "      return [dur(now - v.connected_since), now - v.connected_since];\n"
+  "    case 'rx': return [dur(now - v.last_rx) + ' ago', now - v.last_rx];\n"
+  "    case 'zd':\n"
+  "      if (v.zombie_deadline === null) return ['', Infinity];\n"
+  "      return ['in ' + dur(v.zombie_deadline - now), v.zombie_deadline - now];\n"
+  "    case 'clients':\n"
+  "      x = v.clients ? (v.clients.unix || 0) + (v.clients.mux || 0) : 0;\n"
+  "      return [String(x), x];\n"
+  "    }\n"
+  "    x = Number(v[key]) || 0;\n"
+  "    return [key.indexOf('bytes') === 0 ? bytes(x) : String(x), x];\n"
+  "  }\n"
+  "  function render() {\n"
+  "    var now = Date.now() / 1000 + skew, rows = [];\n"
+  "    var q = lc(filter.value.trim()), st = fstate.value, cc = fcc.value;\n"
+  "    vps.forEach(function (v) {\n"
+  "      if (st && v.state !== st) return;\n"
+  "      if (cc && meta(v, 'cc') !== cc) return;\n"
+  "      if (q && lc([v.name || '', meta(v, 'place'), meta(v, 'cc'), v.address,\n"
+  "                   v.state].join(' ')).indexOf(q) < 0) return;\n"
+  "      rows.push({ id: v.id, state: v.state,\n"
+  "                  c: keys.map(function (k) { return cell(v, k, now); }) });\n"
+  "    });\n"
+  "    var si = Math.max(0, keys.indexOf(sortKey));\n"
+  "    rows.sort(function (a, b) {\n"
+  "      var x = a.c[si][1], y = b.c[si][1];\n"
+  "      return (x < y ? -1 : x > y ? 1 : a.id - b.id) * sortDir;\n"
+  "    });\n"
+  "    var frag = document.createDocumentFragment();\n"
+  "    rows.forEach(function (r) {\n"
+  "      var tr = document.createElement('tr');\n"
+  "      tr.className = 'st-' + r.state;\n"
+  "      tr.dataset.id = r.id;\n"
+  "      r.c.forEach(function (c) {\n"
+  "        var td = document.createElement('td');\n"
+  "        td.textContent = c[0];\n"
+  "        if (typeof c[1] === 'number') td.className = 'n';\n"
+  "        tr.appendChild(td);\n"
+  "      });\n"
+  "      frag.appendChild(tr);\n"
+  "    });\n"
+  "    tbody.replaceChildren(frag);\n"
+  "    heads.forEach(function (th) {\n"
+  "      th.setAttribute('aria-sort', th.dataset.key !== sortKey ? 'none' :\n"
+  "                      sortDir > 0 ? 'ascending' : 'descending');\n"
+  "    });\n"
+  "    status.textContent = rows.length + ' of ' + vps.length + ' VPs shown';\n"
+  "  }\n"
+  "  function countries() {\n"
+  "    var seen = {}, cur = fcc.value;\n"
+  "    vps.forEach(function (v) { var c = meta(v, 'cc'); if (c) seen[c] = 1; });\n"
+  "    var list = Object.keys(seen).sort();\n"
+  "    var opts = [new Option('any country', '')];\n"
+  "    list.forEach(function (c) { opts.push(new Option(c, c)); });\n"
+  "    fcc.replaceChildren.apply(fcc, opts);\n"
+  "    fcc.value = list.indexOf(cur) >= 0 ? cur : '';\n"
+  "  }\n"
+  "  function metric(text, name, label) {\n"
+  "    var lines = text.split('\\n'), p = name + (label ? '{' + label + '}' : '') + ' ';\n"
+  "    for (var i = 0; i < lines.length; i++)\n"
+  "      if (lines[i].indexOf(p) === 0) return Number(lines[i].slice(p.length));\n"
+  "    return 0;\n"
+  "  }\n"
+  "  function set(id, text) { document.getElementById(id).textContent = text; }\n"
+  "  function totals(text) {\n"
+  "    var t = Date.now() / 1000;\n"
+  "    var rx = metric(text, 'sc_remoted_relay_bytes_total', 'direction=\"from_vp\"');\n"
+  "    var tx = metric(text, 'sc_remoted_relay_bytes_total', 'direction=\"to_vp\"');\n"
+  "    set('t-go', metric(text, 'sc_remoted_vps', 'state=\"go\"'));\n"
+  "    set('t-zombie', metric(text, 'sc_remoted_vps', 'state=\"zombie\"'));\n"
+  "    set('t-handshake', metric(text, 'sc_remoted_vps', 'state=\"handshake\"'));\n"
+  "    set('t-clients', metric(text, 'sc_remoted_clients', 'kind=\"unix\"') +\n"
+  "        metric(text, 'sc_remoted_clients', 'kind=\"mux\"'));\n"
+  "    if (last && t > last.t) {\n"
+  "      set('t-rx', bytes(Math.round(Math.max(0, rx - last.rx) / (t - last.t))) + '/s');\n"
+  "      set('t-tx', bytes(Math.round(Math.max(0, tx - last.tx) / (t - last.t))) + '/s');\n"
+  "    }\n"
+  "    last = { t: t, rx: rx, tx: tx };\n"
+  "  }\n"
+  "  function refresh() {\n"
+  "    Promise.all([fetch('/vps', { cache: 'no-store' }),\n"
+  "                 fetch('/metrics', { cache: 'no-store' })]).then(function (rs) {\n"
+  "      if (!rs[0].ok || !rs[1].ok)\n"
+  "        throw new Error('HTTP ' + rs[0].status + ', ' + rs[1].status);\n"
+  "      var d = Date.parse(rs[0].headers.get('Date'));\n"
+  "      if (!isNaN(d)) skew = d / 1000 - Date.now() / 1000;\n"
+  "      return Promise.all([rs[0].json(), rs[1].text()]);\n"
+  "    }).then(function (b) {\n"
+  "      vps = b[0];\n"
+  "      totals(b[1]);\n"
+  "      countries();\n"
+  "      render();\n"
+  "      document.body.classList.remove('stale');\n"
+  "    }).catch(function (e) {\n"
+  "      status.textContent = 'refresh failed: ' + e.message;\n"
+  "      document.body.classList.add('stale');\n"
+  "    }).then(function () {\n"
+  "      /* a big fleet's /vps is megabytes: fetch it less often */\n"
+  "      setTimeout(refresh, vps.length > 2000 ? 15000 : 2000);\n"
+  "    });\n"
+  "  }\n"
+  "  heads.forEach(function (th) {\n"
+  "    th.tabIndex = 0;\n"
+  "    th.addEventListener('click', function () {\n"
+  "      if (sortKey === th.dataset.key) sortDir = -sortDir;\n"
+  "      else { sortKey = th.dataset.key; sortDir = 1; }\n"
+  "      render();\n"
+  "    });\n"
+  "    th.addEventListener('keydown', function (e) {\n"
+  "      if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); th.click(); }\n"
+  "    });\n"
+  "  });\n"
+  "  [filter, fstate, fcc].forEach(function (el) { el.addEventListener('input', render); });\n"
+  "  document.getElementById('controls').hidden = false;\n"
+  "  document.body.classList.add('js');\n"
+  "  refresh();\n"
+  "})();\n";
+
+/* the page up to the first table row: totals, controls, table head */
+static int page_head(buf_t *b)
+{
+  static const char *const st[3] = {"handshake", "go", "zombie"};
+  vp_totals_t t;
+  size_t i;
+  int rc = 0;
+
+  vp_totals(&t);
+  rc |= bprintf(b, "<!DOCTYPE html>\n<html lang=\"en\"><head>"
+		"<meta charset=\"utf-8\">"
+		"<meta name=\"viewport\" content=\"width=device-width, "
+		"initial-scale=1\"><title>sc_remoted status</title>"
+		"<link rel=\"stylesheet\" href=\"/status.css\">"
+		"<script src=\"/status.js\" defer></script></head>\n<body>"
+		"<header><h1>sc_remoted</h1><p>version %s &middot; "
+		"<a href=\"/vps\">/vps</a> &middot; "
+		"<a href=\"/metrics\">/metrics</a></p></header>\n",
+		PACKAGE_VERSION);
+  rc |= bprintf(b, "<section id=\"totals\">"
+		"<div><span class=\"k\">VPs live</span>"
+		"<span class=\"v\" id=\"t-go\">%" PRIu64 "</span></div>"
+		"<div><span class=\"k\">zombie</span>"
+		"<span class=\"v\" id=\"t-zombie\">%" PRIu64 "</span></div>"
+		"<div><span class=\"k\">in handshake</span>"
+		"<span class=\"v\" id=\"t-handshake\">%" PRIu64
+		"</span></div>", t.vps[1], t.vps[2], t.vps[0]);
+  rc |= bprintf(b, "<div><span class=\"k\">clients</span>"
+		"<span class=\"v\" id=\"t-clients\">%" PRIu64 "</span></div>",
+		t.uclients + mc_list.count);
+  rc |= bprintf(b, "<div><span class=\"k\">relayed from VPs</span>"
+		"<span class=\"v\" id=\"t-rx\">") |
+    bbytes(b, stats.relay_bytes[0]) |
+    bprintf(b, "</span></div><div><span class=\"k\">relayed to VPs"
+	    "</span><span class=\"v\" id=\"t-tx\">") |
+    bbytes(b, stats.relay_bytes[1]) |
+    bprintf(b, "</span></div></section>\n");
+  rc |= bprintf(b, "<div id=\"controls\" hidden>"
+		"<input id=\"filter\" type=\"search\" placeholder=\"filter: "
+		"name, place, country, address\" aria-label=\"filter\">"
+		"<select id=\"fstate\" aria-label=\"state\">"
+		"<option value=\"\">any state</option>");
+  for(i=0; i<3; i++)
+    rc |= bprintf(b, "<option>%s</option>", st[(i + 1) % 3]);
+  rc |= bprintf(b, "</select><select id=\"fcc\" aria-label=\"country\">"
+		"<option value=\"\">any country</option></select>"
+		"<span id=\"status\"></span></div>\n"
+		"<noscript><p class=\"note\">JavaScript is off: a snapshot "
+		"in arrival order; reload to refresh.</p></noscript>\n"
+		"<table id=\"vps\"><thead><tr>");
+  for(i=0; i<sizeof(page_cols)/sizeof(page_cols[0]); i++)
+    rc |= bprintf(b, "<th data-key=\"%s\">%s</th>", page_cols[i][0],
+		  page_cols[i][1]);
+  rc |= bprintf(b, "</tr></thead>\n<tbody>\n");
+  return rc;
+}
+
+static int page_tail(buf_t *b)
+{
+  return bprintf(b, "</tbody></table>\n</body></html>\n");
+}
+
+/* one VP as a table row; every string from the VP or metadata escaped */
+static int page_row(buf_t *b, vp_t *vp)
+{
+  static const char *const st[] = {"?", "handshake", "go", "zombie",
+				   "flush"};
+  const char *state = st[vp->state <= VP_FLUSH ? vp->state : 0];
+  const meta_t *m = page_vp_meta(vp);
+  vp_clients_t cl = {0, 0};
+  int rc = 0;
+
+  splaytree_inorder(&vp->chans, chan_count_clients, &cl);
+  rc |= bprintf(b, "<tr class=\"st-%s\" data-id=\"%u\"><td>", state, vp->id);
+  rc |= vp->name != NULL ? bhtml(b, vp->name) : bprintf(b, "(none)");
+  rc |= bprintf(b, "</td><td>") | bhtml(b, page_meta_val(m, "place")) |
+    bprintf(b, "</td><td>") | bhtml(b, page_meta_val(m, "cc")) |
+    bprintf(b, "</td><td>%s</td><td>%s</td><td class=\"n\">", vp->addr,
+	    state);
+  if(vp->state == VP_GO)
+    rc |= bdur(b, tw_tick - vp->conn_tick);
+  rc |= bprintf(b, "</td><td class=\"n\">") |
+    bdur(b, tw_tick > vp->last_rx ? tw_tick - vp->last_rx : 0) |
+    bprintf(b, " ago</td><td class=\"n\">");
+  if(vp->state == VP_ZOMBIE && vp->rx_timer.slot != NULL)
+    rc |= bprintf(b, "in ") |
+      bdur(b, vp->rx_timer.expire > tw_tick ?
+	   vp->rx_timer.expire - tw_tick : 0);
+  rc |= bprintf(b, "</td><td class=\"n\">") | bbytes(b, vp->rx_bytes) |
+    bprintf(b, "</td><td class=\"n\">") | bbytes(b, vp->tx_bytes);
+  rc |= bprintf(b, "</td><td class=\"n\">%" PRIu64 "</td><td class=\"n\">%"
+		PRIu64 "</td><td class=\"n\">%zu</td><td class=\"n\">%u</td>"
+		"<td class=\"n\">%u</td></tr>\n", vp->rx_frames,
+		vp->tx_frames, splaytree_count(&vp->chans), cl.uc + cl.mc,
+		vp_flaps_recent(vp, 3600));
+  return rc;
+}
+
 /*
  * Render the next VPs after hc->cursor into hc->out, about HC_LOW bytes
- * at a time (one chunk when chunked), ending the array and the body
- * after the last VP.  Returns 0, or -1 out of memory.
+ * at a time (one chunk when chunked), as hc->kind says: /vps objects,
+ * status page rows, or per-VP series (one pass per family: at the end of
+ * a pass the cursor restarts for the next).  After the last VP the
+ * answer's tail ends the body.  Returns 0, or -1 out of memory.
  */
 static int vps_fill(hclient_t *hc)
 {
@@ -6526,21 +7032,39 @@ static int vps_fill(hclient_t *hc)
     {
       if((vp = vp_find_next(hc->cursor)) == NULL)
 	{
-	  rc |= buf_append(&tmp, "]\n", 2);
+	  if(hc->kind == HS_METRICS && ++hc->phase < VPM_FAMILIES)
+	    {
+	      hc->cursor = 0;
+	      rc |= vpm_head(&tmp, hc->phase);
+	      continue;
+	    }
+	  rc |= hc->kind == HS_VPS ? buf_append(&tmp, "]\n", 2) :
+	    hc->kind == HS_PAGE ? page_tail(&tmp) : 0;
 	  done = 1;
 	  break;
 	}
       hc->cursor = vp->id;
-      if(!hc->vps_first)
-	rc |= buf_append(&tmp, ",\n", 2);
-      hc->vps_first = 0;
-      rc |= vps_render_one(&tmp, vp, &clk);
+      if(hc->kind == HS_PAGE)
+	rc |= page_row(&tmp, vp);
+      else if(hc->kind == HS_METRICS)
+	rc |= vpm_render_one(&tmp, hc->phase, vp, &clk);
+      else
+	{
+	  if(!hc->vps_first)
+	    rc |= buf_append(&tmp, ",\n", 2);
+	  hc->vps_first = 0;
+	  rc |= vps_render_one(&tmp, vp, &clk);
+	}
     }
-  if(rc == 0 && hc->vps_chunked)
+  /* an empty chunk would end the body early */
+  if(rc == 0 && hc->vps_chunked && buf_len(&tmp) > 0)
     rc |= bprintf(&hc->out, "%zx\r\n", buf_len(&tmp));
-  rc |= buf_append_buf(&hc->out, &tmp, 0);
-  if(hc->vps_chunked)
-    rc |= buf_append(&hc->out, "\r\n", 2);
+  if(buf_len(&tmp) > 0)
+    {
+      rc |= buf_append_buf(&hc->out, &tmp, 0);
+      if(hc->vps_chunked)
+	rc |= buf_append(&hc->out, "\r\n", 2);
+    }
   if(done)
     {
       if(hc->vps_chunked)
@@ -6557,11 +7081,19 @@ static int vps_fill(hclient_t *hc)
 static int hc_head(hclient_t *hc, const http_req_t *req, int code,
 		   const char *ctype, long clen, const char *extra)
 {
+  char date[64];
+  time_t now = time(NULL);
+  struct tm tm;
   int rc;
   stats.http_requests[hc_code_idx(code)]++;
+  /* the status page's script takes the server's clock from Date */
+  if(gmtime_r(&now, &tm) == NULL ||
+     strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S GMT", &tm) == 0)
+    date[0] = '\0';
   rc = bprintf(&hc->out, "HTTP/1.%d %d %s\r\nServer: sc_remoted/%s\r\n"
-	       "Content-Type: %s\r\n%s", req->minor == 0 ? 0 : 1, code,
-	       hc_reason(code), PACKAGE_VERSION, ctype, extra);
+	       "%s%s%sContent-Type: %s\r\n%s", req->minor == 0 ? 0 : 1, code,
+	       hc_reason(code), PACKAGE_VERSION, date[0] ? "Date: " : "",
+	       date, date[0] ? "\r\n" : "", ctype, extra);
   if(clen >= 0)
     rc |= bprintf(&hc->out, "Content-Length: %ld\r\n", clen);
   if(hc->close_after)
@@ -6585,53 +7117,113 @@ static int hc_text(hclient_t *hc, const http_req_t *req, int code,
   return rc;
 }
 
+/*
+ * Start streaming an answer of kind `kind` whose head is queued: the
+ * first piece of the body (pre, may be empty) goes out now, the rest is
+ * rendered by vps_fill as the output drains.
+ */
+static int hc_stream(hclient_t *hc, int kind, buf_t *pre)
+{
+  int rc = 0, on = 1;
+  /*
+   * A streamed answer ends with a small write (the last rows, the
+   * terminating chunk) that Nagle would hold until the client's delayed
+   * ACK, some 40 ms later: the whole answer is queued already, so send
+   * segments as they are.  (Not a TCP socket: harmless EOPNOTSUPP.)
+   */
+  setsockopt(hc->ev.fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+  hc->vps = 1;
+  hc->kind = (uint8_t)kind;
+  hc->phase = 0;
+  hc->vps_first = 1;
+  hc->cursor = 0;
+  if(buf_len(pre) == 0)
+    return 0;
+  if(hc->vps_chunked)
+    rc |= bprintf(&hc->out, "%zx\r\n", buf_len(pre));
+  rc |= buf_append_buf(&hc->out, pre, 0);
+  if(hc->vps_chunked)
+    rc |= buf_append(&hc->out, "\r\n", 2);
+  return rc;
+}
+
+/* the headers of the status page and its script and style */
+#define HC_PAGE_HDRS \
+  "Content-Security-Policy: default-src 'none'; script-src 'self'; " \
+  "style-src 'self'; connect-src 'self'; img-src 'self'; " \
+  "base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\n" \
+  "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n" \
+  "Cache-Control: no-store\r\n"
+
+/* 0 other, 1 /metrics, 2 /vps, 3 /, 4 /status.js, 5 /status.css */
+static int hc_path(const char *path)
+{
+  static const char *const paths[] = {"/metrics", "/vps", "/",
+				      "/status.js", "/status.css"};
+  int i;
+  for(i=0; i<5; i++)
+    if(strcmp(path, paths[i]) == 0)
+      return i + 1;
+  return 0;
+}
+
 /* answer one request: queue the head and (the start of) the body */
 static int hc_respond(hclient_t *hc, const http_req_t *req)
 {
   int head = strcmp(req->method, "HEAD") == 0;
+  int path = hc_path(req->path), stream;
+  const char *stat;
   buf_t page;
   int rc;
 
   hc->busy = 1;
-  hc->route = strcmp(req->path, "/metrics") == 0 ? 1 :
-    strcmp(req->path, "/vps") == 0 ? 2 : 0;
+  /* the page and its files count as "other" in http_busy_seconds */
+  hc->route = path == 1 || path == 2 ? (uint8_t)path : 0;
   if(!req->keepalive)
     hc->close_after = 1;
-  if(strcmp(req->path, "/metrics") != 0 && strcmp(req->path, "/vps") != 0)
+  if(path == 0)
     return hc_text(hc, req, 404, "");
   if(!head && strcmp(req->method, "GET") != 0)
     return hc_text(hc, req, 405, "Allow: GET, HEAD\r\n");
-  if(strcmp(req->path, "/metrics") == 0)
+  if(path == 4 || path == 5)
     {
-      memset(&page, 0, sizeof(page));
-      if(metrics_render(&page) != 0)
-	{
-	  buf_clear(&page);
-	  hc->close_after = 1;
-	  return hc_text(hc, req, 500, "");
-	}
-      rc = hc_head(hc, req, 200, "text/plain; version=0.0.4",
-		   (long)buf_len(&page), "");
+      stat = path == 4 ? page_js : page_css;
+      rc = hc_head(hc, req, 200, path == 4 ?
+		   "text/javascript; charset=utf-8" : "text/css; charset=utf-8",
+		   (long)strlen(stat), HC_PAGE_HDRS);
       if(!head)
-	rc |= buf_append_buf(&hc->out, &page, 0);
-      buf_clear(&page);
+	rc |= buf_append(&hc->out, stat, strlen(stat));
       return rc;
     }
-  /* /vps: chunked for HTTP/1.1; HTTP/1.0 gets the body up to the close */
-  if(req->minor == 0)
+  /* the rest streams unless it is /metrics without per-VP series:
+   * chunked for HTTP/1.1; HTTP/1.0 gets the body up to the close */
+  stream = path != 1 || (opt_flags & OPT_METRICS_VPS) != 0;
+  memset(&page, 0, sizeof(page));
+  if((path == 1 && metrics_render(&page) != 0) ||
+     (path == 3 && page_head(&page) != 0) ||
+     (path == 1 && stream && vpm_head(&page, 0) != 0) ||
+     (path == 2 && buf_append(&page, "[\n", 2) != 0))
+    {
+      buf_clear(&page);
+      hc->close_after = 1;
+      return hc_text(hc, req, 500, "");
+    }
+  if(stream && req->minor == 0)
     hc->close_after = 1;
-  hc->vps_chunked = req->minor == 1;
-  rc = hc_head(hc, req, 200, "application/json", -1,
-	       hc->vps_chunked ? "Transfer-Encoding: chunked\r\n" : "");
-  if(head)
-    return rc;
-  hc->vps = 1;
-  hc->vps_first = 1;
-  hc->cursor = 0;
-  if(hc->vps_chunked)
-    rc |= buf_append(&hc->out, "2\r\n[\n\r\n", 7);
-  else
-    rc |= buf_append(&hc->out, "[\n", 2);
+  hc->vps_chunked = stream && req->minor == 1;
+  rc = hc_head(hc, req, 200, path == 1 ? "text/plain; version=0.0.4" :
+	       path == 2 ? "application/json" : "text/html; charset=utf-8",
+	       stream ? -1 : (long)buf_len(&page),
+	       path != 3 ? (hc->vps_chunked ?
+			    "Transfer-Encoding: chunked\r\n" : "") :
+	       hc->vps_chunked ? HC_PAGE_HDRS "Transfer-Encoding: chunked\r\n" :
+	       HC_PAGE_HDRS);
+  if(!head && stream)
+    rc |= hc_stream(hc, path == 1 ? HS_METRICS : path == 2 ? HS_VPS :
+		    HS_PAGE, &page);
+  else if(!head)
+    rc |= buf_append_buf(&hc->out, &page, 0);
+  buf_clear(&page);
   return rc;
 }
 

@@ -1301,4 +1301,91 @@ const char *proxy_hdr_strerror(long rc)
     case PROXY_E_TLV:     return "bad PROXY v2 TLV (length or CRC32C)";
     }
   return rc > 0 ? "complete" : "incomplete PROXY header";
+/*
+ * The loop shared by html_escape and prom_label_escape: valid UTF-8
+ * passes through, each byte that does not start a valid sequence becomes
+ * U+FFFD (as UTF-8), and bytes for which special() returns a piece are
+ * replaced by it.  Same return and truncation rules as json_escape.
+ */
+static size_t escape_utf8(char *dst, size_t dstlen, const uint8_t *src,
+			  size_t len,
+			  const char *(*special)(uint8_t c, size_t *n))
+{
+  size_t i = 0, out = 0, n, k, end = 0;
+  int full = 0;
+  const char *piece;
+
+  while(i < len)
+    {
+      if((piece = special(src[i], &n)) != NULL)
+	i++;
+      else if((n = utf8_seqlen(src + i, len - i)) == 0)
+	{
+	  piece = "\xef\xbf\xbd"; n = 3;
+	  i++;
+	}
+      else
+	{
+	  piece = (const char *)src + i;
+	  i += n;
+	}
+      if(full == 0 && out + n < dstlen)
+	{
+	  for(k = 0; k < n; k++)
+	    dst[out + k] = piece[k];
+	  end = out + n;
+	}
+      else
+	full = 1;
+      out += n;
+    }
+  if(dstlen > 0)
+    dst[end] = '\0';
+  return out;
+}
+
+static const char *html_special(uint8_t c, size_t *n)
+{
+  const char *p;
+  switch(c)
+    {
+    case '<':  p = "&lt;"; break;
+    case '>':  p = "&gt;"; break;
+    case '&':  p = "&amp;"; break;
+    case '"':  p = "&quot;"; break;
+    case '\'': p = "&#39;"; break;
+    default:
+      if(c < 0x20 || c == 0x7f)
+	{
+	  /* controls have no business in a name: show them as U+FFFD */
+	  *n = 3;
+	  return "\xef\xbf\xbd";
+	}
+      return NULL;
+    }
+  *n = strlen(p);
+  return p;
+}
+
+size_t html_escape(char *dst, size_t dstlen, const uint8_t *src, size_t len)
+{
+  return escape_utf8(dst, dstlen, src, len, html_special);
+}
+
+static const char *prom_special(uint8_t c, size_t *n)
+{
+  *n = 2;
+  switch(c)
+    {
+    case '\\': return "\\\\";
+    case '"':  return "\\\"";
+    case '\n': return "\\n";
+    }
+  return NULL;
+}
+
+size_t prom_label_escape(char *dst, size_t dstlen, const uint8_t *src,
+			 size_t len)
+{
+  return escape_utf8(dst, dstlen, src, len, prom_special);
 }

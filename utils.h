@@ -278,5 +278,22 @@ const char *proxy_hdr_strerror(long rc);
 
 /* CRC32C (Castagnoli), as the PROXY v2 CRC32C TLV uses; crc 0 to start */
 uint32_t crc32c(uint32_t crc, const uint8_t *buf, size_t len);
+ * Escape len bytes of src for HTML text or a quoted attribute value:
+ * < > & " ' become character references, control characters and bytes
+ * that are not part of valid UTF-8 each become U+FFFD; the rest (valid
+ * UTF-8) passes through.  Return and truncation rules as json_escape; at
+ * most 6 * len + 1 bytes are ever needed.
+ */
+size_t   html_escape(char *dst, size_t dstlen, const uint8_t *src,
+		     size_t len);
+
+/*
+ * Escape len bytes of src as a Prometheus text-format label value (no
+ * quotes): backslash, '"' and newline get a backslash; bytes that are
+ * not part of valid UTF-8 (which Prometheus rejects) become U+FFFD.
+ * Return and truncation rules as json_escape; at most 3 * len + 1 bytes.
+ */
+size_t   prom_label_escape(char *dst, size_t dstlen, const uint8_t *src,
+			   size_t len);
 
 #endif /* UTILS_H */

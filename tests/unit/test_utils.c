@@ -967,6 +967,42 @@ static void test_proxy_v2(void)
     }
   CHECK(strcmp(proxy_hdr_strerror(PROXY_E_TLV),
 	       "bad PROXY v2 TLV (length or CRC32C)") == 0);
+static void test_html_escape(void)
+{
+  char out[128];
+  const char *s = "<script>alert(\"x\")</script>&'";
+  size_t n;
+
+  n = html_escape(out, sizeof(out), (const uint8_t *)s, strlen(s));
+  CHECK(strcmp(out, "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;"
+	       "&amp;&#39;") == 0);
+  CHECK(n == strlen(out));
+  /* valid UTF-8 passes; invalid bytes and controls become U+FFFD */
+  CHECK(html_escape(out, sizeof(out), (const uint8_t *)"\xc3\xa9", 2) == 2
+	&& strcmp(out, "\xc3\xa9") == 0);
+  CHECK(html_escape(out, sizeof(out), (const uint8_t *)"a\xff\x01", 3) == 7
+	&& strcmp(out, "a\xef\xbf\xbd\xef\xbf\xbd") == 0);
+  CHECK(html_escape(out, sizeof(out), (const uint8_t *)"\xe2\x82", 2) == 6);
+  /* truncation: never half a reference */
+  CHECK(html_escape(out, 4, (const uint8_t *)"a<b", 3) == 6 &&
+	strcmp(out, "a") == 0);
+  CHECK(html_escape(NULL, 0, (const uint8_t *)"&", 1) == 5);
+}
+
+static void test_prom_label_escape(void)
+{
+  char out[128];
+  size_t n;
+
+  n = prom_label_escape(out, sizeof(out), (const uint8_t *)"a\\b\"c\nd", 7);
+  CHECK(strcmp(out, "a\\\\b\\\"c\\nd") == 0 && n == strlen(out));
+  CHECK(prom_label_escape(out, sizeof(out),
+			  (const uint8_t *)"<x>\t'\xc3\xa9", 7) == 7 &&
+	strcmp(out, "<x>\t'\xc3\xa9") == 0);
+  CHECK(prom_label_escape(out, sizeof(out), (const uint8_t *)"\xc0\xaf", 2)
+	== 6 && strcmp(out, "\xef\xbf\xbd\xef\xbf\xbd") == 0);
+  CHECK(prom_label_escape(out, 3, (const uint8_t *)"a\"", 2) == 3 &&
+	strcmp(out, "a") == 0);
 }
 
 int main(void)
@@ -994,5 +1030,7 @@ int main(void)
   UNIT_RUN(test_json_escape);
   UNIT_RUN(test_proxy_v1);
   UNIT_RUN(test_proxy_v2);
+  UNIT_RUN(test_html_escape);
+  UNIT_RUN(test_prom_label_escape);
   return unit_exit();
 }

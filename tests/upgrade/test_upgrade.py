@@ -340,6 +340,11 @@ class TestUpgrade(unittest.TestCase):
         vps_after = d.vps()
         # times derived from ticks may round to the next second
         wall = ('connected_since', 'last_rx', 'zombie_deadline')
+        # the flap history (issue 20) is not in the upgrade state yet: it
+        # restarts at 0 in the new process
+        for v in vps_before + vps_after:
+            v.pop('flaps', None)
+            v.pop('flaps_1h', None)
         self.assertEqual(len(vps_after), len(vps_before))
         for a, b in zip(vps_after, vps_before):
             for k in wall:
