@@ -1301,6 +1301,8 @@ const char *proxy_hdr_strerror(long rc)
     case PROXY_E_TLV:     return "bad PROXY v2 TLV (length or CRC32C)";
     }
   return rc > 0 ? "complete" : "incomplete PROXY header";
+}
+
 /*
  * The loop shared by html_escape and prom_label_escape: valid UTF-8
  * passes through, each byte that does not start a valid sequence becomes

@@ -278,6 +278,8 @@ const char *proxy_hdr_strerror(long rc);
 
 /* CRC32C (Castagnoli), as the PROXY v2 CRC32C TLV uses; crc 0 to start */
 uint32_t crc32c(uint32_t crc, const uint8_t *buf, size_t len);
+
+/*
  * Escape len bytes of src for HTML text or a quoted attribute value:
  * < > & " ' become character references, control characters and bytes
  * that are not part of valid UTF-8 each become U+FFFD; the rest (valid

@@ -967,6 +967,8 @@ static void test_proxy_v2(void)
     }
   CHECK(strcmp(proxy_hdr_strerror(PROXY_E_TLV),
 	       "bad PROXY v2 TLV (length or CRC32C)") == 0);
+}
+
 static void test_html_escape(void)
 {
   char out[128];
