@@ -1069,6 +1069,25 @@ typedef struct fdev
   dlist_node_t  flush_node;
 } fdev_t;
 
+/*
+ * One connection of a peer: the fd (registered with the loop) and, on a
+ * TLS listener, its TLS session.  Owned by the object that embeds it;
+ * every read, write, handshake and close of it goes through the conn_*
+ * functions of "Transport (plain/TLS)", the only code that knows whether
+ * it is TLS.  The flags are always 0 on a plain connection.
+ */
+typedef struct conn
+{
+  fdev_t        ev;
+#ifdef HAVE_OPENSSL
+  SSL          *ssl;           /* NULL: plain */
+#endif
+  const char   *peer;          /* for log lines; owned by the object */
+  uint8_t       hs;            /* TLS handshake in progress */
+  uint8_t       rd_want_wr;    /* a TLS read asked for writability */
+  uint8_t       wr_want_rd;    /* a TLS write asked for readability */
+} conn_t;
+
 /* an intrusive timer on the wheel */
 typedef struct tw_timer
 {
@@ -1118,13 +1137,7 @@ typedef struct mclient mclient_t;
 
 struct vp
 {
-  fdev_t        ev;             /* the scamper connection; fd -1 if none */
-#ifdef HAVE_OPENSSL
-  SSL          *ssl;
-  uint8_t       tls_accepting;  /* TLS handshake in progress */
-  uint8_t       tls_rd_want_wr; /* SSL_read asked for writability */
-  uint8_t       tls_wr_want_rd; /* SSL_write asked for readability */
-#endif
+  conn_t        conn;           /* the scamper connection; fd -1 if none */
   vpstate_t     state;
   uint8_t       dead;
   uint8_t       rd_blocked;     /* reads stopped (FLUSH) */
@@ -1190,7 +1203,7 @@ struct chan
 
 struct uclient
 {
-  fdev_t        ev;
+  conn_t        conn;
   vp_t         *vp;
   chan_t       *chan;           /* NULL once detached */
   sink_t        sink;
@@ -1215,7 +1228,7 @@ typedef struct mux_rx
 
 struct mclient
 {
-  fdev_t        ev;
+  conn_t        conn;
   sink_t        sink;
   mux_rx_t      rx;
   splaytree_t   chans;          /* chan_t by client channel id */
@@ -1335,11 +1348,9 @@ typedef enum
   TLSF_MAX
 } tlsfail_t;
 
-#ifdef HAVE_OPENSSL
 static const char *const tlsf_label[TLSF_MAX] = {
   "handshake", "no_certificate", "verify", "name_mismatch",
 };
-#endif
 
 #define DIR_FROM_VP 0
 #define DIR_TO_VP   1
@@ -2381,9 +2392,13 @@ static void prehdr_gc(void)
 /* ---------------------------------------------------------------------
  * Transport (plain/TLS)
  *
- * vp_conn_read / vp_conn_flush hide whether a VP's connection is TLS.
- * TLS wants (a read that needs writability, a write that needs
- * readability) are recorded so vp_dispatch can retry the right side.
+ * conn_t hides whether a connection is TLS: conn_read, conn_writev,
+ * conn_handshake, conn_shutdown and conn_close take the plain path (one
+ * read or writev) or the TLS one, and map EAGAIN / SSL_ERROR_WANT_* to
+ * the CONN_ codes in this one place.  TLS wants (a read that needs
+ * writability, a write that needs readability) are recorded in the conn
+ * so the owner's dispatch can retry the right side.  The plain path costs
+ * one predictable branch per call, never a syscall or an indirect call.
  * --------------------------------------------------------------------- */
 
 #define CONN_AGAIN   (-2)  /* would block */
@@ -2405,49 +2420,190 @@ static const char *tls_errstr(void)
 }
 #endif
 
+/* a plain connection on fd for obj; peer names it in log lines */
+static void conn_init(conn_t *c, int fd, fdtype_t type, void *obj,
+		      const char *peer)
+{
+  fdev_init(&c->ev, fd, type, obj);
+#ifdef HAVE_OPENSSL
+  c->ssl = NULL;
+#endif
+  c->peer = peer;
+  c->hs = 0;
+  c->rd_want_wr = 0;
+  c->wr_want_rd = 0;
+  return;
+}
+
+/* 1 if this build can speak TLS at all */
+static int conn_tls_built(void)
+{
+#ifdef HAVE_OPENSSL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+static int conn_is_tls(const conn_t *c)
+{
+#ifdef HAVE_OPENSSL
+  return c->ssl != NULL;
+#else
+  (void)c;
+  return 0;
+#endif
+}
+
+/* 1 if TLS holds decrypted bytes, which raise no fd event */
+static int conn_pending(const conn_t *c)
+{
+#ifdef HAVE_OPENSSL
+  return c->ssl != NULL && SSL_pending(c->ssl) > 0;
+#else
+  (void)c;
+  return 0;
+#endif
+}
+
+/*
+ * Start the server side of TLS on an accepted connection when a TLS
+ * context is configured (-c/-p); a no-op otherwise.  The handshake then
+ * runs in conn_handshake (c->hs set).  Returns 0, or -1 (logged) when no
+ * TLS session could be made; the caller closes the connection.
+ */
+static int conn_tls_start(conn_t *c)
+{
+#ifdef HAVE_OPENSSL
+  if(tls_ctx == NULL)
+    return 0;
+  if((c->ssl = SSL_new(tls_ctx)) == NULL ||
+     SSL_set_fd(c->ssl, c->ev.fd) != 1)
+    {
+      log_warn("%s: could not create TLS session: %s", c->peer,
+	      tls_errstr());
+      return -1;
+    }
+  SSL_set_accept_state(c->ssl);
+  c->hs = 1;
+#else
+  (void)c;
+#endif
+  return 0;
+}
+
+/*
+ * Drive the non-blocking TLS handshake one step, watching the side it
+ * waits for.  Returns 1 when established (c->hs cleared; the caller
+ * re-registers the interest it wants), 0 while in progress, CONN_PROTO
+ * when it failed (logged), or CONN_ERROR when the fd could not be
+ * watched.  The caller closes the connection on < 0.
+ */
+static int conn_handshake(conn_t *c)
+{
+#ifdef HAVE_OPENSSL
+  int rc, err;
+  if(!c->hs)
+    return 1;
+  ERR_clear_error();
+  if((rc = SSL_accept(c->ssl)) == 1)
+    {
+      c->hs = 0;
+      log_dbg("%s: TLS established, %s", c->peer, SSL_get_version(c->ssl));
+      return 1;
+    }
+  err = SSL_get_error(c->ssl, rc);
+  if(err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
+    return ev_set(&c->ev, 1, err == SSL_ERROR_WANT_WRITE) != 0 ?
+      CONN_ERROR : 0;
+  log_warn("%s: TLS handshake failed: %s", c->peer,
+	   err == SSL_ERROR_SSL ? tls_errstr() : "connection error");
+  return CONN_PROTO;
+#else
+  (void)c;
+  return 1;
+#endif
+}
+
+#ifdef HAVE_OPENSSL
+/* the TLS side of conn_read */
+static ssize_t conn_tls_read(conn_t *c, uint8_t *buf, size_t len)
+{
+  int rc, err;
+  c->rd_want_wr = 0;
+  ERR_clear_error();
+  if((rc = SSL_read(c->ssl, buf, len > INT_MAX ? INT_MAX : (int)len)) > 0)
+    return rc;
+  err = SSL_get_error(c->ssl, rc);
+  switch(err)
+    {
+    case SSL_ERROR_WANT_READ:
+      return CONN_AGAIN;
+    case SSL_ERROR_WANT_WRITE:
+      c->rd_want_wr = 1;
+      return ev_want_write(&c->ev, 1) != 0 ? CONN_ERROR : CONN_AGAIN;
+    case SSL_ERROR_ZERO_RETURN:
+      return 0;
+    case SSL_ERROR_SYSCALL:
+      if(errno == EAGAIN || errno == EINTR)
+	return CONN_AGAIN;
+      return errno == 0 ? 0 : CONN_ERROR;
+    default:
+#ifdef SSL_R_UNEXPECTED_EOF_WHILE_READING
+      /* the peer vanished without close_notify: a lost connection */
+      if(ERR_GET_REASON(ERR_peek_error()) ==
+	 SSL_R_UNEXPECTED_EOF_WHILE_READING)
+	{
+	  ERR_clear_error();
+	  return CONN_ERROR;
+	}
+#endif
+      log_dbg("%s: TLS read: %s", c->peer, tls_errstr());
+      return CONN_PROTO;
+    }
+}
+
+/* the TLS side of conn_writev */
+static int conn_tls_writev(conn_t *c, buf_t *b)
+{
+  chunk_t *ch;
+  int rc, err;
+  c->wr_want_rd = 0;
+  while((ch = b->first) != NULL)
+    {
+      ERR_clear_error();
+      rc = SSL_write(c->ssl, ch->data + ch->head, (int)(ch->tail - ch->head));
+      if(rc > 0)
+	{
+	  buf_drop(b, (size_t)rc);
+	  continue;
+	}
+      err = SSL_get_error(c->ssl, rc);
+      if(err == SSL_ERROR_WANT_WRITE)
+	return 0;
+      if(err == SSL_ERROR_WANT_READ)
+	{
+	  c->wr_want_rd = 1;
+	  return 0;
+	}
+      if(err == SSL_ERROR_SYSCALL)
+	return CONN_ERROR;
+      log_dbg("%s: TLS write: %s", c->peer, tls_errstr());
+      return CONN_PROTO;
+    }
+  return 0;
+}
+#endif
+
 /* read into buf; > 0 bytes, 0 EOF, or one of the CONN_ codes */
-static ssize_t vp_conn_read(vp_t *vp, uint8_t *buf, size_t len)
+static ssize_t conn_read(conn_t *c, void *buf, size_t len)
 {
   ssize_t n;
 #ifdef HAVE_OPENSSL
-  if(vp->ssl != NULL)
-    {
-      int rc, err;
-      vp->tls_rd_want_wr = 0;
-      ERR_clear_error();
-      if((rc = SSL_read(vp->ssl, buf, len > INT_MAX ? INT_MAX : (int)len)) > 0)
-	return rc;
-      err = SSL_get_error(vp->ssl, rc);
-      switch(err)
-	{
-	case SSL_ERROR_WANT_READ:
-	  return CONN_AGAIN;
-	case SSL_ERROR_WANT_WRITE:
-	  vp->tls_rd_want_wr = 1;
-	  ev_want_write(&vp->ev, 1);
-	  return CONN_AGAIN;
-	case SSL_ERROR_ZERO_RETURN:
-	  return 0;
-	case SSL_ERROR_SYSCALL:
-	  if(errno == EAGAIN || errno == EINTR)
-	    return CONN_AGAIN;
-	  return errno == 0 ? 0 : CONN_ERROR;
-	default:
-#ifdef SSL_R_UNEXPECTED_EOF_WHILE_READING
-	  /* the peer vanished without close_notify: a lost connection */
-	  if(ERR_GET_REASON(ERR_peek_error()) ==
-	     SSL_R_UNEXPECTED_EOF_WHILE_READING)
-	    {
-	      ERR_clear_error();
-	      return CONN_ERROR;
-	    }
+  if(c->ssl != NULL)
+    return conn_tls_read(c, buf, len);
 #endif
-	  log_dbg("%s: TLS read: %s", vp->peer, tls_errstr());
-	  return CONN_PROTO;
-	}
-    }
-#endif
-  if((n = read(vp->ev.fd, buf, len)) < 0)
+  if((n = read(c->ev.fd, buf, len)) < 0)
     {
       if(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
 	return CONN_AGAIN;
@@ -2457,59 +2613,71 @@ static ssize_t vp_conn_read(vp_t *vp, uint8_t *buf, size_t len)
 }
 
 /*
- * Write as much of vp->out as the connection takes.  Returns 0 (drained
- * or would block) or a CONN_ error code.
+ * Write as much of b as the connection takes (one writev when plain),
+ * dropping what was written.  Returns 0 (drained or would block) or a
+ * CONN_ error code.
  */
-static int vp_conn_write(vp_t *vp)
+static int conn_writev(conn_t *c, buf_t *b)
 {
 #ifdef HAVE_OPENSSL
-  if(vp->ssl != NULL)
+  if(c->ssl != NULL)
+    return conn_tls_writev(c, b);
+#endif
+  return buf_writev(b, c->ev.fd) == 0 ? 0 : CONN_ERROR;
+}
+
+/*
+ * Hand a connection from one owner to another (a resumed session takes
+ * over the connection of the temporary object that carried MASTER_RES):
+ * the fd's registration and the TLS session move; to's peer stays.
+ * Returns ev_move's result; from is left closed either way.
+ */
+static int conn_move(conn_t *from, conn_t *to)
+{
+#ifdef HAVE_OPENSSL
+  to->ssl = from->ssl;
+  from->ssl = NULL;
+#endif
+  to->hs = from->hs;
+  to->rd_want_wr = from->rd_want_wr;
+  to->wr_want_rd = from->wr_want_rd;
+  from->hs = from->rd_want_wr = from->wr_want_rd = 0;
+  return ev_move(&from->ev, &to->ev);
+}
+
+/* say goodbye at the TLS level (close_notify) without closing the fd */
+static void conn_shutdown(conn_t *c)
+{
+#ifdef HAVE_OPENSSL
+  if(c->ssl != NULL && c->ev.fd >= 0)
+    SSL_shutdown(c->ssl);
+#else
+  (void)c;
+#endif
+  return;
+}
+
+/* close the connection: TLS state freed, fd deregistered and closed */
+static void conn_close(conn_t *c)
+{
+#ifdef HAVE_OPENSSL
+  if(c->ssl != NULL)
     {
-      chunk_t *c;
-      int rc, err;
-      vp->tls_wr_want_rd = 0;
-      while((c = vp->out.first) != NULL)
-	{
-	  ERR_clear_error();
-	  rc = SSL_write(vp->ssl, c->data + c->head, (int)(c->tail - c->head));
-	  if(rc > 0)
-	    {
-	      buf_drop(&vp->out, (size_t)rc);
-	      continue;
-	    }
-	  err = SSL_get_error(vp->ssl, rc);
-	  if(err == SSL_ERROR_WANT_WRITE)
-	    return 0;
-	  if(err == SSL_ERROR_WANT_READ)
-	    {
-	      vp->tls_wr_want_rd = 1;
-	      return 0;
-	    }
-	  if(err == SSL_ERROR_SYSCALL)
-	    return CONN_ERROR;
-	  log_dbg("%s: TLS write: %s", vp->peer, tls_errstr());
-	  return CONN_PROTO;
-	}
-      return 0;
+      SSL_free(c->ssl);
+      c->ssl = NULL;
     }
 #endif
-  return buf_writev(&vp->out, vp->ev.fd) == 0 ? 0 : CONN_ERROR;
+  c->hs = 0;
+  c->rd_want_wr = 0;
+  c->wr_want_rd = 0;
+  ev_close(&c->ev);
+  return;
 }
 
 /* close the connection of a VP (not the VP): fd, TLS state, output */
 static void vp_conn_close(vp_t *vp)
 {
-#ifdef HAVE_OPENSSL
-  if(vp->ssl != NULL)
-    {
-      SSL_free(vp->ssl);
-      vp->ssl = NULL;
-    }
-  vp->tls_accepting = 0;
-  vp->tls_rd_want_wr = 0;
-  vp->tls_wr_want_rd = 0;
-#endif
-  ev_close(&vp->ev);
+  conn_close(&vp->conn);
   buf_clear(&vp->out);
   src_release(vp);
   return;
@@ -2552,8 +2720,8 @@ static void vp_pause(vp_t *vp)
     return;
   vp->paused = 1;
   stats.bp_pauses++;
-  if(vp->ev.fd >= 0)
-    ev_want_read(&vp->ev, 0);
+  if(vp->conn.ev.fd >= 0)
+    ev_want_read(&vp->conn.ev, 0);
   return;
 }
 
@@ -2577,15 +2745,15 @@ static void sink_appended(sink_t *s, vp_t *feeder)
  * (the caller closes the consumer), 1 when the sink just dropped below
  * the low mark (the caller wakes the VPs that feed it), else 0.
  */
-static int sink_flush(sink_t *s, fdev_t *ev)
+static int sink_flush(sink_t *s, conn_t *c)
 {
   size_t before = buf_len(&s->out);
-  if(buf_writev(&s->out, ev->fd) != 0)
+  if(conn_writev(c, &s->out) != 0)
     {
       buf_clear(&s->out);
       return -1;
     }
-  if(ev_want_write(ev, buf_len(&s->out) > 0) != 0)
+  if(ev_want_write(&c->ev, buf_len(&s->out) > 0) != 0)
     return -1;
   if(buf_len(&s->out) < before)
     s->last_progress = tw_tick;
@@ -2623,7 +2791,6 @@ static int chan_sink_full(void *item, void *param)
   return 0;
 }
 
-#ifdef HAVE_OPENSSL
 /* read vp again (next iteration): TLS may hold decrypted bytes */
 static void vp_again_queue(vp_t *vp)
 {
@@ -2633,7 +2800,6 @@ static void vp_again_queue(vp_t *vp)
   dlist_push_tail(&vp_again, &vp->again_node);
   return;
 }
-#endif
 
 /* resume reading vp if none of the consumers it feeds is full */
 static void vp_try_unpause(vp_t *vp)
@@ -2644,13 +2810,11 @@ static void vp_try_unpause(vp_t *vp)
     return;
   vp->paused = 0;
   vp->last_rx = tw_tick; /* a full rx_abort window from now */
-  if(vp->ev.fd < 0 || vp->rd_blocked)
+  if(vp->conn.ev.fd < 0 || vp->rd_blocked)
     return;
-  ev_want_read(&vp->ev, 1);
-#ifdef HAVE_OPENSSL
-  if(vp->ssl != NULL && SSL_pending(vp->ssl) > 0)
+  ev_want_read(&vp->conn.ev, 1);
+  if(conn_pending(&vp->conn))
     vp_again_queue(vp);
-#endif
   return;
 }
 
@@ -2663,7 +2827,7 @@ static void vp_again_run(void)
     {
       vp = CONTAINER_OF(n, vp_t, again_node);
       vp->again_queued = 0;
-      if(!vp->dead && !vp->paused && vp->ev.fd >= 0 && !vp->rd_blocked)
+      if(!vp->dead && !vp->paused && vp->conn.ev.fd >= 0 && !vp->rd_blocked)
 	vp_read(vp);
     }
   return;
@@ -2694,9 +2858,8 @@ static void vp_lev_close(vp_t *vp);
 static void chan_vp_gone(chan_t *c);
 static void chan_on_data(chan_t *c, const uint8_t *data, size_t len);
 static void chan_on_fin(chan_t *c);
-#ifdef HAVE_OPENSSL
 static int  tls_check_name(vp_t *vp);
-#endif
+static int  tls_check_peer(vp_t *vp);
 
 static int vp_id_cmp(const void *a, const void *b)
 {
@@ -2799,7 +2962,7 @@ static void vp_send_raw(vp_t *vp, uint32_t seq, const uint8_t *body,
 {
   uint8_t frame[RP_HDRLEN + 2 + INET6_ADDRSTRLEN + 8];
   assert(len <= sizeof(frame) - RP_HDRLEN);
-  if(vp->ev.fd < 0)
+  if(vp->conn.ev.fd < 0)
     return;
   rp_hdr(frame, seq, 0, len);
   memcpy(frame + RP_HDRLEN, body, len);
@@ -2808,7 +2971,7 @@ static void vp_send_raw(vp_t *vp, uint32_t seq, const uint8_t *body,
       log_err("%s: out of memory", vp->peer);
       return;
     }
-  out_queue(&vp->ev);
+  out_queue(&vp->conn.ev);
   return;
 }
 
@@ -2856,12 +3019,12 @@ static int vp_send_reliable(vp_t *vp, uint32_t chan, const uint8_t *pre,
   if(buf_append(&vp->unacked, hdr, hlen) != 0 ||
      (len > 0 && buf_append(&vp->unacked, data, len) != 0))
     goto nomem;
-  if(vp->state == VP_GO && vp->ev.fd >= 0)
+  if(vp->state == VP_GO && vp->conn.ev.fd >= 0)
     {
       if(buf_append(&vp->out, hdr, hlen) != 0 ||
 	 (len > 0 && buf_append(&vp->out, data, len) != 0))
 	goto nomem;
-      out_queue(&vp->ev);
+      out_queue(&vp->conn.ev);
       vp->last_tx = tw_tick;
     }
   vp->snd_nxt++;
@@ -2913,7 +3076,7 @@ static vp_t *vp_alloc(int fd, const struct sockaddr *sa)
 
   if((vp = calloc(1, sizeof(vp_t))) == NULL)
     return NULL;
-  fdev_init(&vp->ev, fd, FD_VP, vp);
+  conn_init(&vp->conn, fd, FD_VP, vp, vp->peer);
   fdev_init(&vp->lev, -1, FD_VP_LISTEN, vp);
   vp->state = VP_HANDSHAKE;
   vp->family = sa->sa_family;
@@ -3097,7 +3260,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
 	  vp_send_raw(vp, 0, body, 5);
 	  if(buf_append_buf(&vp->out, &vp->unacked, 0) != 0)
 	    log_err("%s: out of memory replaying", vp->peer);
-	  out_queue(&vp->ev);
+	  out_queue(&vp->conn.ev);
 	  log_notice("%s: vp %u %s: resumed (%s), replaying %u frames",
 		  vp->peer, vp->id, vp->name != NULL ? vp->name : "", why,
 		  vp->snd_nxt - vp->snd_una);
@@ -3119,7 +3282,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
     case VP_FLUSH:
       vp->state = VP_FLUSH;
       vp->rd_blocked = 1;
-      ev_want_read(&vp->ev, 0);
+      ev_want_read(&vp->conn.ev, 0);
       log_warn("%s: %s", vp->peer, why);
       return 0;
 
@@ -3272,10 +3435,8 @@ static int vp_handle_master_new(vp_t *vp, const uint8_t *b, size_t len)
     return vp_proto_error(vp, "out of memory");
   memcpy(vp->magic, magic, ml);
   vp->magic_len = ml;
-#ifdef HAVE_OPENSSL
   if(tls_check_name(vp) != 0)
     return -1;
-#endif
   if(splaytree_insert(&vp_by_magic, vp) != 0)
     {
       log_warn("%s: duplicate magic %s", vp->peer,
@@ -3344,16 +3505,12 @@ static int vp_handle_master_res(vp_t *t, const uint8_t *b, size_t len,
       stats.departures[WHY_TAKEOVER]++;
     }
   vp_conn_drop(m);
-  if(ev_move(&t->ev, &m->ev) != 0)
+  if(conn_move(&t->conn, &m->conn) != 0)
     {
       vp_close(t, "could not register the resumed connection");
       vp_lost(m, "could not register the resumed connection");
       return -1;
     }
-#ifdef HAVE_OPENSSL
-  m->ssl = t->ssl;
-  t->ssl = NULL;
-#endif
   m->src = t->src;   /* the connection's per-source count moves too */
   t->src = NULL;
   m->family = t->family;
@@ -3661,15 +3818,13 @@ static void vp_read(vp_t *vp)
 	return;
       if(budget <= 0)
 	{
-#ifdef HAVE_OPENSSL
 	  /* decrypted bytes raise no fd event: read them next iteration */
-	  if(vp->ssl != NULL && SSL_pending(vp->ssl) > 0)
+	  if(conn_pending(&vp->conn))
 	    vp_again_queue(vp);
-#endif
 	  return;
 	}
       budget--;
-      n = vp_conn_read(vp, scratch, SCRATCH_SIZE);
+      n = conn_read(&vp->conn, scratch, SCRATCH_SIZE);
       if(n == CONN_AGAIN)
 	return;
       if(n == 0)
@@ -3692,15 +3847,11 @@ static void vp_read(vp_t *vp)
 	vp->last_rx = tw_tick;
       if(vp_input(vp, scratch, (size_t)n) != 0)
 	return;
-      if(vp->dead || vp->ev.fd < 0 || vp->rd_blocked)
+      if(vp->dead || vp->conn.ev.fd < 0 || vp->rd_blocked)
 	return;
-#ifdef HAVE_OPENSSL
-      if(vp->ssl == NULL && (size_t)n < SCRATCH_SIZE)
+      /* a short plain read drained the socket; TLS may hold more */
+      if((size_t)n < SCRATCH_SIZE && !conn_is_tls(&vp->conn))
 	return;
-#else
-      if((size_t)n < SCRATCH_SIZE)
-	return;
-#endif
     }
 }
 
@@ -3708,13 +3859,11 @@ static void vp_read(vp_t *vp)
 static void vp_flush(vp_t *vp)
 {
   int rc;
-  if(vp->dead || vp->ev.fd < 0)
+  if(vp->dead || vp->conn.ev.fd < 0)
     return;
-#ifdef HAVE_OPENSSL
-  if(vp->tls_accepting)
+  if(vp->conn.hs)
     return;
-#endif
-  if((rc = vp_conn_write(vp)) != 0)
+  if((rc = conn_writev(&vp->conn, &vp->out)) != 0)
     {
       if(rc == CONN_PROTO)
 	{
@@ -3732,41 +3881,73 @@ static void vp_flush(vp_t *vp)
 	  vp_close(vp, "MASTER_REJ sent");
 	  return;
 	}
-#ifdef HAVE_OPENSSL
-      ev_want_write(&vp->ev, vp->tls_rd_want_wr);
-#else
-      ev_want_write(&vp->ev, 0);
-#endif
+      /* a TLS read that wants writability keeps it watched */
+      if(ev_want_write(&vp->conn.ev, vp->conn.rd_want_wr) != 0)
+	vp_lost(vp, "could not watch for writability");
       return;
     }
-  if(ev_want_write(&vp->ev, 1) != 0)
+  if(ev_want_write(&vp->conn.ev, 1) != 0)
     vp_lost(vp, "could not watch for writability");
   return;
 }
 
-#ifdef HAVE_OPENSSL
-static void vp_tls_accept(vp_t *vp);
-#endif
+/*
+ * The TLS handshake of a new connection, before any frame: one step per
+ * event (conn_handshake), then the -C certificate checks, then the
+ * connection is watched for frames and read at once (the handshake may
+ * have brought some).  May close the VP (and so free it at the end of
+ * the iteration) on a failed handshake or certificate.
+ */
+static void vp_handshake(vp_t *vp)
+{
+  int rc;
+  if((rc = conn_handshake(&vp->conn)) == 0)
+    return;
+  if(rc == CONN_ERROR)
+    {
+      vp_close(vp, "could not register");
+      return;
+    }
+  if(rc == CONN_PROTO)
+    {
+      stats.tls_failures[TLSF_HANDSHAKE]++;
+      stats_why(vp, WHY_TLS);
+      vp_close(vp, "TLS handshake failed");
+      return;
+    }
+  if(tls_check_peer(vp) != 0)
+    return;
+  if(ev_set(&vp->conn.ev, 1, buf_len(&vp->out) > 0) != 0)
+    {
+      vp_close(vp, "could not register");
+      return;
+    }
+  vp_read(vp);
+  return;
+}
 
+/*
+ * An event on a VP's connection: the TLS handshake while it runs, else
+ * write then read (a TLS read may have wanted writability, a TLS write
+ * readability).  May close the VP.
+ */
 static void vp_dispatch(vp_t *vp, int rd, int wr)
 {
   if(vp->dead)
     return;
-#ifdef HAVE_OPENSSL
-  if(vp->tls_accepting)
+  if(vp->conn.hs)
     {
-      vp_tls_accept(vp);
+      vp_handshake(vp);
       return;
     }
-  if(wr && vp->tls_rd_want_wr)
+  if(wr && vp->conn.rd_want_wr)
     rd = 1;
-  if(rd && vp->tls_wr_want_rd)
+  if(rd && vp->conn.wr_want_rd)
     wr = 1;
-#endif
   if(wr)
     {
       vp_flush(vp);
-      if(vp->dead || vp->ev.fd < 0)
+      if(vp->dead || vp->conn.ev.fd < 0)
 	return;
     }
   if(rd && !vp->rd_blocked)
@@ -3826,10 +4007,6 @@ static void accept_pause(const char *what)
   return;
 }
 
-#ifdef HAVE_OPENSSL
-static int vp_tls_start(vp_t *vp);
-#endif
-
 static uint64_t hs_cap_logged = UINT64_MAX;
 
 /*
@@ -3869,18 +4046,16 @@ static vp_t *vp_accept_fd(int fd, const struct sockaddr *sa)
   dlist_push_tail(&vp_list, &vp->list_node);
   tw_arm(&vp->rx_timer, TIMEOUT_ACCEPT);
   log_dbg("%s: accepted", vp->peer);
-  if(ev_set(&vp->ev, 1, 0) != 0)
+  if(ev_set(&vp->conn.ev, 1, 0) != 0)
     {
       vp_close(vp, "could not register");
       return NULL;
     }
-#ifdef HAVE_OPENSSL
-  if(tls_ctx != NULL && vp_tls_start(vp) != 0)
+  if(conn_tls_start(&vp->conn) != 0)
     {
       vp_close(vp, "could not start TLS");
       return NULL;
     }
-#endif
   return vp;
 }
 
@@ -3999,14 +4174,14 @@ static void chan_on_data(chan_t *c, const uint8_t *data, size_t len)
   if(c->uc != NULL)
     {
       uclient_t *uc = c->uc;
-      if(uc->ev.fd < 0)
+      if(uc->conn.ev.fd < 0)
 	return;
       if(buf_append(&uc->sink.out, data, len) != 0)
 	{
 	  uc_close(uc, "out of memory");
 	  return;
 	}
-      out_queue(&uc->ev);
+      out_queue(&uc->conn.ev);
       sink_appended(&uc->sink, c->vp);
     }
   else if(c->mc != NULL)
@@ -4221,7 +4396,7 @@ static uclient_t *uc_alloc(vp_t *vp, int fd)
   uclient_t *uc;
   if((uc = calloc(1, sizeof(uclient_t))) == NULL)
     return NULL;
-  fdev_init(&uc->ev, fd, FD_UC, uc);
+  conn_init(&uc->conn, fd, FD_UC, uc, NULL);
   sink_init(&uc->sink, uc_stall);
   dlist_node_init(&uc->paused_node);
   uc->vp = vp;
@@ -4247,7 +4422,7 @@ static void uc_close(uclient_t *uc, const char *why)
       dlist_remove(&uc_in_paused, &uc->paused_node);
       uc->in_paused = 0;
     }
-  ev_close(&uc->ev);
+  conn_close(&uc->conn);
   sink_fini(&uc->sink);
   if((c = uc->chan) != NULL)
     {
@@ -4284,7 +4459,7 @@ static void uc_in_pause(uclient_t *uc)
     return;
   uc->in_paused = 1;
   dlist_push_tail(&uc_in_paused, &uc->paused_node);
-  ev_want_read(&uc->ev, 0);
+  ev_want_read(&uc->conn.ev, 0);
   return;
 }
 
@@ -4303,7 +4478,7 @@ static void uc_check_done(uclient_t *uc)
 static void uc_on_fin(uclient_t *uc)
 {
   uc->closing = 1;
-  ev_want_read(&uc->ev, 0);
+  ev_want_read(&uc->conn.ev, 0);
   uc_check_done(uc);
   return;
 }
@@ -4321,9 +4496,9 @@ static void uc_read(uclient_t *uc)
 	  uc_in_pause(uc);
 	  return;
 	}
-      if((n = read(uc->ev.fd, scratch, UC_READ_MAX)) < 0)
+      if((n = conn_read(&uc->conn, scratch, UC_READ_MAX)) < 0)
 	{
-	  if(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+	  if(n == CONN_AGAIN)
 	    return;
 	  uc_close(uc, "read error");
 	  return;
@@ -4333,7 +4508,7 @@ static void uc_read(uclient_t *uc)
 	{
 	  /* EOF: tell scamper; keep delivering until its FIN */
 	  uc->eof = 1;
-	  ev_want_read(&uc->ev, 0);
+	  ev_want_read(&uc->conn.ev, 0);
 	  if(c == NULL || c->fin_rcvd)
 	    {
 	      uc->closing = 1;
@@ -4357,9 +4532,9 @@ static void uc_read(uclient_t *uc)
 static void uc_flush(uclient_t *uc)
 {
   int rc;
-  if(uc->dead || uc->ev.fd < 0)
+  if(uc->dead || uc->conn.ev.fd < 0)
     return;
-  if((rc = sink_flush(&uc->sink, &uc->ev)) < 0)
+  if((rc = sink_flush(&uc->sink, &uc->conn)) < 0)
     {
       uc_close(uc, "write error");
       return;
@@ -4380,7 +4555,7 @@ static void uc_dispatch(uclient_t *uc, int rd, int wr)
       if(uc->dead)
 	return;
     }
-  if(rd && uc->ev.rd)
+  if(rd && uc->conn.ev.rd)
     uc_read(uc);
   return;
 }
@@ -4406,7 +4581,7 @@ static void vp_lev_accept(vp_t *vp)
 	  close(fd);
 	  continue;
 	}
-      if(ev_set(&uc->ev, 1, 0) != 0)
+      if(ev_set(&uc->conn.ev, 1, 0) != 0)
 	{
 	  close(fd);
 	  free(uc);
@@ -4605,7 +4780,7 @@ static void mc_out(mclient_t *mc, const uint8_t *data, size_t len)
       mc_close(mc, "out of memory");
       return;
     }
-  out_queue(&mc->ev);
+  out_queue(&mc->conn.ev);
   sink_appended(&mc->sink, NULL);
   return;
 }
@@ -4625,7 +4800,7 @@ static void mc_deliver(mclient_t *mc, vp_t *feeder, uint32_t id,
       mc_close(mc, "out of memory");
       return;
     }
-  out_queue(&mc->ev);
+  out_queue(&mc->conn.ev);
   sink_appended(&mc->sink, feeder);
   return;
 }
@@ -4654,7 +4829,7 @@ static void mc_close(mclient_t *mc, const char *why)
       dlist_remove(&mc_in_paused, &mc->paused_node);
       mc->in_paused = 0;
     }
-  ev_close(&mc->ev);
+  conn_close(&mc->conn);
   sink_fini(&mc->sink);
   while((c = splaytree_pop_min(&mc->chans)) != NULL)
     {
@@ -4860,7 +5035,7 @@ static void mc_in_pause(mclient_t *mc)
     return;
   mc->in_paused = 1;
   dlist_push_tail(&mc_in_paused, &mc->paused_node);
-  ev_want_read(&mc->ev, 0);
+  ev_want_read(&mc->conn.ev, 0);
   return;
 }
 
@@ -4883,7 +5058,7 @@ static void in_paused_recheck(void)
       dlist_remove(&uc_in_paused, n);
       uc->in_paused = 0;
       if(!uc->eof && !uc->closing)
-	ev_want_read(&uc->ev, 1);
+	ev_want_read(&uc->conn.ev, 1);
     }
   for(n = mc_in_paused.head; n != NULL; n = next)
     {
@@ -4893,7 +5068,7 @@ static void in_paused_recheck(void)
 	continue;
       dlist_remove(&mc_in_paused, n);
       mc->in_paused = 0;
-      ev_want_read(&mc->ev, 1);
+      ev_want_read(&mc->conn.ev, 1);
     }
   return;
 }
@@ -4912,9 +5087,9 @@ static void mc_read(mclient_t *mc)
 	  mc_in_pause(mc);
 	  return;
 	}
-      if((n = read(mc->ev.fd, scratch, SCRATCH_SIZE)) < 0)
+      if((n = conn_read(&mc->conn, scratch, SCRATCH_SIZE)) < 0)
 	{
-	  if(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+	  if(n == CONN_AGAIN)
 	    return;
 	  mc_close(mc, "read error");
 	  return;
@@ -4962,9 +5137,9 @@ static void mc_flush(mclient_t *mc)
   int rc;
   for(;;)
     {
-      if(mc->dead || mc->ev.fd < 0)
+      if(mc->dead || mc->conn.ev.fd < 0)
 	return;
-      if((rc = sink_flush(&mc->sink, &mc->ev)) < 0)
+      if((rc = sink_flush(&mc->sink, &mc->conn)) < 0)
 	{
 	  mc_close(mc, "write error");
 	  return;
@@ -5016,7 +5191,7 @@ static void mc_burst_fill(mclient_t *mc)
 	  tw_cancel(&mc->burst_timer);
 	  mc_send_ctl(mc, MUX_GO, 0, 0);
 	  if(!mc->dead && !mc->in_paused)
-	    ev_want_read(&mc->ev, 1);
+	    ev_want_read(&mc->conn.ev, 1);
 	  log_dbg("mux client %llu: burst done",
 		  (unsigned long long)mc->gen);
 	  return;
@@ -5052,14 +5227,14 @@ static mclient_t *mc_open(int fd)
 
   if((mc = calloc(1, sizeof(mclient_t))) == NULL)
     return NULL;
-  fdev_init(&mc->ev, fd, FD_MC, mc);
+  conn_init(&mc->conn, fd, FD_MC, mc, NULL);
   sink_init(&mc->sink, mc_stall);
   tw_timer_init(&mc->burst_timer, mc_burst_timeout);
   dlist_node_init(&mc->paused_node);
   splaytree_init(&mc->chans, chan_mc_cmp, offsetof(chan_t, mc_node));
   mc->gen = ++mc_gen;
   dlist_node_init(&mc->list_node);
-  if(ev_set(&mc->ev, 1, 0) != 0)
+  if(ev_set(&mc->conn.ev, 1, 0) != 0)
     {
       free(mc);
       return NULL;
@@ -5072,7 +5247,7 @@ static mclient_t *mc_open(int fd)
   tw_arm(&mc->burst_timer, (unsigned int)opt_mux_burst_timeout);
   mc_burst_fill(mc);
   if(mc->bursting && !mc->dead)
-    ev_want_read(&mc->ev, 0);
+    ev_want_read(&mc->conn.ev, 0);
   return mc;
 }
 
@@ -5727,13 +5902,13 @@ static int tls_check_name(vp_t *vp)
 {
   X509 *cert;
   int ok;
-  if(vp->ssl == NULL || opt_cafile == NULL ||
+  if(vp->conn.ssl == NULL || opt_cafile == NULL ||
      (opt_flags & OPT_SKIPNAMEVERIFY))
     return 0;
   if(vp->name == NULL)
     return vp_proto_error(vp, "no monitor name to check against the "
 			  "client certificate");
-  if((cert = tls_peer_cert(vp->ssl)) == NULL)
+  if((cert = tls_peer_cert(vp->conn.ssl)) == NULL)
     {
       stats.tls_failures[TLSF_NO_CERT]++;
       stats_why(vp, WHY_TLS);
@@ -5753,81 +5928,68 @@ static int tls_check_name(vp_t *vp)
   return 0;
 }
 
-static int vp_tls_start(vp_t *vp)
-{
-  if((vp->ssl = SSL_new(tls_ctx)) == NULL ||
-     SSL_set_fd(vp->ssl, vp->ev.fd) != 1)
-    {
-      log_warn("%s: could not create TLS session: %s", vp->peer,
-	      tls_errstr());
-      return -1;
-    }
-  SSL_set_accept_state(vp->ssl);
-  vp->tls_accepting = 1;
-  return 0;
-}
-
-/* drive the non-blocking TLS handshake; with -C, check the client cert */
-static void vp_tls_accept(vp_t *vp)
+/*
+ * After the TLS handshake, with -C: the client must have sent a
+ * certificate that verified.  Returns 0, or -1 after closing the VP.
+ */
+static int tls_check_peer(vp_t *vp)
 {
   X509 *cert;
   long vr;
-  int rc, err;
-
-  ERR_clear_error();
-  if((rc = SSL_accept(vp->ssl)) != 1)
+  if(opt_cafile == NULL || vp->conn.ssl == NULL)
+    return 0;
+  if((cert = tls_peer_cert(vp->conn.ssl)) == NULL)
     {
-      err = SSL_get_error(vp->ssl, rc);
-      if(err == SSL_ERROR_WANT_READ)
-	{
-	  if(ev_set(&vp->ev, 1, 0) != 0)
-	    vp_close(vp, "could not register");
-	  return;
-	}
-      if(err == SSL_ERROR_WANT_WRITE)
-	{
-	  if(ev_set(&vp->ev, 1, 1) != 0)
-	    vp_close(vp, "could not register");
-	  return;
-	}
-      log_warn("%s: TLS handshake failed: %s", vp->peer,
-	      err == SSL_ERROR_SSL ? tls_errstr() : "connection error");
-      stats.tls_failures[TLSF_HANDSHAKE]++;
+      log_warn("%s: no client certificate", vp->peer);
+      stats.tls_failures[TLSF_NO_CERT]++;
       stats_why(vp, WHY_TLS);
-      vp_close(vp, "TLS handshake failed");
-      return;
+      vp_close(vp, "no client certificate");
+      return -1;
     }
-  vp->tls_accepting = 0;
-  if(opt_cafile != NULL)
+  X509_free(cert);
+  if((vr = SSL_get_verify_result(vp->conn.ssl)) != X509_V_OK)
     {
-      if((cert = tls_peer_cert(vp->ssl)) == NULL)
-	{
-	  log_warn("%s: no client certificate", vp->peer);
-	  stats.tls_failures[TLSF_NO_CERT]++;
-	  stats_why(vp, WHY_TLS);
-	  vp_close(vp, "no client certificate");
-	  return;
-	}
-      X509_free(cert);
-      if((vr = SSL_get_verify_result(vp->ssl)) != X509_V_OK)
-	{
-	  log_warn("%s: client certificate refused: %s", vp->peer,
-		   X509_verify_cert_error_string(vr));
-	  stats.tls_failures[TLSF_VERIFY]++;
-	  stats_why(vp, WHY_TLS);
-	  vp_close(vp, "client certificate did not verify");
-	  return;
-	}
+      log_warn("%s: client certificate refused: %s", vp->peer,
+	       X509_verify_cert_error_string(vr));
+      stats.tls_failures[TLSF_VERIFY]++;
+      stats_why(vp, WHY_TLS);
+      vp_close(vp, "client certificate did not verify");
+      return -1;
     }
-  log_dbg("%s: TLS established, %s", vp->peer, SSL_get_version(vp->ssl));
-  if(ev_set(&vp->ev, 1, buf_len(&vp->out) > 0) != 0)
-    {
-      vp_close(vp, "could not register");
-      return;
-    }
-  vp_read(vp);
-  return;
+  return 0;
 }
+
+/* the subject of a TLS peer's certificate; 0, or -1 if none */
+static int conn_peer_subject(const conn_t *c, char *buf, size_t len)
+{
+  X509 *cert;
+  if(c->ssl == NULL || (cert = tls_peer_cert(c->ssl)) == NULL)
+    return -1;
+  X509_NAME_oneline(X509_get_subject_name(cert), buf, (int)len);
+  X509_free(cert);
+  return 0;
+}
+
+#else /* !HAVE_OPENSSL: no TLS, nothing to check */
+
+static int tls_check_name(vp_t *vp)
+{
+  (void)vp;
+  return 0;
+}
+
+static int tls_check_peer(vp_t *vp)
+{
+  (void)vp;
+  return 0;
+}
+
+static int conn_peer_subject(const conn_t *c, char *buf, size_t len)
+{
+  (void)c; (void)buf; (void)len;
+  return -1;
+}
+
 #endif /* HAVE_OPENSSL */
 
 /* ---------------------------------------------------------------------
@@ -6056,7 +6218,7 @@ static void svc_close(void)
 
 typedef struct hclient
 {
-  fdev_t        ev;
+  conn_t        conn;
   char          in[HC_HEAD_MAX];
   size_t        in_len;
   buf_t         out;
@@ -6323,11 +6485,7 @@ static int metrics_render(buf_t *b)
 		  "Version and build features of sc_remoted; always 1.") |
     bprintf(b, "sc_remoted_build_info{version=\"%s\",backend=\"%s\","
 	    "tls=\"%s\"} 1\n", PACKAGE_VERSION, backend,
-#ifdef HAVE_OPENSSL
-	    "yes"
-#else
-	    "no"
-#endif
+	    conn_tls_built() ? "yes" : "no"
 	    );
   rc |= prom_labelled(b, "sc_remoted_vps", "gauge",
 		      "Scamper connections by state (handshake includes "
@@ -6384,11 +6542,10 @@ static int metrics_render(buf_t *b)
 		      "Episodes of refusing new connections: out of file "
 		      "descriptors, or at -O handshake-max.", "reason",
 		      ap_labels, v, 2);
-#ifdef HAVE_OPENSSL
-  rc |= prom_labelled(b, "sc_remoted_tls_handshake_failures_total",
-		      "counter", "TLS connections refused, by reason.",
-		      "reason", tlsf_label, stats.tls_failures, TLSF_MAX);
-#endif
+  if(conn_tls_built())
+    rc |= prom_labelled(b, "sc_remoted_tls_handshake_failures_total",
+			"counter", "TLS connections refused, by reason.",
+			"reason", tlsf_label, stats.tls_failures, TLSF_MAX);
   v[0] = stats.meta_loads_ok;
   v[1] = stats.meta_loads_err;
   rc |= prom_labelled(b, "sc_remoted_metadata_reloads_total", "counter",
@@ -6494,6 +6651,7 @@ static int vps_render_one(buf_t *b, vp_t *vp, const hc_clock_t *clk)
   static const char *const st[] = {"?", "handshake", "go", "zombie",
 				   "flush"};
   vp_clients_t cl = {0, 0};
+  char subj[512];
   int rc = 0;
 
   splaytree_inorder(&vp->chans, chan_count_clients, &cl);
@@ -6524,20 +6682,11 @@ static int vps_render_one(buf_t *b, vp_t *vp, const hc_clock_t *clk)
 		cl.uc, cl.mc);
   rc |= bprintf(b, ",\"flaps\":%u,\"flaps_1h\":%u", vp->flaps,
 		vp_flaps_recent(vp, 3600));
-#ifdef HAVE_OPENSSL
-  if(vp->ssl != NULL)
+  if(conn_peer_subject(&vp->conn, subj, sizeof(subj)) == 0)
     {
-      X509 *cert = tls_peer_cert(vp->ssl);
-      char subj[512];
-      if(cert != NULL)
-	{
-	  X509_NAME_oneline(X509_get_subject_name(cert), subj, sizeof(subj));
-	  X509_free(cert);
-	  rc |= buf_append(b, ",\"tls_subject\":", 15);
-	  rc |= bjson_str(b, subj, strlen(subj));
-	}
+      rc |= buf_append(b, ",\"tls_subject\":", 15);
+      rc |= bjson_str(b, subj, strlen(subj));
     }
-#endif
   rc |= buf_append(b, ",\"metadata\":", 12);
   rc |= bjson_meta(b, vp->name);
   rc |= buf_append(b, "}", 1);
@@ -7131,7 +7280,7 @@ static int hc_stream(hclient_t *hc, int kind, buf_t *pre)
    * ACK, some 40 ms later: the whole answer is queued already, so send
    * segments as they are.  (Not a TCP socket: harmless EOPNOTSUPP.)
    */
-  setsockopt(hc->ev.fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+  setsockopt(hc->conn.ev.fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
   hc->vps = 1;
   hc->kind = (uint8_t)kind;
   hc->phase = 0;
@@ -7247,8 +7396,8 @@ static void hc_close(hclient_t *hc, const char *why)
   if(hc->dead)
     return;
   hc->dead = 1;
-  log_dbg("metrics client fd %d closed: %s", hc->ev.fd, why);
-  ev_close(&hc->ev);
+  log_dbg("metrics client fd %d closed: %s", hc->conn.ev.fd, why);
+  conn_close(&hc->conn);
   tw_cancel(&hc->timer);
   buf_clear(&hc->out);
   dlist_remove(&hc_list, &hc->list_node);
@@ -7273,7 +7422,7 @@ static void hc_process(hclient_t *hc)
 	break;
       if(n < 0)
 	{
-	  log_warn("metrics client fd %d: %s request, closing", hc->ev.fd,
+	  log_warn("metrics client fd %d: %s request, closing", hc->conn.ev.fd,
 		   n == HTTP_REQ_TOOBIG ? "oversized" : "malformed");
 	  memset(&req, 0, sizeof(req));
 	  snprintf(req.method, sizeof(req.method), "GET");
@@ -7301,7 +7450,7 @@ static void hc_process(hclient_t *hc)
       hc_write(hc);
     }
   if(!hc->dead && !hc->busy)
-    ev_want_read(&hc->ev, 1);
+    ev_want_read(&hc->conn.ev, 1);
   return;
 }
 
@@ -7324,7 +7473,7 @@ static void hc_write(hclient_t *hc)
 	  /* a fast reader must not hold the loop for the whole answer */
 	  if(budget == 0)
 	    {
-	      if(ev_set(&hc->ev, 0, 1) != 0)
+	      if(ev_set(&hc->conn.ev, 0, 1) != 0)
 		hc_close(hc, "could not watch for writability");
 	      return;
 	    }
@@ -7340,7 +7489,7 @@ static void hc_write(hclient_t *hc)
       if(buf_len(&hc->out) == 0)
 	break;
       before = buf_len(&hc->out);
-      if(buf_writev(&hc->out, hc->ev.fd) != 0)
+      if(conn_writev(&hc->conn, &hc->out) != 0)
 	{
 	  hc_close(hc, "write error");
 	  return;
@@ -7350,7 +7499,7 @@ static void hc_write(hclient_t *hc)
       if(buf_len(&hc->out) > 0)
 	{
 	  /* socket full: wait for writability, read nothing meanwhile */
-	  if(ev_set(&hc->ev, 0, 1) != 0)
+	  if(ev_set(&hc->conn.ev, 0, 1) != 0)
 	    hc_close(hc, "could not watch for writability");
 	  return;
 	}
@@ -7364,7 +7513,7 @@ static void hc_write(hclient_t *hc)
       return;
     }
   tw_arm(&hc->timer, HC_TIMEOUT);
-  if(ev_set(&hc->ev, 1, 0) != 0)
+  if(ev_set(&hc->conn.ev, 1, 0) != 0)
     hc_close(hc, "could not register");
   return;
 }
@@ -7377,10 +7526,10 @@ static void hc_read(hclient_t *hc)
       hc_process(hc);
       return;
     }
-  n = read(hc->ev.fd, hc->in + hc->in_len, sizeof(hc->in) - hc->in_len);
+  n = conn_read(&hc->conn, hc->in + hc->in_len, sizeof(hc->in) - hc->in_len);
   if(n < 0)
     {
-      if(errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+      if(n != CONN_AGAIN)
 	hc_close(hc, "read error");
       return;
     }
@@ -7409,7 +7558,7 @@ static void hc_dispatch(hclient_t *hc, int rd, int wr)
   else if(rd && !hc->busy)
     hc_read(hc);
   else if(rd)
-    ev_want_read(&hc->ev, 0);
+    ev_want_read(&hc->conn.ev, 0);
   time_mono(&t1);
   stats.http_busy_us[hc->route] +=
     (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000L +
@@ -7444,12 +7593,12 @@ static void http_take(int fd)
     }
   sndbuf = HC_SNDBUF;
   setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
-  fdev_init(&hc->ev, fd, FD_HC, hc);
+  conn_init(&hc->conn, fd, FD_HC, hc, NULL);
   tw_timer_init(&hc->timer, hc_timer);
   dlist_node_init(&hc->list_node);
   dlist_push_tail(&hc_list, &hc->list_node);
   tw_arm(&hc->timer, HC_TIMEOUT);
-  if(ev_set(&hc->ev, 1, 0) != 0)
+  if(ev_set(&hc->conn.ev, 1, 0) != 0)
     hc_close(hc, "could not register");
   return;
 }
@@ -7896,10 +8045,10 @@ static uint32_t upg_vp_index(const vp_t *vp)
 /* a mux client: its socket, generation, output, parser state, pauses */
 static void upg_save_mc(upg_w_t *w, const mclient_t *mc)
 {
-  w_fd(w, mc->ev.fd);
+  w_fd(w, mc->conn.ev.fd);
   w_u64(w, mc->gen);
-  w_u8(w, mc->ev.rd);
-  w_u8(w, mc->ev.wr);
+  w_u8(w, mc->conn.ev.rd);
+  w_u8(w, mc->conn.ev.wr);
   w_sink(w, &mc->sink);
   w_u8(w, mc->rx.hdr_have);
   w_put(w, mc->rx.hdr, MUX_HDRLEN);
@@ -7921,9 +8070,9 @@ static void upg_save_mc(upg_w_t *w, const mclient_t *mc)
 /* a -U client, written inside its channel's record */
 static void upg_save_uc(upg_w_t *w, const uclient_t *uc)
 {
-  w_fd(w, uc->ev.fd);
-  w_u8(w, uc->ev.rd);
-  w_u8(w, uc->ev.wr);
+  w_fd(w, uc->conn.ev.fd);
+  w_u8(w, uc->conn.ev.rd);
+  w_u8(w, uc->conn.ev.wr);
   w_sink(w, &uc->sink);
   w_u8(w, uc->eof);
   w_u8(w, uc->closing);
@@ -7956,12 +8105,7 @@ static int upg_save_chan(void *item, void *param)
 
 static int vp_is_tls(const vp_t *vp)
 {
-#ifdef HAVE_OPENSSL
-  return vp->ssl != NULL;
-#else
-  (void)vp;
-  return 0;
-#endif
+  return conn_is_tls(&vp->conn);
 }
 
 /*
@@ -8021,13 +8165,13 @@ static void upg_save_vp(upg_w_t *w, const vp_t *vp)
     {
       w_timer(w, &vp->rx_timer);
       w_timer(w, &vp->ka_timer);
-      w_fd(w, vp->ev.fd);
+      w_fd(w, vp->conn.ev.fd);
       w_fd(w, vp->lev.fd);
       w_buf(w, &vp->out);
       w_u32(w, vp->rx.have);
       w_put(w, vp->rx.part, vp->rx.have);
-      w_u8(w, vp->ev.rd);
-      w_u8(w, vp->ev.wr);
+      w_u8(w, vp->conn.ev.rd);
+      w_u8(w, vp->conn.ev.wr);
       w_u8(w, vp->rd_blocked);
       w_u8(w, vp->paused);
     }
@@ -8208,20 +8352,20 @@ static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
 
   if((mc = calloc(1, sizeof(mclient_t))) == NULL)
     return -1;
-  fdev_init(&mc->ev, -1, FD_MC, mc);
+  conn_init(&mc->conn, -1, FD_MC, mc, NULL);
   sink_init(&mc->sink, mc_stall);
   tw_timer_init(&mc->burst_timer, mc_burst_timeout);
   dlist_node_init(&mc->paused_node);
   splaytree_init(&mc->chans, chan_mc_cmp, offsetof(chan_t, mc_node));
   dlist_node_init(&mc->list_node);
   dlist_push_tail(&mc_list, &mc->list_node);
-  mc->ev.fd = r_fd(r);
+  mc->conn.ev.fd = r_fd(r);
   mc->gen = r_u64(r);
   rd = r_flag(r);
   wr = r_flag(r);
   r_sink(r, &mc->sink);
   mc->rx.hdr_have = r_u8(r);
-  if(r->err || mc->ev.fd < 0 || mc->gen == 0 || mc->gen > mc_gen ||
+  if(r->err || mc->conn.ev.fd < 0 || mc->gen == 0 || mc->gen > mc_gen ||
      mc->rx.hdr_have > MUX_HDRLEN)
     return -1;
   if((p = r_get(r, MUX_HDRLEN)) == NULL)
@@ -8261,9 +8405,9 @@ static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
     return -1; /* generations are unique and ascending */
   if(mc->in_paused)
     dlist_push_tail(&mc_in_paused, &mc->paused_node);
-  r_ev(r, &mc->ev, mc->in_paused ? 0 : rd, wr);
+  r_ev(r, &mc->conn.ev, mc->in_paused ? 0 : rd, wr);
   if(buf_len(&mc->sink.out) > 0)
-    out_queue(&mc->ev);
+    out_queue(&mc->conn.ev);
   return r->err ? -1 : 0;
 }
 
@@ -8276,20 +8420,20 @@ static int upg_load_uc(upg_r_t *r, vp_t *vp, chan_t *c)
     return -1;
   c->uc = uc;
   uc->chan = c;
-  uc->ev.fd = r_fd(r);
+  uc->conn.ev.fd = r_fd(r);
   rd = r_flag(r);
   wr = r_flag(r);
   r_sink(r, &uc->sink);
   uc->eof = r_flag(r);
   uc->closing = r_flag(r);
   uc->in_paused = r_flag(r);
-  if(r->err || uc->ev.fd < 0)
+  if(r->err || uc->conn.ev.fd < 0)
     return -1;
   if(uc->in_paused)
     dlist_push_tail(&uc_in_paused, &uc->paused_node);
-  r_ev(r, &uc->ev, uc->in_paused ? 0 : rd, wr);
+  r_ev(r, &uc->conn.ev, uc->in_paused ? 0 : rd, wr);
   if(buf_len(&uc->sink.out) > 0)
-    out_queue(&uc->ev);
+    out_queue(&uc->conn.ev);
   return r->err ? -1 : 0;
 }
 
@@ -8369,7 +8513,7 @@ static int upg_load_vp(upg_r_t *r)
 
   if((vp = calloc(1, sizeof(vp_t))) == NULL)
     return -1;
-  fdev_init(&vp->ev, -1, FD_VP, vp);
+  conn_init(&vp->conn, -1, FD_VP, vp, vp->peer);
   fdev_init(&vp->lev, -1, FD_VP_LISTEN, vp);
   vp->chan_next = 1;
   splaytree_init(&vp->chans, chan_vp_cmp, offsetof(chan_t, vp_node));
@@ -8427,7 +8571,7 @@ static int upg_load_vp(upg_r_t *r)
   vp->last_tx = r_past(r);
   r_timer(r, &vp->rx_timer);
   r_timer(r, &vp->ka_timer);
-  vp->ev.fd = r_fd(r);
+  vp->conn.ev.fd = r_fd(r);
   vp->lev.fd = r_fd(r);
   r_buf(r, &vp->out);
   have = r_u32(r);
@@ -8435,7 +8579,7 @@ static int upg_load_vp(upg_r_t *r)
      (vp->in_id_tree && (vp->id == 0 || vp->id >= vp_id_next)) ||
      (!vp->in_id_tree && vp->id != 0) ||
      (vp->in_magic_tree && vp->magic_len == 0) ||
-     (vp->state == VP_ZOMBIE) != (vp->ev.fd < 0) ||
+     (vp->state == VP_ZOMBIE) != (vp->conn.ev.fd < 0) ||
      (vp->lev.fd >= 0 && (vp->state != VP_GO || opt_udir == NULL)) ||
      ((vp->state == VP_GO || vp->state == VP_ZOMBIE) && !vp->in_id_tree) ||
      (vp->state == VP_ZOMBIE && (buf_len(&vp->out) > 0 || have > 0)) ||
@@ -8476,8 +8620,8 @@ static int upg_load_vp(upg_r_t *r)
   if(vp->in_handshake)
     handshake_count++;
   /* the connection counts against its source again (per-source-max) */
-  if(src && vp->ev.fd >= 0 &&
-     getpeername(vp->ev.fd, (struct sockaddr *)&ss, &sl) == 0)
+  if(src && vp->conn.ev.fd >= 0 &&
+     getpeername(vp->conn.ev.fd, (struct sockaddr *)&ss, &sl) == 0)
     src_hold(vp, (struct sockaddr *)&ss);
   if(vp->lev.fd >= 0)
     {
@@ -8485,9 +8629,9 @@ static int upg_load_vp(upg_r_t *r)
 	return -1;
       r_ev(r, &vp->lev, 1, 0);
     }
-  r_ev(r, &vp->ev, rd, wr);
+  r_ev(r, &vp->conn.ev, rd, wr);
   if(buf_len(&vp->out) > 0)
-    out_queue(&vp->ev);
+    out_queue(&vp->conn.ev);
   nchans = r_u32(r);
   for(i=0; i<nchans && !r->err; i++)
     if(upg_load_chan(r, vp) != 0)
@@ -8868,19 +9012,17 @@ static void upg_envp_free(char **envp)
 static void upg_exit(long newpid)
 {
   char msg[64];
-#ifdef HAVE_OPENSSL
   dlist_node_t *n;
   vp_t *vp;
   for(n = vp_list.head; n != NULL; n = n->next)
     {
       vp = CONTAINER_OF(n, vp_t, list_node);
-      if(vp->ssl != NULL && vp->ev.fd >= 0)
+      if(conn_is_tls(&vp->conn) && vp->conn.ev.fd >= 0)
 	{
-	  SSL_shutdown(vp->ssl);
-	  close(vp->ev.fd);
+	  conn_shutdown(&vp->conn);
+	  close(vp->conn.ev.fd);
 	}
     }
-#endif
   snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1", newpid);
   svc_send(msg);
   fflush(NULL);
