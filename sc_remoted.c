@@ -1105,6 +1105,12 @@ typedef enum
   VP_FLUSH,          /* sending MASTER_REJ, then closing */
 } vpstate_t;
 
+/* the one table of VP state names (logs, /metrics, /vps, the page);
+ * vp_state_names + VP_HANDSHAKE are the three states metrics count */
+static const char *const vp_state_names[] = {
+  "?", "handshake", "go", "zombie", "flush",
+};
+
 /* reassembly of a remote frame that spans reads */
 typedef struct rp_rx
 {
@@ -1201,17 +1207,25 @@ struct chan
   slist_node_t  gc_node;
 };
 
+/* a -U client's states; uc_set_state() is the only writer */
+typedef enum
+{
+  UC_RELAY = 1,                 /* read and written */
+  UC_IN_PAUSED,                 /* its reading stopped: VP's unacked full */
+  UC_HALF_CLOSED,               /* client sent EOF; written until the FIN */
+  UC_DRAINING,                  /* not read; closed once out is written */
+  UC_DEAD,                      /* closed; freed at the end of the iteration */
+} ucstate_t;
+
 struct uclient
 {
   conn_t        conn;
   vp_t         *vp;
   chan_t       *chan;           /* NULL once detached */
   sink_t        sink;
-  uint8_t       dead;
-  uint8_t       eof;            /* client half-closed */
-  uint8_t       closing;        /* close once out is drained */
-  uint8_t       in_paused;      /* not read: its VP's unacked is full */
-  dlist_node_t  paused_node;
+  uint8_t       state;          /* ucstate_t */
+  uint8_t       eof;            /* the client half-closed (for the log) */
+  dlist_node_t  paused_node;    /* on uc_in_paused while UC_IN_PAUSED */
   slist_node_t  gc_node;
 };
 
@@ -1226,6 +1240,15 @@ typedef struct mux_rx
   uint32_t      ctl_have;
 } mux_rx_t;
 
+/* a mux client's states; mc_set_state() is the only writer */
+typedef enum
+{
+  MC_BURST = 1,                 /* VP_UPDATE burst not finished: not read */
+  MC_RELAY,                     /* read and written */
+  MC_IN_PAUSED,                 /* its reading stopped: a VP's unacked full */
+  MC_DEAD,                      /* closed; freed at the end of the iteration */
+} mcstate_t;
+
 struct mclient
 {
   conn_t        conn;
@@ -1233,13 +1256,12 @@ struct mclient
   mux_rx_t      rx;
   splaytree_t   chans;          /* chan_t by client channel id */
   uint64_t      gen;            /* connection order */
-  uint8_t       dead;
-  uint8_t       in_paused;      /* not read: a VP's unacked is full */
-  uint8_t       in_pause_req;   /* pause after this read */
-  uint8_t       bursting;       /* VP_UPDATE burst not finished: no GO yet */
+  uint8_t       state;          /* mcstate_t */
+  uint8_t       rd_stop_after_feed; /* stop reading it after this read:
+				   it filled a VP's unacked queue */
   vp_t         *burst_next;     /* next VP of vp_list to consider; NULL: end */
   tw_timer_t    burst_timer;    /* -O mux-burst-timeout */
-  dlist_node_t  paused_node;
+  dlist_node_t  paused_node;    /* on mc_in_paused while MC_IN_PAUSED */
   dlist_node_t  list_node;
   slist_node_t  gc_node;
 };
@@ -1413,6 +1435,41 @@ static void stats_vp_closed(const vp_t *vp)
     case WHY_CLOSED:   stats.rejects[REJ_CLOSED]++; return;
     default:           stats.rejects[REJ_ERROR]++; return;
     }
+}
+
+typedef struct vp_totals
+{
+  uint64_t vps[3];              /* handshake (and flush), go, zombie */
+  uint64_t unacked;
+  uint64_t channels;
+  uint64_t uclients;
+} vp_totals_t;
+
+static int chan_count_uc(void *item, void *param)
+{
+  if(((chan_t *)item)->uc != NULL)
+    (*(uint64_t *)param)++;
+  return 0;
+}
+
+/*
+ * The one walk over every VP for totals, shared by sd_notify's STATUS=,
+ * /metrics and the status page.
+ */
+static void vp_totals(vp_totals_t *t)
+{
+  dlist_node_t *n;
+  vp_t *vp;
+  memset(t, 0, sizeof(*t));
+  for(n = vp_list.head; n != NULL; n = n->next)
+    {
+      vp = CONTAINER_OF(n, vp_t, list_node);
+      t->vps[vp->state == VP_GO ? 1 : vp->state == VP_ZOMBIE ? 2 : 0]++;
+      t->unacked += buf_len(&vp->unacked);
+      t->channels += splaytree_count(&vp->chans);
+      splaytree_inorder(&vp->chans, chan_count_uc, &t->uclients);
+    }
+  return;
 }
 
 /* ---------------------------------------------------------------------
@@ -2932,14 +2989,7 @@ static const char *magic_str(const uint8_t *m, uint8_t len, char *buf,
 
 static const char *vp_state_str(vpstate_t st)
 {
-  switch(st)
-    {
-    case VP_HANDSHAKE: return "handshake";
-    case VP_GO:        return "go";
-    case VP_ZOMBIE:    return "zombie";
-    case VP_FLUSH:     return "flush";
-    }
-  return "?";
+  return vp_state_names[st >= VP_HANDSHAKE && st <= VP_FLUSH ? st : 0];
 }
 
 /* ---- send paths ---- */
@@ -3520,9 +3570,14 @@ static int vp_handle_master_res(vp_t *t, const uint8_t *b, size_t len,
   vp_close(t, "connection merged into a resumed session");
   if(vp_set_state(m, VP_GO, "MASTER_RES") != 0)
     {
-      /* no -U socket: leave it for scamper to retry */
-      m->state = VP_GO;
-      vp_lost(m, "could not create the unix socket after resume");
+      /* no -U socket: a zombie again (as vp_lost does for a session
+       * in GO) for scamper to retry, or gone without -Z */
+      stats_why(m, WHY_CLOSED);
+      if(opt_zombie > 0)
+	vp_set_state(m, VP_ZOMBIE,
+		     "could not create the unix socket after resume");
+      else
+	vp_close(m, "could not create the unix socket after resume");
       return -1;
     }
   *moved = m;
@@ -4391,6 +4446,7 @@ static void vp_lev_close(vp_t *vp)
 
 static void uc_stall(tw_timer_t *t);
 
+/* a -U client on fd for vp, in RELAY; the caller registers the fd */
 static uclient_t *uc_alloc(vp_t *vp, int fd)
 {
   uclient_t *uc;
@@ -4400,42 +4456,81 @@ static uclient_t *uc_alloc(vp_t *vp, int fd)
   sink_init(&uc->sink, uc_stall);
   dlist_node_init(&uc->paused_node);
   uc->vp = vp;
+  uc->state = UC_RELAY;
   return uc;
 }
 
+static void uc_close(uclient_t *uc, const char *why);
+
 /*
- * The one teardown of a -U client.  If neither side has sent a FIN on its
- * channel, scamper is sent one (client EOF, read or write error); the
- * channel record is then released.
+ * The only place a -U client changes state.  Leaving IN_PAUSED takes it
+ * off uc_in_paused.  Entry work: RELAY reads again; IN_PAUSED stops
+ * reading and joins uc_in_paused (in_paused_recheck resumes it when its
+ * VP's unacked queue has room); HALF_CLOSED (client EOF) and DRAINING
+ * (closing once its output is written) stop reading; DEAD is the one
+ * teardown: if neither side has sent a FIN on its channel, scamper is
+ * sent one (client EOF, read or write error), then the channel record is
+ * released and the VP feeding it may resume.  why is logged for DEAD.
+ * Returns 0, or -1 when the client is (now) dead.
  */
+static int uc_set_state(uclient_t *uc, ucstate_t st, const char *why)
+{
+  vp_t *feeder;
+  chan_t *c;
+  int rd = -1;
+
+  if(uc->state == UC_DEAD)
+    return -1;
+  if(uc->state == UC_IN_PAUSED)
+    dlist_remove(&uc_in_paused, &uc->paused_node);
+  uc->state = (uint8_t)st;
+  switch(st)
+    {
+    case UC_RELAY:
+      rd = 1;
+      break;
+    case UC_IN_PAUSED:
+      dlist_push_tail(&uc_in_paused, &uc->paused_node);
+      rd = 0;
+      break;
+    case UC_HALF_CLOSED:
+      uc->eof = 1;
+      rd = 0;
+      break;
+    case UC_DRAINING:
+      rd = 0;
+      break;
+    case UC_DEAD:
+      log_dbg("%s: local client closed: %s",
+	      uc->vp != NULL ? uc->vp->peer : "?", why);
+      conn_close(&uc->conn);
+      sink_fini(&uc->sink);
+      if((c = uc->chan) != NULL)
+	{
+	  uc->chan = NULL;
+	  c->uc = NULL;
+	  feeder = c->vp;
+	  if(chan_send_fin(c) == 0)
+	    {
+	      chan_release(c);
+	      vp_try_unpause(feeder);
+	    }
+	}
+      slist_push_tail(&gc_ucs, &uc->gc_node);
+      return -1;
+    }
+  if(rd >= 0 && uc->conn.ev.fd >= 0 && ev_want_read(&uc->conn.ev, rd) != 0)
+    {
+      uc_close(uc, "could not change read interest");
+      return -1;
+    }
+  return 0;
+}
+
+/* the one teardown of a -U client (see uc_set_state) */
 static void uc_close(uclient_t *uc, const char *why)
 {
-  vp_t *feeder = NULL;
-  chan_t *c;
-  if(uc->dead)
-    return;
-  uc->dead = 1;
-  log_dbg("%s: local client closed: %s",
-	  uc->vp != NULL ? uc->vp->peer : "?", why);
-  if(uc->in_paused)
-    {
-      dlist_remove(&uc_in_paused, &uc->paused_node);
-      uc->in_paused = 0;
-    }
-  conn_close(&uc->conn);
-  sink_fini(&uc->sink);
-  if((c = uc->chan) != NULL)
-    {
-      uc->chan = NULL;
-      c->uc = NULL;
-      feeder = c->vp;
-      if(chan_send_fin(c) == 0)
-	{
-	  chan_release(c);
-	  vp_try_unpause(feeder);
-	}
-    }
-  slist_push_tail(&gc_ucs, &uc->gc_node);
+  uc_set_state(uc, UC_DEAD, why);
   return;
 }
 
@@ -4452,23 +4547,12 @@ static void uc_stall(tw_timer_t *t)
   return;
 }
 
-/* stop reading the client while its VP's unacked queue is full */
-static void uc_in_pause(uclient_t *uc)
-{
-  if(uc->in_paused)
-    return;
-  uc->in_paused = 1;
-  dlist_push_tail(&uc_in_paused, &uc->paused_node);
-  ev_want_read(&uc->conn.ev, 0);
-  return;
-}
-
 /* close once nothing is left to deliver, if scamper or the client ended */
 static void uc_check_done(uclient_t *uc)
 {
-  if(uc->dead || buf_len(&uc->sink.out) > 0)
+  if(uc->state == UC_DEAD || buf_len(&uc->sink.out) > 0)
     return;
-  if(uc->closing || (uc->chan != NULL && uc->chan->fin_rcvd))
+  if(uc->state == UC_DRAINING || (uc->chan != NULL && uc->chan->fin_rcvd))
     uc_close(uc, uc->eof ? "client done and scamper finished"
 	     : "scamper finished the channel");
   return;
@@ -4477,12 +4561,18 @@ static void uc_check_done(uclient_t *uc)
 /* scamper's FIN: stop reading, deliver what is queued, then close */
 static void uc_on_fin(uclient_t *uc)
 {
-  uc->closing = 1;
-  ev_want_read(&uc->conn.ev, 0);
-  uc_check_done(uc);
+  if(uc_set_state(uc, UC_DRAINING, NULL) == 0)
+    uc_check_done(uc);
   return;
 }
 
+/*
+ * Read what the client sent and relay it to scamper on its channel, at
+ * most four reads per event.  Stops (IN_PAUSED) while the VP's unacked
+ * queue is full; on EOF tells scamper (FIN) and keeps delivering until
+ * scamper's FIN, or closes at once if scamper had finished.  May close
+ * the client, or its VP (and the client with it) on a send failure.
+ */
 static void uc_read(uclient_t *uc)
 {
   chan_t *c;
@@ -4493,7 +4583,7 @@ static void uc_read(uclient_t *uc)
     {
       if(uc->chan != NULL && vp_unacked_full(uc->chan->vp))
 	{
-	  uc_in_pause(uc);
+	  uc_set_state(uc, UC_IN_PAUSED, NULL);
 	  return;
 	}
       if((n = conn_read(&uc->conn, scratch, UC_READ_MAX)) < 0)
@@ -4507,12 +4597,12 @@ static void uc_read(uclient_t *uc)
       if(n == 0)
 	{
 	  /* EOF: tell scamper; keep delivering until its FIN */
-	  uc->eof = 1;
-	  ev_want_read(&uc->conn.ev, 0);
+	  if(uc_set_state(uc, UC_HALF_CLOSED, NULL) != 0)
+	    return;
 	  if(c == NULL || c->fin_rcvd)
 	    {
-	      uc->closing = 1;
-	      uc_check_done(uc);
+	      if(uc_set_state(uc, UC_DRAINING, NULL) == 0)
+		uc_check_done(uc);
 	      return;
 	    }
 	  if(chan_send_fin(c) != 0)
@@ -4532,7 +4622,7 @@ static void uc_read(uclient_t *uc)
 static void uc_flush(uclient_t *uc)
 {
   int rc;
-  if(uc->dead || uc->conn.ev.fd < 0)
+  if(uc->state == UC_DEAD || uc->conn.ev.fd < 0)
     return;
   if((rc = sink_flush(&uc->sink, &uc->conn)) < 0)
     {
@@ -4547,12 +4637,12 @@ static void uc_flush(uclient_t *uc)
 
 static void uc_dispatch(uclient_t *uc, int rd, int wr)
 {
-  if(uc->dead)
+  if(uc->state == UC_DEAD)
     return;
   if(wr)
     {
       uc_flush(uc);
-      if(uc->dead)
+      if(uc->state == UC_DEAD)
 	return;
     }
   if(rd && uc->conn.ev.rd)
@@ -4702,7 +4792,7 @@ static void mc_send_ctl(mclient_t *mc, uint16_t type, uint32_t val,
 /* 1 unless mc is in its burst and its cursor has not yet reached vp */
 static int mc_burst_passed(const mclient_t *mc, const vp_t *vp)
 {
-  return !mc->bursting || mc->burst_next == NULL ||
+  return mc->state != MC_BURST || mc->burst_next == NULL ||
     vp->accept_seq < mc->burst_next->accept_seq;
 }
 
@@ -4721,7 +4811,7 @@ static void mux_burst_forget(vp_t *vp)
   for(n = mc_list.head; n != NULL; n = n->next)
     {
       mc = CONTAINER_OF(n, mclient_t, list_node);
-      if(mc->bursting && mc->burst_next == vp)
+      if(mc->state == MC_BURST && mc->burst_next == vp)
 	mc->burst_next = vp_list_next(vp);
     }
   return;
@@ -4744,7 +4834,7 @@ static void mux_announce_vp(vp_t *vp, uint64_t after_gen)
   for(n = mc_list.head; n != NULL; n = n->next)
     {
       mc = CONTAINER_OF(n, mclient_t, list_node);
-      if(mc->dead || mc->gen <= after_gen ||
+      if(mc->state == MC_DEAD || mc->gen <= after_gen ||
 	 !mc_burst_passed(mc, vp))
 	continue;
       if(len == 0)
@@ -4762,18 +4852,19 @@ static void mux_depart_vp(vp_t *vp)
   for(n = mc_list.head; n != NULL; n = n->next)
     {
       mc = CONTAINER_OF(n, mclient_t, list_node);
-      if(!mc->dead && mc_burst_passed(mc, vp))
+      if(mc->state != MC_DEAD && mc_burst_passed(mc, vp))
 	mc_send_ctl(mc, MUX_VP_DEPART, vp->id, 1);
     }
   return;
 }
 
 static void mc_close(mclient_t *mc, const char *why);
+static void mc_teardown(mclient_t *mc, const char *why);
 
 /* queue bytes for a mux client */
 static void mc_out(mclient_t *mc, const uint8_t *data, size_t len)
 {
-  if(mc->dead)
+  if(mc->state == MC_DEAD)
     return;
   if(buf_append(&mc->sink.out, data, len) != 0)
     {
@@ -4790,7 +4881,7 @@ static void mc_deliver(mclient_t *mc, vp_t *feeder, uint32_t id,
 		       const uint8_t *data, size_t len)
 {
   uint8_t h[MUX_HDRLEN];
-  if(mc->dead)
+  if(mc->state == MC_DEAD)
     return;
   bytes_htonl(h, id);
   bytes_htonl(h + 4, (uint32_t)len);
@@ -4812,23 +4903,71 @@ static void mc_send_channel_close(mclient_t *mc, uint32_t id)
 }
 
 /*
- * The one teardown of a mux client: FIN to scamper for each of its
- * channels that neither side has finished, then its channel records are
- * released and the socket closed.
+ * The only place a mux client changes state.  Leaving BURST cancels the
+ * burst deadline; leaving IN_PAUSED takes it off mc_in_paused.  Entry
+ * work: BURST starts the VP_UPDATE cursor at the oldest VP, arms
+ * -O mux-burst-timeout and stops reading (mc_burst_fill produces the
+ * burst as the client reads); RELAY reads (after GO, or when its VPs'
+ * unacked queues have room again); IN_PAUSED stops reading and joins
+ * mc_in_paused (in_paused_recheck resumes it); DEAD is the one teardown
+ * (see mc_close).  why is logged for DEAD.  Returns 0, or -1 when the
+ * client is (now) dead.
  */
+static int mc_set_state(mclient_t *mc, mcstate_t st, const char *why)
+{
+  int rd = -1;
+  if(mc->state == MC_DEAD)
+    return -1;
+  if(mc->state == MC_BURST)
+    tw_cancel(&mc->burst_timer);
+  if(mc->state == MC_IN_PAUSED)
+    dlist_remove(&mc_in_paused, &mc->paused_node);
+  mc->state = (uint8_t)st;
+  switch(st)
+    {
+    case MC_BURST:
+      mc->burst_next = vp_list.head != NULL ?
+	CONTAINER_OF(vp_list.head, vp_t, list_node) : NULL;
+      tw_arm(&mc->burst_timer, (unsigned int)opt_mux_burst_timeout);
+      rd = 0;
+      break;
+    case MC_RELAY:
+      rd = 1;
+      break;
+    case MC_IN_PAUSED:
+      mc->rd_stop_after_feed = 0;
+      dlist_push_tail(&mc_in_paused, &mc->paused_node);
+      rd = 0;
+      break;
+    case MC_DEAD:
+      mc_teardown(mc, why);
+      return -1;
+    }
+  if(rd >= 0 && ev_want_read(&mc->conn.ev, rd) != 0)
+    {
+      mc_close(mc, "could not change read interest");
+      return -1;
+    }
+  return 0;
+}
+
+/* the one teardown of a mux client (see mc_teardown) */
 static void mc_close(mclient_t *mc, const char *why)
 {
+  mc_set_state(mc, MC_DEAD, why);
+  return;
+}
+
+/*
+ * The entry work of DEAD: FIN to scamper for each of its channels that
+ * neither side has finished, then its channel records are released (the
+ * VPs feeding them may resume) and the socket closed.  Memory is freed
+ * at the end of the loop iteration.
+ */
+static void mc_teardown(mclient_t *mc, const char *why)
+{
   chan_t *c;
-  if(mc->dead)
-    return;
-  mc->dead = 1;
   log_dbg("mux client %llu: closing: %s", (unsigned long long)mc->gen, why);
-  tw_cancel(&mc->burst_timer);
-  if(mc->in_paused)
-    {
-      dlist_remove(&mc_in_paused, &mc->paused_node);
-      mc->in_paused = 0;
-    }
   conn_close(&mc->conn);
   sink_fini(&mc->sink);
   while((c = splaytree_pop_min(&mc->chans)) != NULL)
@@ -4998,10 +5137,10 @@ static int mc_rx_data(void *arg, uint32_t id, const uint8_t *data,
      c->fin_rcvd || c->fin_sent)
     return 0; /* unknown or finished channel: discarded */
   if(vp_send_data(c->vp, c->id, data, len) != 0)
-    return mc->dead ? -1 : 0;
+    return mc->state == MC_DEAD ? -1 : 0;
   if(vp_unacked_full(c->vp))
-    mc->in_pause_req = 1;
-  return mc->dead ? -1 : 0;
+    mc->rd_stop_after_feed = 1;
+  return mc->state == MC_DEAD ? -1 : 0;
 }
 
 static void mc_stall(tw_timer_t *t)
@@ -5028,17 +5167,6 @@ static int mc_targets_full(mclient_t *mc)
   return splaytree_inorder(&mc->chans, chan_unacked_full, NULL) != 0;
 }
 
-static void mc_in_pause(mclient_t *mc)
-{
-  mc->in_pause_req = 0;
-  if(mc->in_paused)
-    return;
-  mc->in_paused = 1;
-  dlist_push_tail(&mc_in_paused, &mc->paused_node);
-  ev_want_read(&mc->conn.ev, 0);
-  return;
-}
-
 /*
  * A VP's unacked queue shrank (or the VP went away): resume reading the
  * clients paused for it whose targets all have room again.
@@ -5055,10 +5183,7 @@ static void in_paused_recheck(void)
       uc = CONTAINER_OF(n, uclient_t, paused_node);
       if(uc->chan != NULL && vp_unacked_full(uc->chan->vp))
 	continue;
-      dlist_remove(&uc_in_paused, n);
-      uc->in_paused = 0;
-      if(!uc->eof && !uc->closing)
-	ev_want_read(&uc->conn.ev, 1);
+      uc_set_state(uc, UC_RELAY, NULL);
     }
   for(n = mc_in_paused.head; n != NULL; n = next)
     {
@@ -5066,9 +5191,7 @@ static void in_paused_recheck(void)
       mc = CONTAINER_OF(n, mclient_t, paused_node);
       if(mc_targets_full(mc))
 	continue;
-      dlist_remove(&mc_in_paused, n);
-      mc->in_paused = 0;
-      ev_want_read(&mc->conn.ev, 1);
+      mc_set_state(mc, MC_RELAY, NULL);
     }
   return;
 }
@@ -5084,7 +5207,7 @@ static void mc_read(mclient_t *mc)
     {
       if(mc_targets_full(mc))
 	{
-	  mc_in_pause(mc);
+	  mc_set_state(mc, MC_IN_PAUSED, NULL);
 	  return;
 	}
       if((n = conn_read(&mc->conn, scratch, SCRATCH_SIZE)) < 0)
@@ -5100,15 +5223,15 @@ static void mc_read(mclient_t *mc)
 	  return;
 	}
       if(mux_rx_feed(&mc->rx, scratch, (size_t)n, &mc_rx_cb, mc) != 0 ||
-	 mc->dead)
+	 mc->state == MC_DEAD)
 	return;
       /* decide on the state now: ACKs may have drained it since */
-      if(mc->in_pause_req)
+      if(mc->rd_stop_after_feed)
 	{
-	  mc->in_pause_req = 0;
+	  mc->rd_stop_after_feed = 0;
 	  if(mc_targets_full(mc))
 	    {
-	      mc_in_pause(mc);
+	      mc_set_state(mc, MC_IN_PAUSED, NULL);
 	      return;
 	    }
 	}
@@ -5137,7 +5260,7 @@ static void mc_flush(mclient_t *mc)
   int rc;
   for(;;)
     {
-      if(mc->dead || mc->conn.ev.fd < 0)
+      if(mc->state == MC_DEAD || mc->conn.ev.fd < 0)
 	return;
       if((rc = sink_flush(&mc->sink, &mc->conn)) < 0)
 	{
@@ -5146,7 +5269,7 @@ static void mc_flush(mclient_t *mc)
 	}
       if(rc == 1)
 	splaytree_inorder(&mc->chans, chan_wake_vp, NULL);
-      if(!mc->bursting || buf_len(&mc->sink.out) >= MC_BURST_MARK)
+      if(mc->state != MC_BURST || buf_len(&mc->sink.out) >= MC_BURST_MARK)
 	return;
       mc_burst_fill(mc);
     }
@@ -5154,12 +5277,12 @@ static void mc_flush(mclient_t *mc)
 
 static void mc_dispatch(mclient_t *mc, int rd, int wr)
 {
-  if(mc->dead)
+  if(mc->state == MC_DEAD)
     return;
   if(wr)
     {
       mc_flush(mc);
-      if(mc->dead)
+      if(mc->state == MC_DEAD)
 	return;
     }
   if(rd)
@@ -5183,15 +5306,13 @@ static void mc_dispatch(mclient_t *mc, int rd, int wr)
 static void mc_burst_fill(mclient_t *mc)
 {
   vp_t *vp;
-  while(mc->bursting && !mc->dead && buf_len(&mc->sink.out) < MC_BURST_MARK)
+  while(mc->state == MC_BURST && buf_len(&mc->sink.out) < MC_BURST_MARK)
     {
       if((vp = mc->burst_next) == NULL)
 	{
-	  mc->bursting = 0;
-	  tw_cancel(&mc->burst_timer);
 	  mc_send_ctl(mc, MUX_GO, 0, 0);
-	  if(!mc->dead && !mc->in_paused)
-	    ev_want_read(&mc->conn.ev, 1);
+	  if(mc_set_state(mc, MC_RELAY, NULL) != 0)
+	    return;
 	  log_dbg("mux client %llu: burst done",
 		  (unsigned long long)mc->gen);
 	  return;
@@ -5206,7 +5327,7 @@ static void mc_burst_fill(mclient_t *mc)
 static void mc_burst_timeout(tw_timer_t *t)
 {
   mclient_t *mc = CONTAINER_OF(t, mclient_t, burst_timer);
-  if(!mc->bursting || mc->dead)
+  if(mc->state != MC_BURST)
     return;
   stats.mux_burst_timeouts++;
   log_warn("mux client %llu: VP_UPDATE burst not read within %lds "
@@ -5241,13 +5362,8 @@ static mclient_t *mc_open(int fd)
     }
   dlist_push_tail(&mc_list, &mc->list_node);
   log_dbg("mux client %llu: connected", (unsigned long long)mc->gen);
-  mc->bursting = 1;
-  mc->burst_next = vp_list.head != NULL ?
-    CONTAINER_OF(vp_list.head, vp_t, list_node) : NULL;
-  tw_arm(&mc->burst_timer, (unsigned int)opt_mux_burst_timeout);
-  mc_burst_fill(mc);
-  if(mc->bursting && !mc->dead)
-    ev_want_read(&mc->conn.ev, 0);
+  if(mc_set_state(mc, MC_BURST, NULL) == 0)
+    mc_burst_fill(mc);
   return mc;
 }
 
@@ -6066,36 +6182,18 @@ static void svc_init(void)
   return;
 }
 
-/* one chan of a VP: count it if a -U client consumes it */
-static int svc_count_uc(void *item, void *param)
-{
-  if(((chan_t *)item)->uc != NULL)
-    (*(unsigned long *)param)++;
-  return 0;
-}
-
 /* send STATUS= if the counts changed since the last one sent */
 static void svc_status_update(void)
 {
-  unsigned long live = 0, zombies = 0, clients = 0;
   char msg[sizeof(svc_status)];
-  dlist_node_t *n;
-  vp_t *vp;
+  vp_totals_t t;
 
   if(svc_fd < 0)
     return;
-  for(n = vp_list.head; n != NULL; n = n->next)
-    {
-      vp = CONTAINER_OF(n, vp_t, list_node);
-      if(vp->state == VP_GO)
-	live++;
-      else if(vp->state == VP_ZOMBIE)
-	zombies++;
-      splaytree_inorder(&vp->chans, svc_count_uc, &clients);
-    }
-  clients += (unsigned long)mc_list.count;
+  vp_totals(&t);
   snprintf(msg, sizeof(msg), "STATUS=%lu VPs live, %lu zombies, %lu clients",
-	   live, zombies, clients);
+	   (unsigned long)t.vps[1], (unsigned long)t.vps[2],
+	   (unsigned long)(t.uclients + mc_list.count));
   if(strcmp(msg, svc_status) == 0)
     return;
   memcpy(svc_status, msg, sizeof(svc_status));
@@ -6216,16 +6314,23 @@ static void svc_close(void)
 #define HC_SNDBUF     131072   /* kernel send buffer: bounded too */
 #define HC_BUDGET     65536    /* /vps bytes rendered per dispatch */
 
+/* an HTTP client's states; hc_set_state() is the only writer */
+typedef enum
+{
+  HC_IDLE = 1,                  /* reading a request head */
+  HC_ANSWER,                    /* writing a fully queued answer */
+  HC_STREAM,                    /* writing an answer rendered as out drains */
+  HC_DEAD,                      /* closed; freed at the end of the iteration */
+} hcstate_t;
+
 typedef struct hclient
 {
   conn_t        conn;
   char          in[HC_HEAD_MAX];
   size_t        in_len;
   buf_t         out;
-  uint8_t       dead;
-  uint8_t       busy;           /* answering a request */
-  uint8_t       close_after;    /* close once out is written */
-  uint8_t       vps;            /* streaming (kind says what) */
+  uint8_t       state;          /* hcstate_t */
+  uint8_t       close_after;    /* close once the answer is written */
   uint8_t       vps_chunked;    /* with chunked transfer coding */
   uint8_t       vps_first;      /* no VP object written yet */
   uint8_t       kind;           /* HS_VPS, HS_PAGE or HS_METRICS */
@@ -6247,6 +6352,7 @@ static slist_t      gc_hcs;
 static uint64_t     http_cap_logged = UINT64_MAX;
 
 static void hc_close(hclient_t *hc, const char *why);
+static int hc_set_state(hclient_t *hc, hcstate_t st, const char *why);
 static void hc_write(hclient_t *hc);
 static void hc_process(hclient_t *hc);
 
@@ -6338,37 +6444,6 @@ static double hc_tick_wall(const hc_clock_t *c, uint64_t tick)
 }
 
 /* ---- /metrics ---- */
-
-typedef struct vp_totals
-{
-  uint64_t vps[3];              /* handshake (and flush), go, zombie */
-  uint64_t unacked;
-  uint64_t channels;
-  uint64_t uclients;
-} vp_totals_t;
-
-static int chan_count_uc(void *item, void *param)
-{
-  if(((chan_t *)item)->uc != NULL)
-    (*(uint64_t *)param)++;
-  return 0;
-}
-
-static void vp_totals(vp_totals_t *t)
-{
-  dlist_node_t *n;
-  vp_t *vp;
-  memset(t, 0, sizeof(*t));
-  for(n = vp_list.head; n != NULL; n = n->next)
-    {
-      vp = CONTAINER_OF(n, vp_t, list_node);
-      t->vps[vp->state == VP_GO ? 1 : vp->state == VP_ZOMBIE ? 2 : 0]++;
-      t->unacked += buf_len(&vp->unacked);
-      t->channels += splaytree_count(&vp->chans);
-      splaytree_inorder(&vp->chans, chan_count_uc, &t->uclients);
-    }
-  return;
-}
 
 /* HELP and TYPE lines of one metric family */
 static int prom_head(buf_t *b, const char *name, const char *type,
@@ -6463,7 +6538,7 @@ static int prom_process(buf_t *b)
 /* render the whole /metrics page into b; 0, or -1 out of memory */
 static int metrics_render(buf_t *b)
 {
-  static const char *const st_labels[3] = {"handshake", "go", "zombie"};
+  const char *const *st_labels = vp_state_names + VP_HANDSHAKE;
   static const char *const dir_labels[2] = {"from_vp", "to_vp"};
   static const char *const ap_labels[2] = {"emfile", "handshake_cap"};
   static const char *const kind_labels[2] = {"unix", "mux"};
@@ -6648,8 +6723,6 @@ static unsigned int vp_flaps_recent(const vp_t *vp, uint64_t secs)
 /* one VP as a JSON object */
 static int vps_render_one(buf_t *b, vp_t *vp, const hc_clock_t *clk)
 {
-  static const char *const st[] = {"?", "handshake", "go", "zombie",
-				   "flush"};
   vp_clients_t cl = {0, 0};
   char subj[512];
   int rc = 0;
@@ -6659,7 +6732,7 @@ static int vps_render_one(buf_t *b, vp_t *vp, const hc_clock_t *clk)
   rc |= vp->name != NULL ? bjson_str(b, vp->name, strlen(vp->name)) :
     buf_append(b, "null", 4);
   rc |= bprintf(b, ",\"address\":\"%s\",\"peer\":\"%s\",\"state\":\"%s\"",
-		vp->addr, vp->peer, st[vp->state <= VP_FLUSH ? vp->state : 0]);
+		vp->addr, vp->peer, vp_state_str(vp->state));
   rc |= bprintf(b, ",\"arrival\":%ld.%03ld", (long)vp->arrival.tv_sec,
 		(long)vp->arrival.tv_usec / 1000);
   if(vp->state == VP_GO)
@@ -7066,7 +7139,7 @@ static const char page_js[] =
 /* the page up to the first table row: totals, controls, table head */
 static int page_head(buf_t *b)
 {
-  static const char *const st[3] = {"handshake", "go", "zombie"};
+  const char *const *st = vp_state_names + VP_HANDSHAKE;
   vp_totals_t t;
   size_t i;
   int rc = 0;
@@ -7128,9 +7201,7 @@ static int page_tail(buf_t *b)
 /* one VP as a table row; every string from the VP or metadata escaped */
 static int page_row(buf_t *b, vp_t *vp)
 {
-  static const char *const st[] = {"?", "handshake", "go", "zombie",
-				   "flush"};
-  const char *state = st[vp->state <= VP_FLUSH ? vp->state : 0];
+  const char *state = vp_state_str(vp->state);
   const meta_t *m = page_vp_meta(vp);
   vp_clients_t cl = {0, 0};
   int rc = 0;
@@ -7218,7 +7289,7 @@ static int vps_fill(hclient_t *hc)
     {
       if(hc->vps_chunked)
 	rc |= buf_append(&hc->out, "0\r\n\r\n", 5);
-      hc->vps = 0;
+      hc_set_state(hc, HC_ANSWER, NULL); /* the rest is queued */
     }
   buf_clear(&tmp);
   return rc;
@@ -7273,19 +7344,9 @@ static int hc_text(hclient_t *hc, const http_req_t *req, int code,
  */
 static int hc_stream(hclient_t *hc, int kind, buf_t *pre)
 {
-  int rc = 0, on = 1;
-  /*
-   * A streamed answer ends with a small write (the last rows, the
-   * terminating chunk) that Nagle would hold until the client's delayed
-   * ACK, some 40 ms later: the whole answer is queued already, so send
-   * segments as they are.  (Not a TCP socket: harmless EOPNOTSUPP.)
-   */
-  setsockopt(hc->conn.ev.fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
-  hc->vps = 1;
+  int rc = 0;
   hc->kind = (uint8_t)kind;
-  hc->phase = 0;
-  hc->vps_first = 1;
-  hc->cursor = 0;
+  hc_set_state(hc, HC_STREAM, NULL);
   if(buf_len(pre) == 0)
     return 0;
   if(hc->vps_chunked)
@@ -7325,7 +7386,7 @@ static int hc_respond(hclient_t *hc, const http_req_t *req)
   buf_t page;
   int rc;
 
-  hc->busy = 1;
+  hc_set_state(hc, HC_ANSWER, NULL);
   /* the page and its files count as "other" in http_busy_seconds */
   hc->route = path == 1 || path == 2 ? (uint8_t)path : 0;
   if(!req->keepalive)
@@ -7379,7 +7440,7 @@ static int hc_respond(hclient_t *hc, const http_req_t *req)
 static void hc_timer(tw_timer_t *t)
 {
   hclient_t *hc = CONTAINER_OF(t, hclient_t, timer);
-  if(hc->busy)
+  if(hc->state != HC_IDLE)
     hc_close(hc, "write deadline passed");
   else
     hc_close(hc, hc->in_len > 0 ? "request not complete in time" :
@@ -7388,20 +7449,54 @@ static void hc_timer(tw_timer_t *t)
 }
 
 /*
- * The one teardown of an HTTP client; memory is freed at the end of the
- * loop iteration.
+ * The only place an HTTP client changes state, with each state's entry
+ * work.  IDLE: a fresh request deadline and the socket watched for a
+ * request (the state of a new client and after each kept-alive answer).
+ * ANSWER: none (hc_respond queued the answer; hc_write sends it).
+ * STREAM: Nagle off -- a streamed answer ends with a small write that
+ * Nagle would hold for the client's delayed ACK (not a TCP socket:
+ * harmless EOPNOTSUPP) -- and the renderer's cursor at the start (the
+ * caller set hc->kind).  DEAD: the one teardown (why is logged); memory
+ * is freed at the end of the loop iteration.  Returns 0, or -1 when the
+ * client is (now) dead.
  */
+static int hc_set_state(hclient_t *hc, hcstate_t st, const char *why)
+{
+  int on = 1;
+  if(hc->state == HC_DEAD)
+    return -1;
+  hc->state = (uint8_t)st;
+  switch(st)
+    {
+    case HC_IDLE:
+      tw_arm(&hc->timer, HC_TIMEOUT);
+      if(ev_set(&hc->conn.ev, 1, 0) != 0)
+	return hc_close(hc, "could not register"), -1;
+      break;
+    case HC_ANSWER:
+      break;
+    case HC_STREAM:
+      setsockopt(hc->conn.ev.fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+      hc->phase = 0;
+      hc->vps_first = 1;
+      hc->cursor = 0;
+      break;
+    case HC_DEAD:
+      log_dbg("metrics client fd %d closed: %s", hc->conn.ev.fd, why);
+      conn_close(&hc->conn);
+      tw_cancel(&hc->timer);
+      buf_clear(&hc->out);
+      dlist_remove(&hc_list, &hc->list_node);
+      slist_push_tail(&gc_hcs, &hc->gc_node);
+      return -1;
+    }
+  return 0;
+}
+
+/* the one teardown of an HTTP client (see hc_set_state) */
 static void hc_close(hclient_t *hc, const char *why)
 {
-  if(hc->dead)
-    return;
-  hc->dead = 1;
-  log_dbg("metrics client fd %d closed: %s", hc->conn.ev.fd, why);
-  conn_close(&hc->conn);
-  tw_cancel(&hc->timer);
-  buf_clear(&hc->out);
-  dlist_remove(&hc_list, &hc->list_node);
-  slist_push_tail(&gc_hcs, &hc->gc_node);
+  hc_set_state(hc, HC_DEAD, why);
   return;
 }
 
@@ -7415,7 +7510,7 @@ static void hc_process(hclient_t *hc)
   http_req_t req;
   long n;
 
-  while(!hc->dead && !hc->busy && !hc->close_after)
+  while(hc->state == HC_IDLE && !hc->close_after)
     {
       n = http_req_parse(hc->in, hc->in_len, HC_HEAD_MAX, &req);
       if(n == HTTP_REQ_MORE)
@@ -7427,7 +7522,7 @@ static void hc_process(hclient_t *hc)
 	  memset(&req, 0, sizeof(req));
 	  snprintf(req.method, sizeof(req.method), "GET");
 	  req.minor = 1;
-	  hc->busy = 1;
+	  hc_set_state(hc, HC_ANSWER, NULL);
 	  hc->close_after = 1;
 	  hc->in_len = 0;
 	  if(hc_text(hc, &req, n == HTTP_REQ_TOOBIG ? 431 : 400, "") != 0)
@@ -7449,8 +7544,8 @@ static void hc_process(hclient_t *hc)
       tw_arm(&hc->timer, HC_TIMEOUT);
       hc_write(hc);
     }
-  if(!hc->dead && !hc->busy)
-    ev_want_read(&hc->conn.ev, 1);
+  if(hc->state == HC_IDLE && ev_want_read(&hc->conn.ev, 1) != 0)
+    hc_close(hc, "could not watch for readability");
   return;
 }
 
@@ -7468,7 +7563,7 @@ static void hc_write(hclient_t *hc)
 
   for(;;)
     {
-      if(hc->vps && buf_len(&hc->out) < HC_LOW)
+      if(hc->state == HC_STREAM && buf_len(&hc->out) < HC_LOW)
 	{
 	  /* a fast reader must not hold the loop for the whole answer */
 	  if(budget == 0)
@@ -7504,17 +7599,14 @@ static void hc_write(hclient_t *hc)
 	  return;
 	}
     }
-  if(hc->vps)
+  if(hc->state == HC_STREAM)
     return;
-  hc->busy = 0;
   if(hc->close_after)
     {
       hc_close(hc, "answer complete");
       return;
     }
-  tw_arm(&hc->timer, HC_TIMEOUT);
-  if(ev_set(&hc->conn.ev, 1, 0) != 0)
-    hc_close(hc, "could not register");
+  hc_set_state(hc, HC_IDLE, NULL);
   return;
 }
 
@@ -7546,24 +7638,24 @@ static void hc_read(hclient_t *hc)
 static void hc_dispatch(hclient_t *hc, int rd, int wr)
 {
   struct timeval t0, t1;
-  if(hc->dead)
+  if(hc->state == HC_DEAD)
     return;
   time_mono(&t0);
-  if(wr && hc->busy)
+  if(wr && hc->state != HC_IDLE)
     {
       hc_write(hc);
-      if(!hc->dead && !hc->busy)
+      if(hc->state == HC_IDLE)
 	hc_process(hc);
     }
-  else if(rd && !hc->busy)
+  else if(rd && hc->state == HC_IDLE)
     hc_read(hc);
-  else if(rd)
-    ev_want_read(&hc->conn.ev, 0);
+  else if(rd && ev_want_read(&hc->conn.ev, 0) != 0)
+    hc_close(hc, "could not stop watching for readability");
   time_mono(&t1);
   stats.http_busy_us[hc->route] +=
     (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000L +
 	       (t1.tv_usec - t0.tv_usec));
-  if(!hc->busy)
+  if(hc->state == HC_IDLE)
     hc->route = 0;
   return;
 }
@@ -7597,9 +7689,7 @@ static void http_take(int fd)
   tw_timer_init(&hc->timer, hc_timer);
   dlist_node_init(&hc->list_node);
   dlist_push_tail(&hc_list, &hc->list_node);
-  tw_arm(&hc->timer, HC_TIMEOUT);
-  if(ev_set(&hc->conn.ev, 1, 0) != 0)
-    hc_close(hc, "could not register");
+  hc_set_state(hc, HC_IDLE, NULL);
   return;
 }
 
@@ -8058,11 +8148,11 @@ static void upg_save_mc(upg_w_t *w, const mclient_t *mc)
       w_u32(w, mc->rx.ctl_have);
       w_put(w, mc->rx.ctl, mc->rx.ctl_have);
     }
-  w_u8(w, mc->in_paused);
-  w_u8(w, mc->in_pause_req);
+  w_u8(w, mc->state == MC_IN_PAUSED);
+  w_u8(w, mc->rd_stop_after_feed);
   /* the VP_UPDATE burst cursor: the saved VP it stands at */
-  w_u8(w, mc->bursting);
-  w_u32(w, mc->bursting ? upg_vp_index(mc->burst_next) : UPG_NONE);
+  w_u8(w, mc->state == MC_BURST);
+  w_u32(w, mc->state == MC_BURST ? upg_vp_index(mc->burst_next) : UPG_NONE);
   w_timer(w, &mc->burst_timer);
   return;
 }
@@ -8075,8 +8165,8 @@ static void upg_save_uc(upg_w_t *w, const uclient_t *uc)
   w_u8(w, uc->conn.ev.wr);
   w_sink(w, &uc->sink);
   w_u8(w, uc->eof);
-  w_u8(w, uc->closing);
-  w_u8(w, uc->in_paused);
+  w_u8(w, uc->state == UC_DRAINING);
+  w_u8(w, uc->state == UC_IN_PAUSED);
   return;
 }
 
@@ -8087,12 +8177,12 @@ static int upg_save_chan(void *item, void *param)
   w_u32(w, c->id);
   w_u8(w, c->fin_sent);
   w_u8(w, c->fin_rcvd);
-  if(c->uc != NULL && !c->uc->dead)
+  if(c->uc != NULL && c->uc->state != UC_DEAD)
     {
       w_u8(w, 1);
       upg_save_uc(w, c->uc);
     }
-  else if(c->mc != NULL && !c->mc->dead)
+  else if(c->mc != NULL && c->mc->state != MC_DEAD)
     {
       w_u8(w, 2);
       w_u64(w, c->mc->gen);
@@ -8347,7 +8437,7 @@ static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
 {
   const uint8_t *p;
   mclient_t *mc;
-  uint8_t rd, wr;
+  uint8_t rd, wr, in_paused, bursting;
   uint32_t total;
 
   if((mc = calloc(1, sizeof(mclient_t))) == NULL)
@@ -8393,19 +8483,21 @@ static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
     }
   else if(mc->rx.left != 0)
     return -1;
-  mc->in_paused = r_flag(r);
-  mc->in_pause_req = r_flag(r);
-  mc->bursting = r_flag(r);
+  in_paused = r_flag(r);
+  mc->rd_stop_after_feed = r_flag(r);
+  bursting = r_flag(r);
+  /* the state as saved (the fd is not registered yet: no entry work) */
+  mc->state = bursting ? MC_BURST : in_paused ? MC_IN_PAUSED : MC_RELAY;
   *burst_idx = r_u32(r);
   r_timer(r, &mc->burst_timer);
-  if(r->err || (!mc->bursting && *burst_idx != UPG_NONE) ||
+  if(r->err || (mc->state != MC_BURST && *burst_idx != UPG_NONE) ||
      (mc->list_node.prev != NULL &&
 		CONTAINER_OF(mc->list_node.prev, mclient_t,
 			     list_node)->gen >= mc->gen))
     return -1; /* generations are unique and ascending */
-  if(mc->in_paused)
+  if(mc->state == MC_IN_PAUSED)
     dlist_push_tail(&mc_in_paused, &mc->paused_node);
-  r_ev(r, &mc->conn.ev, mc->in_paused ? 0 : rd, wr);
+  r_ev(r, &mc->conn.ev, mc->state == MC_IN_PAUSED ? 0 : rd, wr);
   if(buf_len(&mc->sink.out) > 0)
     out_queue(&mc->conn.ev);
   return r->err ? -1 : 0;
@@ -8414,7 +8506,7 @@ static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
 static int upg_load_uc(upg_r_t *r, vp_t *vp, chan_t *c)
 {
   uclient_t *uc;
-  uint8_t rd, wr;
+  uint8_t rd, wr, closing, in_paused;
 
   if((uc = uc_alloc(vp, -1)) == NULL)
     return -1;
@@ -8425,13 +8517,16 @@ static int upg_load_uc(upg_r_t *r, vp_t *vp, chan_t *c)
   wr = r_flag(r);
   r_sink(r, &uc->sink);
   uc->eof = r_flag(r);
-  uc->closing = r_flag(r);
-  uc->in_paused = r_flag(r);
+  closing = r_flag(r);
+  in_paused = r_flag(r);
   if(r->err || uc->conn.ev.fd < 0)
     return -1;
-  if(uc->in_paused)
+  /* the state as saved (the fd is not registered yet: no entry work) */
+  uc->state = closing ? UC_DRAINING : in_paused ? UC_IN_PAUSED :
+    uc->eof ? UC_HALF_CLOSED : UC_RELAY;
+  if(uc->state == UC_IN_PAUSED)
     dlist_push_tail(&uc_in_paused, &uc->paused_node);
-  r_ev(r, &uc->conn.ev, uc->in_paused ? 0 : rd, wr);
+  r_ev(r, &uc->conn.ev, uc->state == UC_IN_PAUSED ? 0 : rd, wr);
   if(buf_len(&uc->sink.out) > 0)
     out_queue(&uc->conn.ev);
   return r->err ? -1 : 0;
