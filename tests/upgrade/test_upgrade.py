@@ -396,7 +396,7 @@ class TestUpgrade(unittest.TestCase):
             ('crash', lambda: up.install(text='#!/bin/sh\nkill -SEGV $$\n'),
              r'killed by signal 11'),
             ('state version', lambda: up.install(BADSTATE),
-             r'cannot read state version 1 \(reads 999\)'),
+             r'cannot read state version 2 \(reads 999\)'),
             ('no answer', lambda: up.install(
                 text='#!/bin/sh\nexec sleep 30\n'), r'no answer within 3s'),
         ]
