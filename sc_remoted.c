@@ -3107,7 +3107,9 @@ static int vp_load_field(st_r_t *r, vp_t *vp, uint16_t tag,
     case VPF_MAGIC:
       if(vp->magic != NULL || n > 255)
 	return st_bad(r, "record vp: bad magic");
-      if(n > 0 && (vp->magic = malloc(n)) == NULL)
+      if(n == 0)
+	return 0;
+      if((vp->magic = malloc(n)) == NULL)
 	return st_bad(r, "out of memory");
       memcpy(vp->magic, v, n);
       vp->magic_len = (uint8_t)n;
