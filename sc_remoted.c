@@ -7580,8 +7580,8 @@ static void http_gc(void)
  *     from here on nothing is read from or written to any peer, so the
  *     state being copied is the state there is.
  *  2. The whole state is serialized into a memfd (a temporary file where
- *     memfd_create is missing) in a versioned, length-prefixed binary
- *     format, one upg_save_* function per object kind, and sent with
+ *     memfd_create is missing) as typed records (below), one record per
+ *     object, written by the object's own *_save, and sent with
  *     every fd it references (listeners, VP connections, -U and mux
  *     clients) in SCM_RIGHTS batches of UPG_FDS_MAX; fds are referenced
  *     in the state by their position in that sequence.
@@ -7601,8 +7601,9 @@ static void http_gc(void)
  *
  * Until "ready" the old process keeps every object untouched; any failure
  * (binary missing or not executable, fork/exec failure, options rejected,
- * the successor exiting or crashing, an unreadable state version, no
- * answer within -O upgrade-timeout seconds) is one log line, the child is
+ * the successor exiting or crashing, an unreadable state version or a
+ * must-understand item it does not know, no answer within -O
+ * upgrade-timeout seconds) is one log line, the child is
  * killed and reaped, the pid file rewritten, and serving resumes; a later
  * SIGUSR2 starts over.  The pause the peers see is the time from fork to
  * "ready", during which the loop does not dispatch.
