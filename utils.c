@@ -1129,19 +1129,31 @@ void tlv_end(tlv_w_t *w, size_t at)
 
 void tlv_field(tlv_w_t *w, uint16_t tag, const void *d, size_t n)
 {
-  size_t at = tlv_begin(w, tag);
+  uint8_t b[TLV_HDRLEN];
+  if(n > UINT32_MAX)
+    {
+      w->err = 1;
+      return;
+    }
+  bytes_htons(b, tag);
+  bytes_htonl(b + 2, (uint32_t)n);
+  tlv_put(w, b, sizeof(b));
   tlv_put(w, d, n);
-  tlv_end(w, at);
   return;
 }
 
+/* the most common field: header and value in one append */
 void tlv_field_uint(tlv_w_t *w, uint16_t tag, uint64_t v, size_t width)
 {
-  uint8_t b[8];
+  uint8_t b[TLV_HDRLEN + 8];
   size_t i;
-  for(i=0; i<width && i<8; i++)
-    b[width - 1 - i] = (uint8_t)(v >> (8 * i));
-  tlv_field(w, tag, b, width);
+  if(width > 8)
+    width = 8;
+  bytes_htons(b, tag);
+  bytes_htonl(b + 2, (uint32_t)width);
+  for(i=0; i<width; i++)
+    b[TLV_HDRLEN + width - 1 - i] = (uint8_t)(v >> (8 * i));
+  tlv_put(w, b, TLV_HDRLEN + width);
   return;
 }
 
