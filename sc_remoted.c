@@ -1139,7 +1139,8 @@ typedef struct vp vp_t;
 typedef struct uclient uclient_t;
 typedef struct mclient mclient_t;
 
-#define VP_FLAP_KEEP 8  /* connection times kept per VP (flaps in 1 h) */
+#define VP_FLAP_KEEP 8  /* connection times kept per VP (flaps in 1 h); the
+                           live-upgrade rows 22-29 of vp_fields carry them */
 
 struct vp
 {
@@ -1190,6 +1191,9 @@ struct vp
   uint64_t      tx_frames;
   uint32_t      flaps;          /* arrivals + resumes of this session */
   uint32_t      flap_ticks[VP_FLAP_KEEP]; /* ring: ticks of the last ones */
+#ifdef UPG_TEST_EXTENDED
+  uint64_t      test_extra;     /* a field only the extended test build has */
+#endif
 };
 
 /* a channel of a VP; its consumer is a local client or a mux client */
@@ -1205,6 +1209,9 @@ struct chan
   splaytree_node_t vp_node;
   splaytree_node_t mc_node;
   slist_node_t  gc_node;
+#ifdef UPG_TEST_EXTENDED
+  uint64_t      test_extra;
+#endif
 };
 
 /* a -U client's states; uc_set_state() is the only writer */
@@ -1264,6 +1271,9 @@ struct mclient
   dlist_node_t  paused_node;    /* on mc_in_paused while MC_IN_PAUSED */
   dlist_node_t  list_node;
   slist_node_t  gc_node;
+#ifdef UPG_TEST_EXTENDED
+  uint64_t      test_extra;
+#endif
 };
 
 static uint8_t     *scratch = NULL;         /* the shared read buffer */
@@ -1305,6 +1315,68 @@ static void hc_dispatch(hclient_t *hc, int rd, int wr);
 static void http_accept(void);
 typedef struct prehdr prehdr_t;
 static void prehdr_read(prehdr_t *ph);
+
+/*
+ * Each object's live-upgrade record (see section "Live upgrade") is
+ * written and read beside its constructor: vp_save/vp_load, chan_save/
+ * chan_load, uc_save/uc_load, mc_save/mc_load, stats_save/stats_load.
+ * They use the record codec of utils.c (tlv_*) through these state
+ * helpers for fds, buffers and timers, defined in that section.
+ */
+typedef struct st_w
+{
+  tlv_w_t       t;
+  int          *fds;            /* fds named by the state, in order */
+  uint32_t      nfds;
+  uint32_t      fdcap;
+} st_w_t;
+
+/* the reader of an untrusted state: every failure says why */
+typedef struct st_r
+{
+  int          *fds;
+  uint8_t      *fdused;         /* each received fd is used at most once */
+  uint32_t      nfds;
+  char          why[160];
+  vp_t         *vp;             /* the last VP record: its channels follow */
+  chan_t       *chan;           /* the last channel record: its -U client */
+  uint32_t      nvp;
+  uint32_t      nmc;
+  uint32_t     *burst;          /* mux burst cursors, by mux client */
+  uint32_t      burst_cap;
+} st_r_t;
+
+static void st_fd_put(st_w_t *w, uint16_t tag, int fd);
+static int  st_fd_get(st_r_t *r, const uint8_t *v, uint32_t n);
+static void st_buf_put(st_w_t *w, uint16_t tag, const buf_t *b);
+static int  st_buf_get(st_r_t *r, buf_t *b, const uint8_t *v, uint32_t n);
+static void st_timer_put(st_w_t *w, uint16_t tag, const tw_timer_t *t);
+static int  st_timer_get(st_r_t *r, tw_timer_t *t, const uint8_t *v,
+			 uint32_t n);
+static int  st_flag_get(const uint8_t *v, uint32_t n, uint8_t *out);
+static int  st_table_get(st_r_t *r, const char *rec, const tlv_desc_t *t,
+			 size_t nt, void *obj, uint16_t tag, const uint8_t *v,
+			 uint32_t n);
+static int  st_unknown(st_r_t *r, const char *rec, uint16_t tag);
+static int  st_bad(st_r_t *r, const char *fmt, ...)
+#ifdef __GNUC__
+  __attribute__((format(printf, 2, 3)))
+#endif
+  ;
+static int  st_ev_register(st_r_t *r, fdev_t *ev, int no_read);
+#define ST_TABLE_N(t) (sizeof(t) / sizeof((t)[0]))
+
+/* record types of the state; their fields are listed beside each saver */
+#define ST_REC_DAEMON  1    /* first: version, clock, id counters */
+#define ST_REC_LISTEN  2    /* listeners and service sockets */
+#define ST_REC_STATS   3
+#define ST_REC_MC      4    /* a mux client */
+#define ST_REC_VP      5
+#define ST_REC_CHAN    6    /* a channel of the last VP record */
+#define ST_REC_UC      7    /* the -U client of the last channel record */
+#define ST_REC_END     8    /* last: the counts, so truncation shows */
+#define ST_REC_TEST    0x0f00  /* written by the test builds only */
+#define ST_TICK_MAX    ((uint64_t)1 << 40)
 
 /* ---------------------------------------------------------------------
  * Statistics
@@ -1470,6 +1542,121 @@ static void vp_totals(vp_totals_t *t)
       splaytree_inorder(&vp->chans, chan_count_uc, &t->uclients);
     }
   return;
+}
+
+/* ---- live-upgrade record (section "Live upgrade") ---- */
+
+/*
+ * The counters as (tag, counter) pairs: a scalar has its own tag, an
+ * array element its array's base + index (so a reason appended to its
+ * enum gets a new tag, and old readers skip it).  Tags never change
+ * meaning: a retired counter's tag is not reused.
+ */
+#define STATS_TAG_START     0x1000  /* struct timeval: u64 s, u32 us */
+#define STATS_TAG_META_OK   0x1001
+#define STATS_FIELDS_MAX    160
+
+static size_t stats_fields(uint64_t **f, uint16_t *tag)
+{
+  size_t n = 0, i;
+#define STAT1(t, x) do { if(n < STATS_FIELDS_MAX)			\
+      { tag[n] = (t); f[n] = &(x); n++; } } while(0)
+#define STATN(base, arr, cnt) for(i=0; i<(cnt); i++)			\
+    STAT1((uint16_t)((base) + i), (arr)[i])
+  STAT1(1, stats.arrivals);
+  STAT1(2, stats.resumes);
+  STAT1(3, stats.zombies);
+  STAT1(4, stats.bp_pauses);
+  STAT1(5, stats.stall_disconnects);
+  STAT1(6, stats.accept_pauses_emfile);
+  STAT1(7, stats.accept_pauses_hscap);
+  STAT1(8, stats.mux_burst_timeouts);
+  STAT1(9, stats.meta_loads_ok);
+  STAT1(10, stats.meta_loads_err);
+  STAT1(11, stats.http_refused);
+  STATN(0x100, stats.rejects, REJ_MAX);
+  STATN(0x200, stats.departures, WHY_MAX);
+  STATN(0x300, stats.relay_bytes, 2);
+  STATN(0x400, stats.relay_frames, 2);
+  STATN(0x500, stats.mux_refused, 2);
+  STATN(0x600, stats.tls_failures, TLSF_MAX);
+  STATN(0x700, stats.http_requests, 6);
+  STATN(0x800, stats.http_busy_us, 3);
+#undef STATN
+#undef STAT1
+  return n;
+}
+
+static void st_timeval_put(st_w_t *w, uint16_t tag, const struct timeval *tv)
+{
+  uint8_t b[12];
+  bytes_htonl(b, (uint32_t)((uint64_t)tv->tv_sec >> 32));
+  bytes_htonl(b + 4, (uint32_t)tv->tv_sec);
+  bytes_htonl(b + 8, (uint32_t)tv->tv_usec);
+  tlv_field(&w->t, tag, b, sizeof(b));
+  return;
+}
+
+static int st_timeval_get(st_r_t *r, struct timeval *tv, const uint8_t *v,
+			  uint32_t n)
+{
+  uint64_t s;
+  if(n != 12 || bytes_ntohl(v + 8) >= 1000000 ||
+     (s = ((uint64_t)bytes_ntohl(v) << 32) | bytes_ntohl(v + 4))
+     > ((uint64_t)1 << 40))
+    return st_bad(r, "record stats: bad time");
+  tv->tv_sec = (time_t)s;
+  tv->tv_usec = (suseconds_t)bytes_ntohl(v + 8);
+  return 0;
+}
+
+/* the counters record; the start time is kept: uptime goes on */
+static void stats_save(st_w_t *w)
+{
+  uint64_t *f[STATS_FIELDS_MAX];
+  uint16_t tag[STATS_FIELDS_MAX];
+  size_t i, n = stats_fields(f, tag), at = tlv_begin(&w->t, ST_REC_STATS);
+  st_timeval_put(w, STATS_TAG_START, &stats.start);
+  st_timeval_put(w, STATS_TAG_META_OK, &stats.meta_last_ok);
+  for(i=0; i<n; i++)
+    tlv_field_uint(&w->t, tag[i], *f[i], 8);
+  tlv_end(&w->t, at);
+  return;
+}
+
+/* read the counters record of len bytes at p: 0, or -1 with r->why */
+static int stats_load(st_r_t *r, const uint8_t *p, uint32_t len)
+{
+  uint64_t *f[STATS_FIELDS_MAX], v;
+  uint16_t tag[STATS_FIELDS_MAX], t;
+  size_t i, n = stats_fields(f, tag);
+  tlv_r_t fr = {p, len, 0};
+  const uint8_t *val;
+  uint32_t vlen;
+  int rc;
+
+  while((rc = tlv_next(&fr, &t, &val, &vlen)) == 1)
+    {
+      if(t == STATS_TAG_START || t == STATS_TAG_META_OK)
+	{
+	  if(st_timeval_get(r, t == STATS_TAG_START ? &stats.start :
+			    &stats.meta_last_ok, val, vlen) != 0)
+	    return -1;
+	  continue;
+	}
+      for(i=0; i<n && tag[i] != t; i++)
+	;
+      if(i == n)
+	{
+	  if(st_unknown(r, "stats", t) != 0)
+	    return -1;
+	  continue;
+	}
+      if(tlv_uint(val, vlen, 8, &v) != 0)
+	return st_bad(r, "record stats: field %u is not a u64", t);
+      *f[i] = v;
+    }
+  return rc < 0 ? st_bad(r, "record stats: truncated field") : 0;
 }
 
 /* ---------------------------------------------------------------------
@@ -2911,7 +3098,9 @@ static void mux_announce_vp(vp_t *vp, uint64_t after_gen);
 static void mux_depart_vp(vp_t *vp);
 static void mux_burst_forget(vp_t *vp);
 static int  vp_lev_open(vp_t *vp);
+static char *vp_sockpath(const vp_t *vp);
 static void vp_lev_close(vp_t *vp);
+static int  chan_save(void *item, void *param);
 static void chan_vp_gone(chan_t *c);
 static void chan_on_data(chan_t *c, const uint8_t *data, size_t len);
 static void chan_on_fin(chan_t *c);
@@ -3119,22 +3308,19 @@ static int vp_send_data(vp_t *vp, uint32_t chan, const uint8_t *data,
 static void vp_timer_rx(tw_timer_t *t);
 static void vp_timer_ka(tw_timer_t *t);
 
-static vp_t *vp_alloc(int fd, const struct sockaddr *sa)
+/*
+ * A new VP in HANDSHAKE with no connection, peer or session yet: the one
+ * initialisation behind vp_alloc() and vp_load().  Returns NULL if out of
+ * memory.
+ */
+static vp_t *vp_new(void)
 {
   vp_t *vp;
-  int port;
-
   if((vp = calloc(1, sizeof(vp_t))) == NULL)
     return NULL;
-  conn_init(&vp->conn, fd, FD_VP, vp, vp->peer);
+  conn_init(&vp->conn, -1, FD_VP, vp, vp->peer);
   fdev_init(&vp->lev, -1, FD_VP_LISTEN, vp);
   vp->state = VP_HANDSHAKE;
-  vp->family = sa->sa_family;
-  if(sockaddr_tostr(sa, vp->addr, sizeof(vp->addr)) == NULL)
-    snprintf(vp->addr, sizeof(vp->addr), "?");
-  port = sockaddr_port(sa);
-  snprintf(vp->peer, sizeof(vp->peer), "%s%c%d", vp->addr,
-	   sa->sa_family == AF_INET6 ? '.' : ':', port);
   vp->chan_next = 1;
   splaytree_init(&vp->chans, chan_vp_cmp, offsetof(chan_t, vp_node));
   tw_timer_init(&vp->rx_timer, vp_timer_rx);
@@ -3142,6 +3328,26 @@ static vp_t *vp_alloc(int fd, const struct sockaddr *sa)
   dlist_node_init(&vp->list_node);
   dlist_node_init(&vp->again_node);
   vp->last_rx = vp->last_tx = tw_tick;
+#ifdef UPG_TEST_EXTENDED
+  vp->test_extra = UPG_TEST_EXTENDED;
+#endif
+  return vp;
+}
+
+static vp_t *vp_alloc(int fd, const struct sockaddr *sa)
+{
+  vp_t *vp;
+  int port;
+
+  if((vp = vp_new()) == NULL)
+    return NULL;
+  vp->conn.ev.fd = fd;
+  vp->family = sa->sa_family;
+  if(sockaddr_tostr(sa, vp->addr, sizeof(vp->addr)) == NULL)
+    snprintf(vp->addr, sizeof(vp->addr), "?");
+  port = sockaddr_port(sa);
+  snprintf(vp->peer, sizeof(vp->peer), "%s%c%d", vp->addr,
+	   sa->sa_family == AF_INET6 ? '.' : ':', port);
   return vp;
 }
 
@@ -3246,6 +3452,339 @@ static void vp_close(vp_t *vp, const char *why)
   if(uc_in_paused.count > 0 || mc_in_paused.count > 0)
     in_paused_recheck();
   return;
+}
+
+/* ---- live-upgrade record (section "Live upgrade") ---- */
+
+/*
+ * The VP record.  Plain values are rows of vp_fields (a missing field
+ * gets the default column; TLVF_KEEP: what vp_new() set); the rest are
+ * VPF_* fields handled in vp_save/vp_load.  Its channels follow it as
+ * ST_REC_CHAN records.  A new plain field is one row here.
+ */
+enum
+{
+  VPF_STATE = 30, VPF_MAGIC, VPF_NAME, VPF_FAMILY, VPF_ADDR, VPF_PEER,
+  VPF_ARRIVAL, VPF_SRC, VPF_UNACKED, VPF_RX_TIMER, VPF_KA_TIMER,
+  VPF_CONN_FD, VPF_LEV_FD, VPF_OUT, VPF_RX_PART,
+};
+
+#define VPROW(tag, m, fl, mn, mx, df)					\
+  { tag, (uint8_t)sizeof(((vp_t *)0)->m), fl, offsetof(vp_t, m), mn, mx,	\
+    df, #m }
+static const tlv_desc_t vp_fields[] = {
+  VPROW(1,  id,            0, 0, UINT32_MAX, 0),
+  VPROW(2,  snd_nxt,       0, 0, UINT32_MAX, 0),
+  VPROW(3,  snd_una,       0, 0, UINT32_MAX, 0),
+  VPROW(4,  rcv_nxt,       0, 0, UINT32_MAX, 0),
+  VPROW(5,  chan_next,     0, 1, UINT32_MAX, 1),
+  VPROW(6,  in_id_tree,    0, 0, 1, 0),
+  VPROW(7,  in_magic_tree, 0, 0, 1, 0),
+  VPROW(8,  in_handshake,  0, 0, 1, 0),
+  VPROW(9,  zombie_gen,    0, 0, ST_TICK_MAX, 0),
+  VPROW(10, conn_tick,     TLVF_PAST, 0, ST_TICK_MAX, 0),
+  VPROW(11, rx_bytes,      0, 0, UINT64_MAX, 0),
+#ifndef UPG_TEST_REDUCED
+  VPROW(12, rx_frames,     0, 0, UINT64_MAX, 0),
+#endif
+  VPROW(13, tx_bytes,      0, 0, UINT64_MAX, 0),
+#ifndef UPG_TEST_REDUCED
+  VPROW(14, tx_frames,     0, 0, UINT64_MAX, 0),
+#endif
+  VPROW(15, last_rx,       TLVF_PAST | TLVF_KEEP, 0, ST_TICK_MAX, 0),
+  VPROW(16, last_tx,       TLVF_PAST | TLVF_KEEP, 0, ST_TICK_MAX, 0),
+  VPROW(17, rd_blocked,    0, 0, 1, 0),
+  VPROW(18, paused,        0, 0, 1, 0),
+  VPROW(19, conn.ev.rd,    0, 0, 1, 0),
+  VPROW(20, conn.ev.wr,    0, 0, 1, 0),
+  VPROW(21, flaps,         0, 0, UINT32_MAX, 0),
+  VPROW(22, flap_ticks[0], TLVF_PAST, 0, UINT32_MAX, 0),
+  VPROW(23, flap_ticks[1], TLVF_PAST, 0, UINT32_MAX, 0),
+  VPROW(24, flap_ticks[2], TLVF_PAST, 0, UINT32_MAX, 0),
+  VPROW(25, flap_ticks[3], TLVF_PAST, 0, UINT32_MAX, 0),
+  VPROW(26, flap_ticks[4], TLVF_PAST, 0, UINT32_MAX, 0),
+  VPROW(27, flap_ticks[5], TLVF_PAST, 0, UINT32_MAX, 0),
+  VPROW(28, flap_ticks[6], TLVF_PAST, 0, UINT32_MAX, 0),
+  VPROW(29, flap_ticks[7], TLVF_PAST, 0, UINT32_MAX, 0),
+#ifdef UPG_TEST_EXTENDED
+  VPROW(900, test_extra,   0, 0, UINT64_MAX, UPG_TEST_EXTENDED),
+#endif
+#ifdef UPG_TEST_MUST
+  VPROW(TLV_MUST | 901, id, 0, 0, UINT32_MAX, 0),
+#endif
+};
+#undef VPROW
+
+static int rp_name_char_ok(uint8_t c);
+
+static int vp_is_tls(const vp_t *vp)
+{
+  return conn_is_tls(&vp->conn);
+}
+
+/*
+ * Whether vp crosses an upgrade: a TLS connection cannot, so a TLS VP
+ * in GO crosses as the zombie it becomes and a TLS connection not in GO
+ * not at all.
+ */
+static int vp_saved(const vp_t *vp)
+{
+  return !vp_is_tls(vp) || vp->state == VP_GO;
+}
+
+/*
+ * Write vp's record and its channels' into w.  A TLS VP is written as
+ * the zombie it becomes: no connection, unread input or output, with
+ * its -Z deadline from now.
+ */
+static void vp_save(st_w_t *w, const vp_t *vp)
+{
+  int conn = !vp_is_tls(vp);
+  vp_t zv;
+  size_t at;
+  uint8_t fam = vp->family == AF_INET6 ? 6 : 4;
+
+  if(!conn)
+    {
+      zv = *vp;
+      zv.state = VP_ZOMBIE;
+      zv.zombie_gen = mc_gen;
+      zv.rd_blocked = zv.paused = 0;
+      zv.conn.ev.rd = zv.conn.ev.wr = 0;
+      vp = &zv;
+    }
+  at = tlv_begin(&w->t, ST_REC_VP);
+  tlv_table_put(&w->t, vp_fields, ST_TABLE_N(vp_fields), vp);
+  tlv_field_uint(&w->t, VPF_STATE, (uint64_t)vp->state, 1);
+  tlv_field(&w->t, VPF_MAGIC, vp->magic, vp->magic_len);
+  tlv_field_str(&w->t, VPF_NAME, vp->name);
+  tlv_field(&w->t, VPF_FAMILY, &fam, 1);
+  tlv_field_str(&w->t, VPF_ADDR, vp->addr);
+  tlv_field_str(&w->t, VPF_PEER, vp->peer);
+  st_timeval_put(w, VPF_ARRIVAL, &vp->arrival);
+  st_buf_put(w, VPF_UNACKED, &vp->unacked);
+  if(conn)
+    {
+      tlv_field_uint(&w->t, VPF_SRC, vp->src != NULL, 1);
+      st_timer_put(w, VPF_RX_TIMER, &vp->rx_timer);
+      st_timer_put(w, VPF_KA_TIMER, &vp->ka_timer);
+      st_fd_put(w, VPF_CONN_FD, vp->conn.ev.fd);
+      st_fd_put(w, VPF_LEV_FD, vp->lev.fd);
+      st_buf_put(w, VPF_OUT, &vp->out);
+      if(vp->rx.have > 0)
+	tlv_field(&w->t, VPF_RX_PART, vp->rx.part, vp->rx.have);
+    }
+  else
+    tlv_field_uint(&w->t, VPF_RX_TIMER, tw_tick + (uint64_t)opt_zombie, 8);
+  tlv_end(&w->t, at);
+#ifdef UPG_TEST_EXTENDED
+  /* a record type the other builds do not know */
+  at = tlv_begin(&w->t, ST_REC_TEST);
+  tlv_field_uint(&w->t, 1, vp->test_extra, 8);
+  tlv_end(&w->t, at);
+#endif
+  splaytree_inorder(&vp->chans, chan_save, w);
+  return;
+}
+
+/* the characters of an address or MASTER_ID peer string */
+static int vp_peer_ok(const char *s)
+{
+  if(*s == '\0')
+    return 0;
+  for(; *s != '\0'; s++)
+    if(!isxdigit((unsigned char)*s) && *s != ':' && *s != '.' && *s != '?')
+      return 0;
+  return 1;
+}
+
+/* a string field into a fixed array of len bytes (NUL included) */
+static int st_strbuf_get(st_r_t *r, char *buf, size_t len,
+			 const uint8_t *v, uint32_t n, const char *what)
+{
+  if(n == 0 || n >= len || memchr(v, '\0', n) != NULL)
+    return st_bad(r, "record vp: bad %s", what);
+  memcpy(buf, v, n);
+  buf[n] = '\0';
+  return 0;
+}
+
+/* one VPF_* field of a VP record into vp (or *src): 0, or -1 */
+static int vp_load_field(st_r_t *r, vp_t *vp, uint16_t tag,
+			 const uint8_t *v, uint32_t n, uint8_t *src)
+{
+  uint64_t x;
+  uint32_t k;
+  switch(tag)
+    {
+    case VPF_STATE:
+      if(tlv_uint(v, n, 1, &x) != 0 || x < VP_HANDSHAKE || x > VP_FLUSH)
+	return st_bad(r, "record vp: bad state");
+      vp->state = (vpstate_t)x;
+      return 0;
+    case VPF_MAGIC:
+      if(vp->magic != NULL || n > 255)
+	return st_bad(r, "record vp: bad magic");
+      if(n == 0)
+	return 0;
+      if((vp->magic = malloc(n)) == NULL)
+	return st_bad(r, "out of memory");
+      memcpy(vp->magic, v, n);
+      vp->magic_len = (uint8_t)n;
+      return 0;
+    case VPF_NAME:
+      if(vp->name != NULL || n == 0 || n > 255)
+	return st_bad(r, "record vp: bad name");
+      for(k=0; k<n; k++)
+	if(!rp_name_char_ok(v[k]))
+	  return st_bad(r, "record vp: bad name");
+      if((vp->name = malloc(n + 1)) == NULL)
+	return st_bad(r, "out of memory");
+      memcpy(vp->name, v, n);
+      vp->name[n] = '\0';
+      return 0;
+    case VPF_FAMILY:
+      if(tlv_uint(v, n, 1, &x) != 0 || (x != 4 && x != 6))
+	return st_bad(r, "record vp: bad family");
+      vp->family = x == 6 ? AF_INET6 : AF_INET;
+      return 0;
+    case VPF_ADDR:
+      return st_strbuf_get(r, vp->addr, sizeof(vp->addr), v, n, "addr");
+    case VPF_PEER:
+      return st_strbuf_get(r, vp->peer, sizeof(vp->peer), v, n, "peer");
+    case VPF_ARRIVAL:
+      return st_timeval_get(r, &vp->arrival, v, n);
+    case VPF_SRC:
+      return st_flag_get(v, n, src) != 0 ?
+	st_bad(r, "record vp: bad src") : 0;
+    case VPF_UNACKED:
+      return buf_len(&vp->unacked) > 0 ? st_bad(r, "record vp: two unacked")
+	: st_buf_get(r, &vp->unacked, v, n);
+    case VPF_OUT:
+      return buf_len(&vp->out) > 0 ? st_bad(r, "record vp: two out")
+	: st_buf_get(r, &vp->out, v, n);
+    case VPF_RX_TIMER:
+      return st_timer_get(r, &vp->rx_timer, v, n);
+    case VPF_KA_TIMER:
+      return st_timer_get(r, &vp->ka_timer, v, n);
+    case VPF_CONN_FD:
+      if(vp->conn.ev.fd >= 0)
+	return st_bad(r, "record vp: two connections");
+      return (vp->conn.ev.fd = st_fd_get(r, v, n)) < 0 ? -1 : 0;
+    case VPF_LEV_FD:
+      if(vp->lev.fd >= 0)
+	return st_bad(r, "record vp: two -U listeners");
+      return (vp->lev.fd = st_fd_get(r, v, n)) < 0 ? -1 : 0;
+    case VPF_RX_PART:
+      /* a held header is checked again when the rest arrives */
+      if(vp->rx.have > 0 || n == 0 || n >= RP_HDRLEN + 65535 ||
+	 (n >= RP_HDRLEN && n >= RP_HDRLEN + (uint32_t)bytes_ntohs(v + 8)) ||
+	 rp_rx_reserve(&vp->rx, n < RP_HDRLEN ? RP_HDRLEN : n) != 0)
+	return st_bad(r, "record vp: bad partial frame");
+      memcpy(vp->rx.part, v, n);
+      vp->rx.have = n;
+      return 0;
+    }
+  return st_unknown(r, "vp", tag);
+}
+
+/* the invariants across a loaded VP's fields */
+static int vp_load_check(st_r_t *r, const vp_t *vp)
+{
+  const char *bad = NULL;
+  if(vp->family == 0 || vp->addr[0] == '\0' || vp->peer[0] == '\0' ||
+     !vp_peer_ok(vp->addr) || !vp_peer_ok(vp->peer))
+    bad = "address";
+  else if(vp->zombie_gen > mc_gen)
+    bad = "zombie generation";
+  else if((vp->in_id_tree && (vp->id == 0 || vp->id >= vp_id_next)) ||
+	  (!vp->in_id_tree && vp->id != 0))
+    bad = "id";
+  else if(vp->in_magic_tree && vp->magic_len == 0)
+    bad = "magic";
+  else if((vp->state == VP_ZOMBIE) != (vp->conn.ev.fd < 0))
+    bad = "state and connection";
+  else if(vp->lev.fd >= 0 && (vp->state != VP_GO || opt_udir == NULL))
+    bad = "-U listener";
+  else if((vp->state == VP_GO || vp->state == VP_ZOMBIE) && !vp->in_id_tree)
+    bad = "state and id";
+  else if(vp->state == VP_ZOMBIE &&
+	  (buf_len(&vp->out) > 0 || vp->rx.have > 0 || vp->conn.ev.rd ||
+	   vp->conn.ev.wr))
+    bad = "zombie with connection data";
+  else if(vp->in_handshake && vp->state == VP_GO)
+    bad = "handshake";
+  else if(vp->in_id_tree && vp_find_id(vp->id) != NULL)
+    bad = "duplicate id";
+  else if(vp->in_magic_tree && vp_find_magic(vp->magic, vp->magic_len)
+	  != NULL)
+    bad = "duplicate magic";
+  return bad != NULL ? st_bad(r, "record vp: %s", bad) : 0;
+}
+
+/*
+ * Rebuild a VP from its record of len bytes at p, through vp_new() like
+ * vp_alloc(); it goes on vp_list (accept order) at once, so a failure
+ * leaves it to shutdown_all().  Returns 0, or -1 with r->why.
+ */
+static int vp_load(st_r_t *r, const uint8_t *p, uint32_t len)
+{
+  tlv_r_t fr = {p, len, 0};
+  const uint8_t *v;
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof(ss);
+  uint32_t n;
+  uint16_t tag;
+  uint8_t src = 0;
+  vp_t *vp;
+  int rc;
+
+  if((vp = vp_new()) == NULL)
+    return st_bad(r, "out of memory");
+  vp->state = 0;
+  dlist_push_tail(&vp_list, &vp->list_node);
+  vp->accept_seq = ++vp_accept_seq;
+  r->vp = vp;
+  r->chan = NULL;
+  r->nvp++;
+  tlv_table_defaults(vp_fields, ST_TABLE_N(vp_fields), vp);
+  while((rc = tlv_next(&fr, &tag, &v, &n)) == 1)
+    {
+      if((rc = st_table_get(r, "vp", vp_fields, ST_TABLE_N(vp_fields), vp,
+			    tag, v, n)) < 0)
+	return -1;
+      if(rc == 0 && vp_load_field(r, vp, tag, v, n, &src) != 0)
+	return -1;
+    }
+  if(rc < 0)
+    return st_bad(r, "record vp: truncated field");
+  if(vp->state == 0)
+    return st_bad(r, "record vp: no state");
+  if(vp_load_check(r, vp) != 0)
+    return -1;
+  if(vp->in_id_tree)
+    splaytree_insert(&vp_by_id, vp);
+  if(vp->in_magic_tree)
+    splaytree_insert(&vp_by_magic, vp);
+  if(vp->in_handshake)
+    handshake_count++;
+  /* the connection counts against its source again (per-source-max) */
+  if(src && vp->conn.ev.fd >= 0 &&
+     getpeername(vp->conn.ev.fd, (struct sockaddr *)&ss, &sl) == 0)
+    src_hold(vp, (struct sockaddr *)&ss);
+  if(vp->lev.fd >= 0)
+    {
+      if((vp->sockpath = vp_sockpath(vp)) == NULL)
+	return st_bad(r, "out of memory");
+      vp->lev.rd = 1;
+      if(st_ev_register(r, &vp->lev, 0) != 0)
+	return -1;
+    }
+  if(st_ev_register(r, &vp->conn.ev, 0) != 0)
+    return -1;
+  if(buf_len(&vp->out) > 0)
+    out_queue(&vp->conn.ev);
+  return 0;
 }
 
 /*
@@ -4278,6 +4817,125 @@ static void chan_vp_gone(chan_t *c)
   return;
 }
 
+/* ---- live-upgrade record (section "Live upgrade") ---- */
+
+/*
+ * The channel record follows its VP's.  A mux channel names its client
+ * by generation and its id on that client; a -U channel is followed by
+ * its client's ST_REC_UC record; a channel with neither has no consumer
+ * (yet).
+ */
+enum { CHF_ID = 1, CHF_MUX_GEN = 4, CHF_MUX_ID = 5 };
+
+#define CHROW(tag, m, mn, mx, df)					\
+  { tag, (uint8_t)sizeof(((chan_t *)0)->m), 0, offsetof(chan_t, m), mn,	\
+    mx, df, #m }
+static const tlv_desc_t chan_fields[] = {
+  CHROW(2, fin_sent, 0, 1, 0),
+  CHROW(3, fin_rcvd, 0, 1, 0),
+#ifdef UPG_TEST_EXTENDED
+  CHROW(900, test_extra, 0, UINT64_MAX, UPG_TEST_EXTENDED),
+#endif
+};
+#undef CHROW
+
+static void uc_save(st_w_t *w, const uclient_t *uc);
+
+/* write channel item's record (a splaytree_inorder callback) */
+static int chan_save(void *item, void *param)
+{
+  chan_t *c = item;
+  st_w_t *w = param;
+  size_t at = tlv_begin(&w->t, ST_REC_CHAN);
+  tlv_field_uint(&w->t, CHF_ID, c->id, 4);
+  tlv_table_put(&w->t, chan_fields, ST_TABLE_N(chan_fields), c);
+  if(c->mc != NULL && c->mc->state != MC_DEAD)
+    {
+      tlv_field_uint(&w->t, CHF_MUX_GEN, c->mc->gen, 8);
+      tlv_field_uint(&w->t, CHF_MUX_ID, c->mc_id, 4);
+    }
+  tlv_end(&w->t, at);
+#ifdef UPG_TEST_EXTENDED
+  at = tlv_begin(&w->t, ST_REC_TEST);
+  tlv_end(&w->t, at);
+#endif
+  if(c->uc != NULL && c->uc->state != UC_DEAD)
+    uc_save(w, c->uc);
+  return 0;
+}
+
+static mclient_t *mc_by_gen(uint64_t gen);
+
+/*
+ * A channel of the last VP record from its record of len bytes at p.
+ * Returns 0, or -1 with r->why.
+ */
+static int chan_load(st_r_t *r, const uint8_t *p, uint32_t len)
+{
+  tlv_r_t fr = {p, len, 0};
+  const uint8_t *v;
+  uint64_t x, gen = 0;
+  uint32_t n;
+  uint16_t tag;
+  chan_t *c, key;
+  mclient_t *mc;
+  int rc;
+
+  if(r->vp == NULL)
+    return st_bad(r, "record chan: no vp before it");
+  if((c = calloc(1, sizeof(chan_t))) == NULL)
+    return st_bad(r, "out of memory");
+  tlv_table_defaults(chan_fields, ST_TABLE_N(chan_fields), c);
+  while((rc = tlv_next(&fr, &tag, &v, &n)) == 1)
+    {
+      if((rc = st_table_get(r, "chan", chan_fields,
+			    ST_TABLE_N(chan_fields), c, tag, v, n)) != 0)
+	{
+	  if(rc < 0)
+	    goto err;
+	  continue;
+	}
+      if(tag == CHF_ID || tag == CHF_MUX_ID)
+	{
+	  if(tlv_uint(v, n, 4, &x) != 0 || x == 0)
+	    goto bad;
+	  if(tag == CHF_ID)
+	    c->id = (uint32_t)x;
+	  else
+	    c->mc_id = (uint32_t)x;
+	}
+      else if(tag == CHF_MUX_GEN)
+	{
+	  if(tlv_uint(v, n, 8, &gen) != 0 || gen == 0)
+	    goto bad;
+	}
+      else if(st_unknown(r, "chan", tag) != 0)
+	goto err;
+    }
+  if(rc < 0 || c->id == 0 || vp_chan_find(r->vp, c->id) != NULL ||
+     (gen != 0) != (c->mc_id != 0))
+    goto bad;
+  if(gen != 0)
+    {
+      key.mc_id = c->mc_id;
+      if((mc = mc_by_gen(gen)) == NULL ||
+	 splaytree_find(&mc->chans, &key) != NULL)
+	goto bad;
+      c->mc = mc;
+      splaytree_insert(&mc->chans, c);
+    }
+  c->vp = r->vp;
+  splaytree_insert(&r->vp->chans, c);
+  r->chan = gen != 0 ? NULL : c;
+  return 0;
+
+ bad:
+  st_bad(r, "record chan: bad or missing id or consumer");
+ err:
+  free(c);
+  return -1;
+}
+
 
 /* ---------------------------------------------------------------------
  * Per-VP unix sockets (PROTOCOL.md 4)
@@ -4396,23 +5054,39 @@ static int unix_listen(const char *path)
   return fd;
 }
 
-/* create the VP's -U socket named after its monitor name and peer */
-static int vp_lev_open(vp_t *vp)
+/*
+ * The path of vp's -U socket, named after its monitor name and peer
+ * (the one naming rule: a live upgrade's successor unlinks this path
+ * when the VP goes).  Returns a malloc'd string, or NULL (no -U
+ * directory, or out of memory).
+ */
+static char *vp_sockpath(const vp_t *vp)
 {
   size_t len;
+  char *path;
+  if(opt_udir == NULL)
+    return NULL;
+  len = strlen(opt_udir) + strlen(vp->peer) + 3 +
+    (vp->name != NULL ? strlen(vp->name) + 1 : 0);
+  if((path = malloc(len)) == NULL)
+    return NULL;
+  if(vp->name != NULL)
+    snprintf(path, len, "%s/%s-%s", opt_udir, vp->name, vp->peer);
+  else
+    snprintf(path, len, "%s/%s", opt_udir, vp->peer);
+  return path;
+}
+
+/* create the VP's -U socket */
+static int vp_lev_open(vp_t *vp)
+{
   char *path;
   int fd;
 
   if(opt_udir == NULL)
     return 0;
-  len = strlen(opt_udir) + strlen(vp->peer) + 3 +
-    (vp->name != NULL ? strlen(vp->name) + 1 : 0);
-  if((path = malloc(len)) == NULL)
+  if((path = vp_sockpath(vp)) == NULL)
     return -1;
-  if(vp->name != NULL)
-    snprintf(path, len, "%s/%s-%s", opt_udir, vp->name, vp->peer);
-  else
-    snprintf(path, len, "%s/%s", opt_udir, vp->peer);
   if((fd = unix_listen(path)) < 0)
     {
       free(path);
@@ -4545,6 +5219,106 @@ static void uc_stall(tw_timer_t *t)
       uc_close(uc, "stalled");
     }
   return;
+}
+
+/* ---- live-upgrade record (section "Live upgrade") ---- */
+
+/* the -U client record, after its channel's; a sink's fields are
+ * SINKF_OUT and SINKF_STALL in every consumer record */
+enum { UCF_FD = 20, SINKF_OUT = 21, SINKF_STALL = 22 };
+/* uc_set_state's state as the two flags of the record (rows 6, 7) */
+enum { UCF_CLOSING = 6, UCF_IN_PAUSED = 7 };
+
+#define UCROW(tag, m, fl, mn, mx, df)					\
+  { tag, (uint8_t)sizeof(((uclient_t *)0)->m), fl,			\
+    offsetof(uclient_t, m), mn, mx, df, #m }
+static const tlv_desc_t uc_fields[] = {
+  UCROW(1, conn.ev.rd,         0, 0, 1, 0),
+  UCROW(2, conn.ev.wr,         0, 0, 1, 0),
+  UCROW(3, sink.full,          0, 0, 1, 0),
+  UCROW(4, sink.last_progress, TLVF_PAST, 0, ST_TICK_MAX, 0),
+  UCROW(5, eof,                0, 0, 1, 0),
+};
+#undef UCROW
+
+static void uc_save(st_w_t *w, const uclient_t *uc)
+{
+  size_t at = tlv_begin(&w->t, ST_REC_UC);
+  tlv_table_put(&w->t, uc_fields, ST_TABLE_N(uc_fields), uc);
+  tlv_field_uint(&w->t, UCF_CLOSING, uc->state == UC_DRAINING, 1);
+  tlv_field_uint(&w->t, UCF_IN_PAUSED, uc->state == UC_IN_PAUSED, 1);
+  st_fd_put(w, UCF_FD, uc->conn.ev.fd);
+  st_buf_put(w, SINKF_OUT, &uc->sink.out);
+  st_timer_put(w, SINKF_STALL, &uc->sink.stall_timer);
+  tlv_end(&w->t, at);
+  return;
+}
+
+/* one sink field of a consumer record: 1 taken, 0 not a sink field, -1 */
+static int sink_load_field(st_r_t *r, sink_t *s, uint16_t tag,
+			   const uint8_t *v, uint32_t n)
+{
+  if(tag == SINKF_OUT)
+    {
+      if(buf_len(&s->out) > 0)
+	return st_bad(r, "two sink outputs");
+      return st_buf_get(r, &s->out, v, n) == 0 ? 1 : -1;
+    }
+  if(tag == SINKF_STALL)
+    return st_timer_get(r, &s->stall_timer, v, n) == 0 ? 1 : -1;
+  return 0;
+}
+
+/*
+ * The -U client of the last channel record, through uc_alloc() like
+ * vp_lev_accept().  Returns 0, or -1 with r->why.
+ */
+static int uc_load(st_r_t *r, const uint8_t *p, uint32_t len)
+{
+  tlv_r_t fr = {p, len, 0};
+  const uint8_t *v;
+  uint32_t n;
+  uint16_t tag;
+  uclient_t *uc;
+  uint64_t closing = 0, in_paused = 0;
+  int rc;
+
+  if(r->chan == NULL || r->chan->uc != NULL)
+    return st_bad(r, "record uc: no free channel before it");
+  if((uc = uc_alloc(r->vp, -1)) == NULL)
+    return st_bad(r, "out of memory");
+  r->chan->uc = uc;
+  uc->chan = r->chan;
+  tlv_table_defaults(uc_fields, ST_TABLE_N(uc_fields), uc);
+  while((rc = tlv_next(&fr, &tag, &v, &n)) == 1)
+    {
+      if((rc = st_table_get(r, "uc", uc_fields, ST_TABLE_N(uc_fields), uc,
+			    tag, v, n)) == 0)
+	rc = sink_load_field(r, &uc->sink, tag, v, n);
+      if(rc == 0 && (tag == UCF_CLOSING || tag == UCF_IN_PAUSED))
+	rc = tlv_uint(v, n, 1, tag == UCF_CLOSING ? &closing : &in_paused)
+	  != 0 || closing > 1 || in_paused > 1 ?
+	  st_bad(r, "record uc: bad state flag") : 1;
+      if(rc == 0 && tag == UCF_FD)
+	rc = uc->conn.ev.fd >= 0 ? st_bad(r, "record uc: two fds") :
+	  (uc->conn.ev.fd = st_fd_get(r, v, n)) < 0 ? -1 : 1;
+      if(rc == 0 && st_unknown(r, "uc", tag) != 0)
+	return -1;
+      if(rc < 0)
+	return -1;
+    }
+  if(rc < 0 || uc->conn.ev.fd < 0)
+    return st_bad(r, "record uc: truncated or no fd");
+  /* the state as saved (the fd is not registered yet: no entry work) */
+  uc->state = closing ? UC_DRAINING : in_paused ? UC_IN_PAUSED :
+    uc->eof ? UC_HALF_CLOSED : UC_RELAY;
+  if(uc->state == UC_IN_PAUSED)
+    dlist_push_tail(&uc_in_paused, &uc->paused_node);
+  if(st_ev_register(r, &uc->conn.ev, uc->state == UC_IN_PAUSED) != 0)
+    return -1;
+  if(buf_len(&uc->sink.out) > 0)
+    out_queue(&uc->conn.ev);
+  return 0;
 }
 
 /* close once nothing is left to deliver, if scamper or the client ended */
@@ -5342,19 +6116,35 @@ static void mc_burst_timeout(tw_timer_t *t)
  * order, then GO, before any other event can interleave (PROTOCOL.md
  * 5.5).  The burst is produced as the client reads (mc_burst_fill).
  */
-static mclient_t *mc_open(int fd)
+/*
+ * A new mux client record with no fd, generation or burst yet: the one
+ * initialisation behind mc_open() and mc_load().  NULL if out of memory.
+ */
+static mclient_t *mc_new(void)
 {
   mclient_t *mc;
-
   if((mc = calloc(1, sizeof(mclient_t))) == NULL)
     return NULL;
-  conn_init(&mc->conn, fd, FD_MC, mc, NULL);
+  conn_init(&mc->conn, -1, FD_MC, mc, NULL);
   sink_init(&mc->sink, mc_stall);
   tw_timer_init(&mc->burst_timer, mc_burst_timeout);
   dlist_node_init(&mc->paused_node);
   splaytree_init(&mc->chans, chan_mc_cmp, offsetof(chan_t, mc_node));
-  mc->gen = ++mc_gen;
   dlist_node_init(&mc->list_node);
+#ifdef UPG_TEST_EXTENDED
+  mc->test_extra = UPG_TEST_EXTENDED;
+#endif
+  return mc;
+}
+
+static mclient_t *mc_open(int fd)
+{
+  mclient_t *mc;
+
+  if((mc = mc_new()) == NULL)
+    return NULL;
+  mc->conn.ev.fd = fd;
+  mc->gen = ++mc_gen;
   if(ev_set(&mc->conn.ev, 1, 0) != 0)
     {
       free(mc);
@@ -5365,6 +6155,224 @@ static mclient_t *mc_open(int fd)
   if(mc_set_state(mc, MC_BURST, NULL) == 0)
     mc_burst_fill(mc);
   return mc;
+}
+
+/* ---- live-upgrade record (section "Live upgrade") ---- */
+
+/*
+ * The mux client record: socket, generation, output, parser state,
+ * pauses and the VP_UPDATE burst cursor (the position among the VPs
+ * saved of the VP it stands at; none: the end).  Mux client records
+ * come before the VP records whose channels name them.
+ */
+enum { MCF_FD = 20, MCF_HDR = 23, MCF_CTL = 24, MCF_BURST_AT = 25,
+       MCF_BURST_TIMER = 26 };
+/* mc_set_state's state as the two flags of the record (rows 8, 10) */
+enum { MCF_IN_PAUSED = 8, MCF_BURSTING = 10 };
+
+#define MCROW(tag, m, fl, mn, mx, df)					\
+  { tag, (uint8_t)sizeof(((mclient_t *)0)->m), fl,			\
+    offsetof(mclient_t, m), mn, mx, df, #m }
+static const tlv_desc_t mc_fields[] = {
+  MCROW(1,  gen,               0, 1, ST_TICK_MAX, 0),
+  MCROW(2,  conn.ev.rd,        0, 0, 1, 0),
+  MCROW(3,  conn.ev.wr,        0, 0, 1, 0),
+  MCROW(4,  sink.full,         0, 0, 1, 0),
+  MCROW(5,  sink.last_progress, TLVF_PAST, 0, ST_TICK_MAX, 0),
+  MCROW(6,  rx.hdr_have,       0, 0, MUX_HDRLEN, 0),
+  MCROW(7,  rx.left,           0, 0, UINT32_MAX, 0),
+  MCROW(9,  rd_stop_after_feed, 0, 0, 1, 0),
+#ifdef UPG_TEST_EXTENDED
+  MCROW(900, test_extra,       0, 0, UINT64_MAX, UPG_TEST_EXTENDED),
+#endif
+};
+#undef MCROW
+
+static int vp_saved(const vp_t *vp);
+
+/* the position of vp (or the first saved VP after it) among the VPs
+ * saved; UINT32_MAX for the end of the list */
+static uint32_t mc_burst_index(const vp_t *vp)
+{
+  dlist_node_t *n;
+  uint32_t i = 0;
+  if(vp == NULL)
+    return UINT32_MAX;
+  for(n = vp_list.head; n != NULL; n = n->next)
+    {
+      const vp_t *x = CONTAINER_OF(n, vp_t, list_node);
+      if(x->accept_seq >= vp->accept_seq && vp_saved(x))
+	return i;
+      if(vp_saved(x))
+	i++;
+    }
+  return UINT32_MAX;
+}
+
+static void mc_save(st_w_t *w, const mclient_t *mc)
+{
+  size_t at = tlv_begin(&w->t, ST_REC_MC);
+  tlv_table_put(&w->t, mc_fields, ST_TABLE_N(mc_fields), mc);
+  tlv_field_uint(&w->t, MCF_IN_PAUSED, mc->state == MC_IN_PAUSED, 1);
+  tlv_field_uint(&w->t, MCF_BURSTING, mc->state == MC_BURST, 1);
+  st_fd_put(w, MCF_FD, mc->conn.ev.fd);
+  st_buf_put(w, SINKF_OUT, &mc->sink.out);
+  st_timer_put(w, SINKF_STALL, &mc->sink.stall_timer);
+  tlv_field(&w->t, MCF_HDR, mc->rx.hdr, MUX_HDRLEN);
+  if(mc->rx.hdr_have == MUX_HDRLEN && mc->rx.chan == 0 &&
+     mc->rx.ctl_have > 0)
+    tlv_field(&w->t, MCF_CTL, mc->rx.ctl, mc->rx.ctl_have);
+  if(mc->state == MC_BURST && mc->burst_next != NULL)
+    tlv_field_uint(&w->t, MCF_BURST_AT, mc_burst_index(mc->burst_next), 4);
+  st_timer_put(w, MCF_BURST_TIMER, &mc->burst_timer);
+  tlv_end(&w->t, at);
+#ifdef UPG_TEST_EXTENDED
+  at = tlv_begin(&w->t, ST_REC_TEST);
+  tlv_end(&w->t, at);
+#endif
+  return;
+}
+
+static mclient_t *mc_by_gen(uint64_t gen)
+{
+  dlist_node_t *n;
+  mclient_t *mc;
+  for(n = mc_list.head; n != NULL; n = n->next)
+    {
+      mc = CONTAINER_OF(n, mclient_t, list_node);
+      if(mc->gen == gen)
+	return mc;
+    }
+  return NULL;
+}
+
+/* one MCF_* field of a mux client record: 0, or -1; the state flags
+ * go to st (MCF_IN_PAUSED: bit 0, MCF_BURSTING: bit 1) */
+static int mc_load_field(st_r_t *r, mclient_t *mc, uint16_t tag,
+			 const uint8_t *v, uint32_t n, const uint8_t **ctl,
+			 uint32_t *ctl_len, uint32_t *burst, unsigned int *st)
+{
+  uint64_t x;
+  switch(tag)
+    {
+    case MCF_IN_PAUSED:
+    case MCF_BURSTING:
+      if(tlv_uint(v, n, 1, &x) != 0 || x > 1)
+	return st_bad(r, "record mc: bad state flag");
+      if(x)
+	*st |= tag == MCF_IN_PAUSED ? 1 : 2;
+      return 0;
+    case MCF_FD:
+      if(mc->conn.ev.fd >= 0)
+	return st_bad(r, "record mc: two fds");
+      return (mc->conn.ev.fd = st_fd_get(r, v, n)) < 0 ? -1 : 0;
+    case MCF_HDR:
+      if(n != MUX_HDRLEN)
+	return st_bad(r, "record mc: bad header");
+      memcpy(mc->rx.hdr, v, MUX_HDRLEN);
+      return 0;
+    case MCF_CTL:
+      *ctl = v;
+      *ctl_len = n;
+      return 0;
+    case MCF_BURST_AT:
+      if(tlv_uint(v, n, 4, &x) != 0)
+	return st_bad(r, "record mc: bad burst cursor");
+      *burst = (uint32_t)x;
+      return 0;
+    case MCF_BURST_TIMER:
+      return st_timer_get(r, &mc->burst_timer, v, n);
+    }
+  switch(sink_load_field(r, &mc->sink, tag, v, n))
+    {
+    case 1: return 0;
+    case 0: return st_unknown(r, "mc", tag);
+    default: return -1;
+    }
+}
+
+/* the mux parser state read must be one mux_rx_feed could have left */
+static int mc_load_rx(st_r_t *r, mclient_t *mc, const uint8_t *ctl,
+		      uint32_t ctl_len)
+{
+  uint32_t total;
+  if(mc->rx.hdr_have < MUX_HDRLEN)
+    return mc->rx.left != 0 || ctl != NULL ?
+      st_bad(r, "record mc: bad parser state") : 0;
+  mc->rx.chan = bytes_ntohl(mc->rx.hdr);
+  total = bytes_ntohl(mc->rx.hdr + 4);
+  if(mc->rx.left == 0 || mc->rx.left > total ||
+     (mc->rx.chan != 0 && ctl != NULL))
+    return st_bad(r, "record mc: bad parser state");
+  if(mc->rx.chan != 0)
+    return 0;
+  if(total < 2 || total > MUX_CTL_MAX || ctl_len != total - mc->rx.left)
+    return st_bad(r, "record mc: bad control message");
+  if((mc->rx.ctl = malloc(total)) == NULL)
+    return st_bad(r, "out of memory");
+  if(ctl_len > 0)
+    memcpy(mc->rx.ctl, ctl, ctl_len);
+  mc->rx.ctl_have = ctl_len;
+  return 0;
+}
+
+/*
+ * A mux client from its record of len bytes at p, through mc_new() like
+ * mc_open(); it goes on mc_list at once (a failure leaves it to
+ * shutdown_all()).  Its burst cursor is resolved once every VP is in
+ * (r->burst).  Returns 0, or -1 with r->why.
+ */
+static int mc_load(st_r_t *r, const uint8_t *p, uint32_t len)
+{
+  tlv_r_t fr = {p, len, 0};
+  const uint8_t *v, *ctl = NULL;
+  uint32_t n, ctl_len = 0, burst = UINT32_MAX, *nb;
+  uint16_t tag;
+  mclient_t *mc, *prev;
+  unsigned int st = 0;
+  int rc;
+
+  if(r->nvp > 0)
+    return st_bad(r, "record mc: after a vp");
+  if((mc = mc_new()) == NULL)
+    return st_bad(r, "out of memory");
+  prev = mc_list.tail != NULL ?
+    CONTAINER_OF(mc_list.tail, mclient_t, list_node) : NULL;
+  dlist_push_tail(&mc_list, &mc->list_node);
+  tlv_table_defaults(mc_fields, ST_TABLE_N(mc_fields), mc);
+  while((rc = tlv_next(&fr, &tag, &v, &n)) == 1)
+    {
+      if((rc = st_table_get(r, "mc", mc_fields, ST_TABLE_N(mc_fields), mc,
+			    tag, v, n)) < 0)
+	return -1;
+      if(rc == 0 &&
+	 mc_load_field(r, mc, tag, v, n, &ctl, &ctl_len, &burst, &st) != 0)
+	return -1;
+    }
+  /* the state as saved (the fd is not registered yet: no entry work) */
+  mc->state = (st & 2) ? MC_BURST : (st & 1) ? MC_IN_PAUSED : MC_RELAY;
+  if(rc < 0 || mc->conn.ev.fd < 0 || mc->gen == 0 || mc->gen > mc_gen ||
+     (prev != NULL && prev->gen >= mc->gen) ||
+     (mc->state != MC_BURST && burst != UINT32_MAX))
+    return st_bad(r, "record mc: truncated, no fd, or bad generation");
+  if(mc_load_rx(r, mc, ctl, ctl_len) != 0)
+    return -1;
+  if(r->nmc == r->burst_cap)
+    {
+      uint32_t cap = r->burst_cap > 0 ? r->burst_cap * 2 : 16;
+      if((nb = realloc(r->burst, cap * sizeof(uint32_t))) == NULL)
+	return st_bad(r, "out of memory");
+      r->burst = nb;
+      r->burst_cap = cap;
+    }
+  r->burst[r->nmc++] = burst;
+  if(mc->state == MC_IN_PAUSED)
+    dlist_push_tail(&mc_in_paused, &mc->paused_node);
+  if(st_ev_register(r, &mc->conn.ev, mc->state == MC_IN_PAUSED) != 0)
+    return -1;
+  if(buf_len(&mc->sink.out) > 0)
+    out_queue(&mc->conn.ev);
+  return 0;
 }
 
 static void mux_tcp_setup(int fd, const struct sockaddr *sa);
@@ -7767,8 +8775,8 @@ static void http_gc(void)
  *     from here on nothing is read from or written to any peer, so the
  *     state being copied is the state there is.
  *  2. The whole state is serialized into a memfd (a temporary file where
- *     memfd_create is missing) in a versioned, length-prefixed binary
- *     format, one upg_save_* function per object kind, and sent with
+ *     memfd_create is missing) as typed records (below), one record per
+ *     object, written by the object's own *_save, and sent with
  *     every fd it references (listeners, VP connections, -U and mux
  *     clients) in SCM_RIGHTS batches of UPG_FDS_MAX; fds are referenced
  *     in the state by their position in that sequence.
@@ -7788,23 +8796,58 @@ static void http_gc(void)
  *
  * Until "ready" the old process keeps every object untouched; any failure
  * (binary missing or not executable, fork/exec failure, options rejected,
- * the successor exiting or crashing, an unreadable state version, no
- * answer within -O upgrade-timeout seconds) is one log line, the child is
+ * the successor exiting or crashing, an unreadable state version or a
+ * must-understand item it does not know, no answer within -O
+ * upgrade-timeout seconds) is one log line, the child is
  * killed and reaped, the pid file rewritten, and serving resumes; a later
  * SIGUSR2 starts over.  The pause the peers see is the time from fork to
  * "ready", during which the loop does not dispatch.
  *
- * The state, in order: header (magic, UPG_VERSION, version string, the
- * wheel's epoch and tick, next VP id, mux generation, upgrade count);
- * listeners and service sockets; statistics (count-prefixed); mux
- * clients; VPs in accept order, each with its channels, a -U client
- * inline in its channel; a trailer.  Integers are big-endian, strings
- * and buffers length-prefixed, fds indexes.  To carry a new field, write
- * it in the upg_save_* of its object and read it at the same place in
- * the matching upg_load_* (with its checks), and bump UPG_VERSION: a
- * successor refuses a version it does not read, and the old process
- * then carries on.  The socketpair messages (header + memfd, fd batches,
- * the answer) do not change with the version.
+ * The state (UPG_VERSION 2) is magic and version, then typed records: a
+ * record is {u16 type, u32 length, body}, its body a sequence of fields
+ * {u16 tag, u32 length, value} (the tlv_* codec of utils.c; integers
+ * big-endian, fds as their index in the sequence sent).  Records, in
+ * order: ST_REC_DAEMON (version string, the wheel's epoch and tick, id
+ * counters), ST_REC_LISTEN, ST_REC_STATS, one ST_REC_MC per mux client,
+ * one ST_REC_VP per VP in accept order each followed by an ST_REC_CHAN
+ * per channel (a -U channel by its ST_REC_UC), and ST_REC_END with the
+ * counts.  Each object's record is written and read beside its
+ * constructor (vp_save/vp_load, chan_*, uc_*, mc_*, stats_*); the
+ * loader builds objects through the constructors' own init helpers
+ * (vp_new, mc_new, uc_alloc, vp_sockpath).  The rules, so that builds
+ * whose state differs upgrade into each other both ways:
+ *
+ *  - A reader skips a record type or field tag it does not know, and
+ *    gives a field a record lacks its documented default (the "def"
+ *    column of the object's field table, or TLVF_KEEP: the value the
+ *    init helper set).  Everything read is still validated as untrusted
+ *    input: lengths, widths, bounds, fd indexes (each used once), ids
+ *    unique, state against fds; invariants that span fields are checked
+ *    in code after the record is read (vp_load_check).
+ *  - To add a field: one row in the object's table (tag, member, flags,
+ *    bounds, default) when it is a plain unsigned value; otherwise write
+ *    it in the object's *_save and read it in its *_load_field.  A new
+ *    tag, never a reused one; no version bump.  The default must be what
+ *    a build that never had the field means (so an older predecessor's
+ *    state is read right), and a build that does not know it must be
+ *    able to drop it (so a rollback to it loses only that field).
+ *  - To retire a field: stop writing it; keep its tag reserved (a
+ *    comment) so it never comes back with another meaning; a reader that
+ *    still knows it falls back to its default.
+ *  - TLV_MUST on a tag or record type says a reader that does not know
+ *    it must refuse (the upgrade then rolls back, logging the record and
+ *    field).  Right only when dropping the item would break a peer or
+ *    lose data silently, e.g. a new kind of queued data that only a
+ *    build that knows it can send on; never for counters, timers with a
+ *    safe default or anything a default reproduces.  A change of meaning
+ *    of an existing field is a new field, not a must-understand mark.
+ *  - UPG_VERSION changes only if the framing itself changes.
+ *
+ * The previous layout (UPG_VERSION 1: positional, commit 82f017c) is
+ * still read (upg_v1_load), so that release upgrades live into this one;
+ * it can be dropped once no release older than typed records runs
+ * anywhere (one release after this one).  The socketpair messages
+ * (header + memfd, fd batches, the answer) are the same in both.
  * --------------------------------------------------------------------- */
 
 #define UPG_ENV        "SC_REMOTED_UPGRADE_FD"
@@ -7812,12 +8855,13 @@ static void http_gc(void)
 #ifdef UPG_VERSION_OVERRIDE
 #define UPG_VERSION    UPG_VERSION_OVERRIDE
 #else
-#define UPG_VERSION    1
+#define UPG_VERSION    2            /* typed records */
+#define UPG_VERSION_V1 1            /* positional (82f017c); read only */
 #endif
 #define UPG_FDS_MAX    250          /* Linux caps SCM_RIGHTS at 253 */
 #define UPG_STR_MAX    4096
 #define UPG_NONE       0xffffffffU  /* no fd / no consumer */
-#define UPG_TICK_MAX   ((uint64_t)1 << 40)
+#define UPG_TICK_MAX   ST_TICK_MAX
 
 static char        *upg_exe = NULL;      /* absolute path to exec */
 static char       **upg_argv = NULL;     /* argv as given, before getopt */
@@ -7829,132 +8873,493 @@ static unsigned long upg_count = 0;      /* upgrades this lineage made */
 static int pidfile_open(void);
 static int pidfile_write(void);
 
-/* a growing byte array the state is written into, and the fds it names */
-typedef struct upg_w
-{
-  uint8_t *p;
-  size_t   len;
-  size_t   cap;
-  int      err;
-  int     *fds;
-  uint32_t nfds;
-  uint32_t fdcap;
-} upg_w_t;
+/* ---- state helpers: fds, buffers, timers (st_*) ---- */
 
-static void w_put(upg_w_t *w, const void *d, size_t n)
-{
-  uint8_t *np;
-  size_t cap;
-  if(w->err || n == 0)
-    return;
-  if(w->len + n > w->cap)
-    {
-      cap = w->cap > 0 ? w->cap : 65536;
-      while(cap < w->len + n)
-	cap *= 2;
-      if((np = realloc(w->p, cap)) == NULL)
-	{
-	  w->err = 1;
-	  return;
-	}
-      w->p = np;
-      w->cap = cap;
-    }
-  memcpy(w->p + w->len, d, n);
-  w->len += n;
-  return;
-}
-
-static void w_u8(upg_w_t *w, uint8_t v)
-{
-  w_put(w, &v, 1);
-  return;
-}
-
-static void w_u32(upg_w_t *w, uint32_t v)
-{
-  uint8_t b[4];
-  bytes_htonl(b, v);
-  w_put(w, b, 4);
-  return;
-}
-
-static void w_u64(upg_w_t *w, uint64_t v)
-{
-  w_u32(w, (uint32_t)(v >> 32));
-  w_u32(w, (uint32_t)v);
-  return;
-}
-
-/* a string: u32 length + 1 (0 for NULL), then the bytes without NUL */
-static void w_str(upg_w_t *w, const char *s)
-{
-  size_t n;
-  if(s == NULL)
-    {
-      w_u32(w, 0);
-      return;
-    }
-  n = strlen(s);
-  w_u32(w, (uint32_t)n + 1);
-  w_put(w, s, n);
-  return;
-}
-
-/* a buffer's bytes: u64 length, then the bytes */
-static void w_buf(upg_w_t *w, const buf_t *b)
-{
-  const chunk_t *c;
-  w_u64(w, buf_len(b));
-  for(c = b->first; c != NULL; c = c->next)
-    w_put(w, c->data + c->head, c->tail - c->head);
-  return;
-}
-
-/* an fd: its index in the sequence sent, or UPG_NONE */
-static void w_fd(upg_w_t *w, int fd)
+/* an fd field: the fd's index in the sequence sent (none: no field) */
+static void st_fd_put(st_w_t *w, uint16_t tag, int fd)
 {
   int *nf;
-  if(fd < 0)
-    {
-      w_u32(w, UPG_NONE);
-      return;
-    }
+  if(fd < 0 || w->t.err)
+    return;
   if(w->nfds == w->fdcap)
     {
       uint32_t cap = w->fdcap > 0 ? w->fdcap * 2 : 256;
       if((nf = realloc(w->fds, cap * sizeof(int))) == NULL)
 	{
-	  w->err = 1;
+	  w->t.err = 1;
 	  return;
 	}
       w->fds = nf;
       w->fdcap = cap;
     }
   w->fds[w->nfds] = fd;
-  w_u32(w, w->nfds++);
+  tlv_field_uint(&w->t, tag, w->nfds++, 4);
   return;
 }
 
-/* a timer: armed flag and absolute expiry tick */
-static void w_timer(upg_w_t *w, const tw_timer_t *t)
+/* an fd field's fd: a received fd not used before; -1 with r->why */
+static int st_fd_get(st_r_t *r, const uint8_t *v, uint32_t n)
 {
-  w_u8(w, t->slot != NULL ? 1 : 0);
-  w_u64(w, t->slot != NULL ? t->expire : 0);
+  uint64_t i;
+  if(tlv_uint(v, n, 4, &i) != 0 || i >= r->nfds || r->fdused[i])
+    return st_bad(r, "bad or reused fd index");
+  r->fdused[i] = 1;
+  return r->fds[i];
+}
+
+/* a buffer's bytes as one field (empty: no field) */
+static void st_buf_put(st_w_t *w, uint16_t tag, const buf_t *b)
+{
+  const chunk_t *c;
+  size_t at;
+  if(buf_len(b) == 0)
+    return;
+  at = tlv_begin(&w->t, tag);
+  for(c = b->first; c != NULL; c = c->next)
+    tlv_put(&w->t, c->data + c->head, c->tail - c->head);
+  tlv_end(&w->t, at);
   return;
 }
 
-static void w_sink(upg_w_t *w, const sink_t *s)
+static int st_buf_get(st_r_t *r, buf_t *b, const uint8_t *v, uint32_t n)
 {
-  w_buf(w, &s->out);
-  w_u8(w, s->full);
-  w_u64(w, s->last_progress);
-  w_timer(w, &s->stall_timer);
+  return buf_append(b, v, n) != 0 ? st_bad(r, "out of memory") : 0;
+}
+
+/* an armed timer: its absolute expiry tick (not armed: no field) */
+static void st_timer_put(st_w_t *w, uint16_t tag, const tw_timer_t *t)
+{
+  if(t->slot != NULL)
+    tlv_field_uint(&w->t, tag, t->expire, 8);
   return;
 }
+
+static int st_timer_get(st_r_t *r, tw_timer_t *t, const uint8_t *v,
+			uint32_t n)
+{
+  uint64_t x;
+  if(t->slot != NULL || tlv_uint(v, n, 8, &x) != 0 ||
+     x > tw_tick + UPG_TICK_MAX)
+    return st_bad(r, "bad timer");
+  tw_arm_at(t, x);
+  return 0;
+}
+
+static int st_flag_get(const uint8_t *v, uint32_t n, uint8_t *out)
+{
+  uint64_t x;
+  if(tlv_uint(v, n, 1, &x) != 0 || x > 1)
+    return -1;
+  *out = (uint8_t)x;
+  return 0;
+}
+
+/* record the first reason a load fails; returns -1 */
+static int st_bad(st_r_t *r, const char *fmt, ...)
+{
+  va_list ap;
+  if(r->why[0] == '\0')
+    {
+      va_start(ap, fmt);
+      vsnprintf(r->why, sizeof(r->why), fmt, ap);
+      va_end(ap);
+    }
+  return -1;
+}
+
+/* an item this build does not know: skipped, unless marked TLV_MUST */
+static int st_unknown(st_r_t *r, const char *rec, uint16_t tag)
+{
+  if(tag & TLV_MUST)
+    return st_bad(r, "record %s: field %u is marked must-understand and "
+		  "this version does not know it", rec,
+		  (unsigned int)(tag & ~TLV_MUST));
+  return 0;
+}
+
+/* a field of an object's table: 1 stored, 0 not in it, -1 with r->why */
+static int st_table_get(st_r_t *r, const char *rec, const tlv_desc_t *t,
+			size_t nt, void *obj, uint16_t tag, const uint8_t *v,
+			uint32_t n)
+{
+  const char *bad = NULL;
+  int rc = tlv_table_get(t, nt, obj, tag, v, n, tw_tick, &bad);
+  if(rc < 0)
+    return st_bad(r, "record %s: field %s out of bounds", rec, bad);
+  return rc;
+}
+
+/* register a loaded fdev with the interest its record gave (ev->rd,
+ * ev->wr, which ev_set must see as not yet registered) */
+static int st_ev_register(st_r_t *r, fdev_t *ev, int no_read)
+{
+  int rd = ev->rd && !no_read, wr = ev->wr;
+  ev->rd = ev->wr = 0;
+  if(ev->fd < 0)
+    return (rd || wr) ? st_bad(r, "interest without an fd") : 0;
+  if(!ev_fd_ok(ev->fd) || ev_set(ev, rd, wr) != 0)
+    return st_bad(r, "cannot register fd %d", ev->fd);
+  return 0;
+}
+
+/* ---- saving ---- */
+
+/* the daemon record: who wrote the state, the clock, the id counters */
+enum { DMF_VERSION = 1, DMF_EPOCH, DMF_TICK, DMF_VP_ID_NEXT, DMF_MC_GEN,
+       DMF_UPG_COUNT };
+/* the listener record: TCP listeners (up to two), then the others */
+enum { LSF_TCP = 1, LSF_MUX, LSF_MUX_TCP, LSF_HTTP, LSF_SVC, LSF_LOG };
+enum { ENDF_MC = 1, ENDF_VP };
+
+/*
+ * Serialize the daemon's whole state into w.  Called between loop
+ * iterations (after flush and garbage collection), so no object is dead.
+ */
+static void upg_save(st_w_t *w)
+{
+  dlist_node_t *n;
+  uint32_t nmc = 0, nvp = 0;
+  uint8_t b[8];
+  size_t at;
+  int i;
+
+  bytes_htonl(b, UPG_MAGIC);
+  bytes_htonl(b + 4, UPG_VERSION);
+  tlv_put(&w->t, b, 8);
+
+  at = tlv_begin(&w->t, ST_REC_DAEMON);
+  tlv_field_str(&w->t, DMF_VERSION, PACKAGE_VERSION);
+  st_timeval_put(w, DMF_EPOCH, &tw_epoch);
+  tlv_field_uint(&w->t, DMF_TICK, tw_tick, 8);
+  tlv_field_uint(&w->t, DMF_VP_ID_NEXT, vp_id_next, 4);
+  tlv_field_uint(&w->t, DMF_MC_GEN, mc_gen, 8);
+  tlv_field_uint(&w->t, DMF_UPG_COUNT, (uint64_t)upg_count + 1, 8);
+  tlv_end(&w->t, at);
+
+  at = tlv_begin(&w->t, ST_REC_LISTEN);
+  for(i=0; i<tcp_lev_count; i++)
+    st_fd_put(w, LSF_TCP, tcp_lev[i].fd);
+  st_fd_put(w, LSF_MUX, mux_lev.fd);
+  st_fd_put(w, LSF_MUX_TCP, mux_tcp_lev.fd);
+  st_fd_put(w, LSF_HTTP, http_lev.fd);
+  st_fd_put(w, LSF_SVC, svc_fd); /* NOTIFY_SOCKET may be out of reach */
+  st_fd_put(w, LSF_LOG, log_sock.fd); /* under -R, and so may /dev/log */
+  tlv_end(&w->t, at);
+
+  stats_save(w);
+  for(n = mc_list.head; n != NULL; n = n->next, nmc++)
+    mc_save(w, CONTAINER_OF(n, mclient_t, list_node));
+  for(n = vp_list.head; n != NULL; n = n->next)
+    if(vp_saved(CONTAINER_OF(n, vp_t, list_node)))
+      {
+	vp_save(w, CONTAINER_OF(n, vp_t, list_node));
+	nvp++;
+      }
+
+  at = tlv_begin(&w->t, ST_REC_END);
+  tlv_field_uint(&w->t, ENDF_MC, nmc, 4);
+  tlv_field_uint(&w->t, ENDF_VP, nvp, 4);
+  tlv_end(&w->t, at);
+  return;
+}
+
+/* ---- loading ---- */
+
+/*
+ * An optional listener of the state for lev, which this process must
+ * have been configured for too (else the state is refused).
+ */
+static int upg_listener_get(st_r_t *r, fdev_t *lev, fdtype_t type,
+			    int configured, const uint8_t *v, uint32_t n)
+{
+  int fd;
+  if(lev->fd >= 0)
+    return st_bad(r, "record listen: two of a listener");
+  if((fd = st_fd_get(r, v, n)) < 0)
+    return -1;
+  if(!configured)
+    {
+      close(fd);
+      return st_bad(r, "record listen: a listener this process was not "
+		    "configured for");
+    }
+  fdev_init(lev, fd, type, NULL);
+  lev->rd = 1;
+  return st_ev_register(r, lev, 0);
+}
+
+/* an optional service socket: taken if this process has none */
+static int upg_svcfd_get(st_r_t *r, int *fdp, int wanted, const uint8_t *v,
+			 uint32_t n)
+{
+  int fd = st_fd_get(r, v, n);
+  if(fd < 0)
+    return -1;
+  if(wanted && *fdp < 0)
+    *fdp = fd;
+  else
+    close(fd);
+  return 0;
+}
+
+static int upg_load_listen(st_r_t *r, const uint8_t *p, uint32_t len)
+{
+  tlv_r_t fr = {p, len, 0};
+  const uint8_t *v;
+  uint32_t n;
+  uint16_t tag;
+  int rc, fd;
+
+  while((rc = tlv_next(&fr, &tag, &v, &n)) == 1)
+    {
+      switch(tag)
+	{
+	case LSF_TCP:
+	  if(tcp_lev_count >= 2 || (fd = st_fd_get(r, v, n)) < 0)
+	    return st_bad(r, "record listen: bad TCP listener");
+	  fdev_init(&tcp_lev[tcp_lev_count++], fd, FD_TCP_LISTEN, NULL);
+	  tcp_lev[tcp_lev_count - 1].rd = 1;
+	  rc = st_ev_register(r, &tcp_lev[tcp_lev_count - 1], 0);
+	  break;
+	case LSF_MUX:
+	  rc = upg_listener_get(r, &mux_lev, FD_MUX_LISTEN,
+				opt_muxpath != NULL, v, n);
+	  break;
+	case LSF_MUX_TCP:
+	  rc = upg_listener_get(r, &mux_tcp_lev, FD_MUX_LISTEN,
+				opt_mux_listen != NULL, v, n);
+	  break;
+	case LSF_HTTP:
+	  rc = upg_listener_get(r, &http_lev, FD_HTTP_LISTEN,
+				metrics_sslen != 0, v, n);
+	  break;
+	case LSF_SVC:
+	  rc = upg_svcfd_get(r, &svc_fd, 1, v, n);
+	  break;
+	case LSF_LOG:
+	  rc = upg_svcfd_get(r, &log_sock.fd, log_syslog, v, n);
+	  break;
+	default:
+	  rc = st_unknown(r, "listen", tag);
+	  break;
+	}
+      if(rc != 0)
+	return -1;
+    }
+  if(rc < 0 || tcp_lev_count == 0)
+    return st_bad(r, "record listen: truncated or no TCP listener");
+  return 0;
+}
+
+/*
+ * The daemon record: adopt the old process's clock (every absolute tick
+ * in the state stays valid) and id counters.
+ */
+static int upg_load_daemon(st_r_t *r, const uint8_t *p, uint32_t len,
+			   char **from_version)
+{
+  tlv_r_t fr = {p, len, 0};
+  const uint8_t *v;
+  struct timeval epoch = {0, 0};
+  uint64_t x, tick = UINT64_MAX, now;
+  uint32_t n;
+  uint16_t tag;
+  int rc, have = 0;
+
+  while((rc = tlv_next(&fr, &tag, &v, &n)) == 1)
+    {
+      if(tag == DMF_VERSION)
+	{
+	  if(*from_version != NULL || n > 256 || memchr(v, 0, n) != NULL ||
+	     (*from_version = malloc(n + 1)) == NULL)
+	    return st_bad(r, "record daemon: bad version");
+	  memcpy(*from_version, v, n);
+	  (*from_version)[n] = '\0';
+	  continue;
+	}
+      if(tag == DMF_EPOCH)
+	{
+	  if(st_timeval_get(r, &epoch, v, n) != 0)
+	    return -1;
+	  have |= 1;
+	  continue;
+	}
+      if(tag < DMF_TICK || tag > DMF_UPG_COUNT)
+	{
+	  if(st_unknown(r, "daemon", tag) != 0)
+	    return -1;
+	  continue;
+	}
+      if(tlv_uint(v, n, tag == DMF_VP_ID_NEXT ? 4 : 8, &x) != 0 ||
+	 x > UPG_TICK_MAX)
+	return st_bad(r, "record daemon: field %u out of bounds", tag);
+      switch(tag)
+	{
+	case DMF_TICK: tick = x; have |= 2; break;
+	case DMF_VP_ID_NEXT: vp_id_next = (uint32_t)x; break;
+	case DMF_MC_GEN: mc_gen = x; break;
+	default: upg_count = (unsigned long)x; break;
+	}
+    }
+  if(rc < 0 || have != 3 || vp_id_next == 0)
+    return st_bad(r, "record daemon: truncated, or no clock");
+  tw_epoch = epoch;
+  tw_tick = tick;
+  tw_done = tick; /* the old process fired everything due up to now */
+  now = tw_clock();
+  if(now < tick || now > tick + 3600)
+    return st_bad(r, "clock: the state's tick is not this host's");
+  return 0;
+}
+
+/* point each mux client's burst cursor at the VP its record named */
+static int upg_load_bursts(st_r_t *r)
+{
+  dlist_node_t *n, *v;
+  uint32_t i, k;
+  for(i=0, n = mc_list.head; i<r->nmc && n != NULL; i++, n = n->next)
+    {
+      mclient_t *mc = CONTAINER_OF(n, mclient_t, list_node);
+      if(r->burst[i] == UINT32_MAX)
+	{
+	  mc->burst_next = NULL;
+	  continue;
+	}
+      if(r->burst[i] >= r->nvp)
+	return st_bad(r, "record mc: burst cursor past the last vp");
+      for(k=0, v = vp_list.head; k < r->burst[i]; k++)
+	v = v->next;
+      mc->burst_next = CONTAINER_OF(v, vp_t, list_node);
+    }
+  return 0;
+}
+
+static int upg_load_end(st_r_t *r, const uint8_t *p, uint32_t len)
+{
+  tlv_r_t fr = {p, len, 0};
+  const uint8_t *v;
+  uint64_t nmc = UINT64_MAX, nvp = UINT64_MAX;
+  uint32_t n;
+  uint16_t tag;
+  int rc;
+  while((rc = tlv_next(&fr, &tag, &v, &n)) == 1)
+    if(tag == ENDF_MC || tag == ENDF_VP)
+      {
+	if(tlv_uint(v, n, 4, tag == ENDF_MC ? &nmc : &nvp) != 0)
+	  return st_bad(r, "record end: bad count");
+      }
+    else if(st_unknown(r, "end", tag) != 0)
+      return -1;
+  if(rc < 0 || nmc != r->nmc || nvp != r->nvp)
+    return st_bad(r, "record end: counts differ (state truncated?)");
+  return upg_load_bursts(r);
+}
+
+/*
+ * Read the records of a version-2 state (after its magic and version):
+ * the daemon record first, the end record last, each other record to
+ * its object's loader.
+ */
+static int upg_load_records(st_r_t *r, const uint8_t *p, size_t len,
+			    char **from_version)
+{
+  tlv_r_t rr = {p, len, 0};
+  const uint8_t *v;
+  uint32_t n, nrec = 0;
+  uint16_t type;
+  int rc, end = 0;
+
+  while((rc = tlv_next(&rr, &type, &v, &n)) == 1)
+    {
+      if(end)
+	return st_bad(r, "a record after the end record");
+      if((nrec++ == 0) != (type == ST_REC_DAEMON))
+	return st_bad(r, "the daemon record is not first");
+      switch(type)
+	{
+	case ST_REC_DAEMON: rc = upg_load_daemon(r, v, n, from_version);
+	  break;
+	case ST_REC_LISTEN: rc = upg_load_listen(r, v, n); break;
+	case ST_REC_STATS: rc = stats_load(r, v, n); break;
+	case ST_REC_MC: rc = mc_load(r, v, n); break;
+	case ST_REC_VP: rc = vp_load(r, v, n); break;
+	case ST_REC_CHAN: rc = chan_load(r, v, n); break;
+	case ST_REC_UC: rc = uc_load(r, v, n); break;
+	case ST_REC_END: rc = upg_load_end(r, v, n); end = 1; break;
+	default:
+	  if(type & TLV_MUST)
+	    return st_bad(r, "record type %u is marked must-understand "
+			  "and this version does not know it",
+			  (unsigned int)(type & ~TLV_MUST));
+	  rc = 0;
+	  break;
+	}
+      if(rc != 0)
+	return -1;
+    }
+  if(rc < 0 || !end)
+    return st_bad(r, "state truncated");
+  if(tcp_lev_count == 0)
+    return st_bad(r, "no listener record");
+  return 0;
+}
+
+#ifdef UPG_VERSION_V1
+static int upg_v1_load(const uint8_t *buf, size_t len, int *fds,
+		       uint8_t *used, uint32_t nfds, const char **why,
+		       char **from_version);
+#endif
+
+/*
+ * Rebuild the daemon's state from a serialized state of len bytes and
+ * the nfds fds that came with it.  The input is untrusted: any
+ * inconsistency fails the load (-1, *why says where: valid until the
+ * next call), leaving objects built so far on the daemon's lists for
+ * shutdown_all() to release.  The fds used are marked in used[]; the
+ * caller closes the others.  On success *from_version is the old
+ * process's version string (caller frees).
+ */
+static int upg_load(const uint8_t *buf, size_t len, int *fds,
+		    uint8_t *used, uint32_t nfds, const char **why,
+		    char **from_version)
+{
+  static char whybuf[sizeof(((st_r_t *)0)->why)];
+  st_r_t r;
+  int rc;
+
+  *from_version = NULL;
+  *why = "header";
+  if(len < 8 || bytes_ntohl(buf) != UPG_MAGIC)
+    return -1;
+#ifdef UPG_VERSION_V1
+  if(bytes_ntohl(buf + 4) == UPG_VERSION_V1)
+    return upg_v1_load(buf, len, fds, used, nfds, why, from_version);
+#endif
+  if(bytes_ntohl(buf + 4) != UPG_VERSION)
+    {
+      *why = "state version";
+      return -1;
+    }
+  memset(&r, 0, sizeof(r));
+  r.fds = fds;
+  r.fdused = used;
+  r.nfds = nfds;
+  rc = upg_load_records(&r, buf + 8, len - 8, from_version);
+  free(r.burst);
+  if(rc != 0)
+    {
+      memcpy(whybuf, r.why, sizeof(whybuf));
+      *why = whybuf;
+    }
+  return rc;
+}
+
+/* ---- the previous layout (UPG_VERSION 1, positional; read only) ---- */
+
+#ifdef UPG_VERSION_V1
 
 /* the reader of an untrusted state; any overrun sets err and reads 0 */
-typedef struct upg_r
+typedef struct pos_r
 {
   const uint8_t *p;
   size_t   len;
@@ -7963,9 +9368,9 @@ typedef struct upg_r
   int     *fds;
   uint8_t *fdused;
   uint32_t nfds;
-} upg_r_t;
+} pos_r_t;
 
-static const uint8_t *r_get(upg_r_t *r, size_t n)
+static const uint8_t *pos_get(pos_r_t *r, size_t n)
 {
   const uint8_t *p;
   if(r->err || n > r->len - r->off)
@@ -7978,43 +9383,43 @@ static const uint8_t *r_get(upg_r_t *r, size_t n)
   return p;
 }
 
-static uint8_t r_u8(upg_r_t *r)
+static uint8_t pos_u8(pos_r_t *r)
 {
-  const uint8_t *p = r_get(r, 1);
+  const uint8_t *p = pos_get(r, 1);
   return p != NULL ? p[0] : 0;
 }
 
-static uint32_t r_u32(upg_r_t *r)
+static uint32_t pos_u32(pos_r_t *r)
 {
-  const uint8_t *p = r_get(r, 4);
+  const uint8_t *p = pos_get(r, 4);
   return p != NULL ? bytes_ntohl(p) : 0;
 }
 
-static uint64_t r_u64(upg_r_t *r)
+static uint64_t pos_u64(pos_r_t *r)
 {
-  uint64_t hi = r_u32(r);
-  return (hi << 32) | r_u32(r);
+  uint64_t hi = pos_u32(r);
+  return (hi << 32) | pos_u32(r);
 }
 
 /* a flag that must be 0 or 1 */
-static uint8_t r_flag(upg_r_t *r)
+static uint8_t pos_flag(pos_r_t *r)
 {
-  uint8_t v = r_u8(r);
+  uint8_t v = pos_u8(r);
   if(v > 1)
     r->err = 1;
   return v;
 }
 
 /* a string of at most max bytes without NUL; *out NULL for NULL */
-static int r_str(upg_r_t *r, size_t max, char **out)
+static int pos_str(pos_r_t *r, size_t max, char **out)
 {
   const uint8_t *p;
-  uint32_t n = r_u32(r);
+  uint32_t n = pos_u32(r);
   *out = NULL;
   if(r->err || n == 0)
     return r->err ? -1 : 0;
   n--;
-  if(n > max || (p = r_get(r, n)) == NULL || memchr(p, '\0', n) != NULL ||
+  if(n > max || (p = pos_get(r, n)) == NULL || memchr(p, '\0', n) != NULL ||
      (*out = malloc((size_t)n + 1)) == NULL)
     {
       r->err = 1;
@@ -8026,10 +9431,10 @@ static int r_str(upg_r_t *r, size_t max, char **out)
 }
 
 /* a string into a fixed array of size len (NUL included) */
-static int r_strbuf(upg_r_t *r, char *buf, size_t len)
+static int pos_strbuf(pos_r_t *r, char *buf, size_t len)
 {
   char *s;
-  if(r_str(r, len - 1, &s) != 0 || s == NULL)
+  if(pos_str(r, len - 1, &s) != 0 || s == NULL)
     {
       r->err = 1;
       free(s);
@@ -8040,11 +9445,11 @@ static int r_strbuf(upg_r_t *r, char *buf, size_t len)
   return 0;
 }
 
-static int r_buf(upg_r_t *r, buf_t *b)
+static int pos_buf(pos_r_t *r, buf_t *b)
 {
   const uint8_t *p;
-  uint64_t n = r_u64(r);
-  if(r->err || n > r->len - r->off || (p = r_get(r, (size_t)n)) == NULL ||
+  uint64_t n = pos_u64(r);
+  if(r->err || n > r->len - r->off || (p = pos_get(r, (size_t)n)) == NULL ||
      buf_append(b, p, (size_t)n) != 0)
     {
       r->err = 1;
@@ -8054,9 +9459,9 @@ static int r_buf(upg_r_t *r, buf_t *b)
 }
 
 /* an fd index: must name a received fd not used before; -1 for none */
-static int r_fd(upg_r_t *r)
+static int pos_fd(pos_r_t *r)
 {
-  uint32_t i = r_u32(r);
+  uint32_t i = pos_u32(r);
   if(r->err || i == UPG_NONE)
     return -1;
   if(i >= r->nfds || r->fdused[i])
@@ -8069,18 +9474,18 @@ static int r_fd(upg_r_t *r)
 }
 
 /* a tick: no later than the current tick (a past event) */
-static uint64_t r_past(upg_r_t *r)
+static uint64_t pos_past(pos_r_t *r)
 {
-  uint64_t v = r_u64(r);
+  uint64_t v = pos_u64(r);
   if(v > tw_tick)
     r->err = 1;
   return v;
 }
 
-static void r_timer(upg_r_t *r, tw_timer_t *t)
+static void pos_timer(pos_r_t *r, tw_timer_t *t)
 {
-  uint8_t armed = r_flag(r);
-  uint64_t exp = r_u64(r);
+  uint8_t armed = pos_flag(r);
+  uint64_t exp = pos_u64(r);
   if(r->err || !armed)
     return;
   if(exp > tw_tick + UPG_TICK_MAX)
@@ -8092,319 +9497,74 @@ static void r_timer(upg_r_t *r, tw_timer_t *t)
   return;
 }
 
-static void r_sink(upg_r_t *r, sink_t *s)
+static void pos_sink(pos_r_t *r, sink_t *s)
 {
-  r_buf(r, &s->out);
-  s->full = r_flag(r);
-  s->last_progress = r_past(r);
-  r_timer(r, &s->stall_timer);
-  return;
-}
-
-/* ---- saving ---- */
-
-static int vp_is_tls(const vp_t *vp);
-
-/* whether vp crosses: TLS connections not in GO do not */
-static int upg_vp_saved(const vp_t *vp)
-{
-  return !vp_is_tls(vp) || vp->state == VP_GO;
-}
-
-/*
- * The position among the VPs saved of vp, or of the first saved VP after
- * it; UPG_NONE for the end of the list (NULL).
- */
-static uint32_t upg_vp_index(const vp_t *vp)
-{
-  dlist_node_t *n;
-  uint32_t i = 0;
-  if(vp == NULL)
-    return UPG_NONE;
-  for(n = vp_list.head; n != NULL; n = n->next)
-    {
-      const vp_t *x = CONTAINER_OF(n, vp_t, list_node);
-      if(x->accept_seq >= vp->accept_seq && upg_vp_saved(x))
-	return i;
-      if(upg_vp_saved(x))
-	i++;
-    }
-  return UPG_NONE;
-}
-
-/* a mux client: its socket, generation, output, parser state, pauses */
-static void upg_save_mc(upg_w_t *w, const mclient_t *mc)
-{
-  w_fd(w, mc->conn.ev.fd);
-  w_u64(w, mc->gen);
-  w_u8(w, mc->conn.ev.rd);
-  w_u8(w, mc->conn.ev.wr);
-  w_sink(w, &mc->sink);
-  w_u8(w, mc->rx.hdr_have);
-  w_put(w, mc->rx.hdr, MUX_HDRLEN);
-  w_u32(w, mc->rx.left);
-  if(mc->rx.hdr_have == MUX_HDRLEN && mc->rx.chan == 0)
-    {
-      w_u32(w, mc->rx.ctl_have);
-      w_put(w, mc->rx.ctl, mc->rx.ctl_have);
-    }
-  w_u8(w, mc->state == MC_IN_PAUSED);
-  w_u8(w, mc->rd_stop_after_feed);
-  /* the VP_UPDATE burst cursor: the saved VP it stands at */
-  w_u8(w, mc->state == MC_BURST);
-  w_u32(w, mc->state == MC_BURST ? upg_vp_index(mc->burst_next) : UPG_NONE);
-  w_timer(w, &mc->burst_timer);
-  return;
-}
-
-/* a -U client, written inside its channel's record */
-static void upg_save_uc(upg_w_t *w, const uclient_t *uc)
-{
-  w_fd(w, uc->conn.ev.fd);
-  w_u8(w, uc->conn.ev.rd);
-  w_u8(w, uc->conn.ev.wr);
-  w_sink(w, &uc->sink);
-  w_u8(w, uc->eof);
-  w_u8(w, uc->state == UC_DRAINING);
-  w_u8(w, uc->state == UC_IN_PAUSED);
-  return;
-}
-
-static int upg_save_chan(void *item, void *param)
-{
-  chan_t *c = item;
-  upg_w_t *w = param;
-  w_u32(w, c->id);
-  w_u8(w, c->fin_sent);
-  w_u8(w, c->fin_rcvd);
-  if(c->uc != NULL && c->uc->state != UC_DEAD)
-    {
-      w_u8(w, 1);
-      upg_save_uc(w, c->uc);
-    }
-  else if(c->mc != NULL && c->mc->state != MC_DEAD)
-    {
-      w_u8(w, 2);
-      w_u64(w, c->mc->gen);
-      w_u32(w, c->mc_id);
-    }
-  else
-    w_u8(w, 0);
-  return 0;
-}
-
-static int vp_is_tls(const vp_t *vp)
-{
-  return conn_is_tls(&vp->conn);
-}
-
-/*
- * A VP.  A TLS VP in GO crosses as a zombie whose -Z deadline starts now
- * (its connection cannot cross); TLS connections not in GO do not cross.
- */
-static void upg_save_vp(upg_w_t *w, const vp_t *vp)
-{
-  int tls = vp_is_tls(vp);
-  buf_t none;
-
-  memset(&none, 0, sizeof(none));
-  w_u8(w, (uint8_t)(tls ? VP_ZOMBIE : vp->state));
-  w_u32(w, vp->id);
-  w_u8(w, vp->magic_len);
-  w_put(w, vp->magic, vp->magic_len);
-  w_str(w, vp->name);
-  w_u8(w, vp->family == AF_INET6 ? 6 : 4);
-  w_str(w, vp->addr);
-  w_str(w, vp->peer);
-  w_u64(w, (uint64_t)vp->arrival.tv_sec);
-  w_u32(w, (uint32_t)vp->arrival.tv_usec);
-  w_u32(w, vp->snd_nxt);
-  w_u32(w, vp->snd_una);
-  w_u32(w, vp->rcv_nxt);
-  w_u32(w, vp->chan_next);
-  w_u8(w, vp->in_id_tree);
-  w_u8(w, vp->in_magic_tree);
-  w_u8(w, vp->in_handshake);
-  w_u64(w, tls ? mc_gen : vp->zombie_gen);
-  w_u8(w, tls ? 0 : (vp->src != NULL));
-  w_u64(w, vp->conn_tick);
-  w_u64(w, vp->rx_bytes);
-  w_u64(w, vp->rx_frames);
-  w_u64(w, vp->tx_bytes);
-  w_u64(w, vp->tx_frames);
-  w_buf(w, &vp->unacked);
-  w_u64(w, vp->last_rx);
-  w_u64(w, vp->last_tx);
-  if(tls)
-    {
-      /* a zombie from now: no connection, output, partial frame, timers
-       * but the -Z deadline */
-      tw_timer_t t;
-      t.slot = (dlist_t *)1;
-      t.expire = tw_tick + (uint64_t)opt_zombie;
-      w_timer(w, &t);
-      w_u8(w, 0);
-      w_u64(w, 0);
-      w_fd(w, -1);
-      w_fd(w, -1);
-      w_buf(w, &none);
-      w_u32(w, 0);
-      w_u8(w, 0); w_u8(w, 0); w_u8(w, 0); w_u8(w, 0);
-    }
-  else
-    {
-      w_timer(w, &vp->rx_timer);
-      w_timer(w, &vp->ka_timer);
-      w_fd(w, vp->conn.ev.fd);
-      w_fd(w, vp->lev.fd);
-      w_buf(w, &vp->out);
-      w_u32(w, vp->rx.have);
-      w_put(w, vp->rx.part, vp->rx.have);
-      w_u8(w, vp->conn.ev.rd);
-      w_u8(w, vp->conn.ev.wr);
-      w_u8(w, vp->rd_blocked);
-      w_u8(w, vp->paused);
-    }
-  w_u32(w, (uint32_t)splaytree_count(&vp->chans));
-  splaytree_inorder(&vp->chans, upg_save_chan, w);
+  pos_buf(r, &s->out);
+  s->full = pos_flag(r);
+  s->last_progress = pos_past(r);
+  pos_timer(r, &s->stall_timer);
   return;
 }
 
 /*
- * The statistics counters, in a fixed order (upg_stats_fields); the
+ * The statistics counters, in a fixed order (v1_stats_fields); the
  * format says how many there are, so a build that knows fewer or more
  * takes those it shares.  The start time is kept: uptime goes on.
  */
-static size_t upg_stats_fields(uint64_t **f, size_t max)
+static size_t v1_stats_fields(uint64_t **f, size_t max)
 {
   size_t n = 0, i;
-#define UPG_STAT(x) do { if(n < max) f[n] = &(x); n++; } while(0)
-  UPG_STAT(stats.arrivals);
-  UPG_STAT(stats.resumes);
-  UPG_STAT(stats.zombies);
-  for(i=0; i<REJ_MAX; i++) UPG_STAT(stats.rejects[i]);
-  for(i=0; i<WHY_MAX; i++) UPG_STAT(stats.departures[i]);
-  for(i=0; i<2; i++) UPG_STAT(stats.relay_bytes[i]);
-  for(i=0; i<2; i++) UPG_STAT(stats.relay_frames[i]);
-  UPG_STAT(stats.bp_pauses);
-  UPG_STAT(stats.stall_disconnects);
-  UPG_STAT(stats.accept_pauses_emfile);
-  UPG_STAT(stats.accept_pauses_hscap);
-  for(i=0; i<2; i++) UPG_STAT(stats.mux_refused[i]);
-  UPG_STAT(stats.mux_burst_timeouts);
-  for(i=0; i<TLSF_MAX; i++) UPG_STAT(stats.tls_failures[i]);
-  UPG_STAT(stats.meta_loads_ok);
-  UPG_STAT(stats.meta_loads_err);
-  for(i=0; i<6; i++) UPG_STAT(stats.http_requests[i]);
-  UPG_STAT(stats.http_refused);
-  for(i=0; i<3; i++) UPG_STAT(stats.http_busy_us[i]);
+#define V1_STAT(x) do { if(n < max) f[n] = &(x); n++; } while(0)
+  V1_STAT(stats.arrivals);
+  V1_STAT(stats.resumes);
+  V1_STAT(stats.zombies);
+  for(i=0; i<REJ_MAX; i++) V1_STAT(stats.rejects[i]);
+  for(i=0; i<WHY_MAX; i++) V1_STAT(stats.departures[i]);
+  for(i=0; i<2; i++) V1_STAT(stats.relay_bytes[i]);
+  for(i=0; i<2; i++) V1_STAT(stats.relay_frames[i]);
+  V1_STAT(stats.bp_pauses);
+  V1_STAT(stats.stall_disconnects);
+  V1_STAT(stats.accept_pauses_emfile);
+  V1_STAT(stats.accept_pauses_hscap);
+  for(i=0; i<2; i++) V1_STAT(stats.mux_refused[i]);
+  V1_STAT(stats.mux_burst_timeouts);
+  for(i=0; i<TLSF_MAX; i++) V1_STAT(stats.tls_failures[i]);
+  V1_STAT(stats.meta_loads_ok);
+  V1_STAT(stats.meta_loads_err);
+  for(i=0; i<6; i++) V1_STAT(stats.http_requests[i]);
+  V1_STAT(stats.http_refused);
+  for(i=0; i<3; i++) V1_STAT(stats.http_busy_us[i]);
 #undef UPG_STAT
   return n;
 }
 
-#define UPG_STATS_MAX 128
+#define V1_STATS_MAX 128
 
-static void upg_save_stats(upg_w_t *w)
+
+static int v1_load_stats(pos_r_t *r)
 {
-  uint64_t *f[UPG_STATS_MAX];
-  size_t i, n = upg_stats_fields(f, UPG_STATS_MAX);
-  w_u64(w, (uint64_t)stats.start.tv_sec);
-  w_u32(w, (uint32_t)stats.start.tv_usec);
-  w_u64(w, (uint64_t)stats.meta_last_ok.tv_sec);
-  w_u32(w, (uint32_t)stats.meta_last_ok.tv_usec);
-  w_u32(w, (uint32_t)n);
-  for(i=0; i<n; i++)
-    w_u64(w, *f[i]);
-  return;
-}
-
-/*
- * Serialize the daemon's whole state into w.  Called between loop
- * iterations (after flush and garbage collection), so no object is dead.
- */
-static void upg_save(upg_w_t *w)
-{
-  dlist_node_t *n;
-  uint32_t cnt;
-  int i;
-
-  w_u32(w, UPG_MAGIC);
-  w_u32(w, UPG_VERSION);
-  w_str(w, PACKAGE_VERSION);
-  w_u64(w, (uint64_t)tw_epoch.tv_sec);
-  w_u32(w, (uint32_t)tw_epoch.tv_usec);
-  w_u64(w, tw_tick);
-  w_u32(w, vp_id_next);
-  w_u64(w, mc_gen);
-  w_u64(w, (uint64_t)upg_count + 1);
-
-  w_u8(w, (uint8_t)tcp_lev_count);
-  for(i=0; i<tcp_lev_count; i++)
-    w_fd(w, tcp_lev[i].fd);
-  w_fd(w, mux_lev.fd);
-  w_fd(w, mux_tcp_lev.fd);
-  w_fd(w, http_lev.fd);
-  w_fd(w, svc_fd); /* NOTIFY_SOCKET may be out of reach under -R */
-  w_fd(w, log_sock.fd); /* and so may /dev/log */
-
-  upg_save_stats(w);
-
-  for(cnt = 0, n = mc_list.head; n != NULL; n = n->next)
-    cnt++;
-  w_u32(w, cnt);
-  for(n = mc_list.head; n != NULL; n = n->next)
-    upg_save_mc(w, CONTAINER_OF(n, mclient_t, list_node));
-
-  for(cnt = 0, n = vp_list.head; n != NULL; n = n->next)
-    if(upg_vp_saved(CONTAINER_OF(n, vp_t, list_node)))
-      cnt++;
-  w_u32(w, cnt);
-  for(n = vp_list.head; n != NULL; n = n->next)
-    if(upg_vp_saved(CONTAINER_OF(n, vp_t, list_node)))
-      upg_save_vp(w, CONTAINER_OF(n, vp_t, list_node));
-  w_u32(w, UPG_MAGIC); /* trailer: a truncated state is detected */
-  return;
-}
-
-/* ---- loading ---- */
-
-static int upg_load_stats(upg_r_t *r)
-{
-  uint64_t *f[UPG_STATS_MAX], v;
-  size_t i, n = upg_stats_fields(f, UPG_STATS_MAX);
+  uint64_t *f[V1_STATS_MAX], v;
+  size_t i, n = v1_stats_fields(f, V1_STATS_MAX);
   uint32_t cnt;
 
-  stats.start.tv_sec = (time_t)r_u64(r);
-  stats.start.tv_usec = (suseconds_t)(r_u32(r) % 1000000);
-  stats.meta_last_ok.tv_sec = (time_t)r_u64(r);
-  stats.meta_last_ok.tv_usec = (suseconds_t)(r_u32(r) % 1000000);
-  cnt = r_u32(r);
-  if(r->err || cnt > UPG_STATS_MAX)
+  stats.start.tv_sec = (time_t)pos_u64(r);
+  stats.start.tv_usec = (suseconds_t)(pos_u32(r) % 1000000);
+  stats.meta_last_ok.tv_sec = (time_t)pos_u64(r);
+  stats.meta_last_ok.tv_usec = (suseconds_t)(pos_u32(r) % 1000000);
+  cnt = pos_u32(r);
+  if(r->err || cnt > V1_STATS_MAX)
     return -1;
   for(i=0; i<cnt && !r->err; i++)
     {
-      v = r_u64(r);
+      v = pos_u64(r);
       if(i < n)
 	*f[i] = v;
     }
   return r->err ? -1 : 0;
 }
 
-static mclient_t *upg_mc_by_gen(uint64_t gen)
-{
-  dlist_node_t *n;
-  mclient_t *mc;
-  for(n = mc_list.head; n != NULL; n = n->next)
-    {
-      mc = CONTAINER_OF(n, mclient_t, list_node);
-      if(mc->gen == gen)
-	return mc;
-    }
-  return NULL;
-}
-
 /* register a loaded fdev with the interest it had */
-static void r_ev(upg_r_t *r, fdev_t *ev, uint8_t rd, uint8_t wr)
+static void pos_ev(pos_r_t *r, fdev_t *ev, uint8_t rd, uint8_t wr)
 {
   if(r->err || ev->fd < 0)
     return;
@@ -8417,11 +9577,11 @@ static void r_ev(upg_r_t *r, fdev_t *ev, uint8_t rd, uint8_t wr)
  * An optional listener of the state: none, or an fd for lev, which this
  * process must have been configured for too (else the state is refused).
  */
-static int r_listener(upg_r_t *r, fdev_t *lev, fdtype_t type,
+static int pos_listener(pos_r_t *r, fdev_t *lev, fdtype_t type,
 		      int configured)
 {
   int fd;
-  if((fd = r_fd(r)) < 0)
+  if((fd = pos_fd(r)) < 0)
     return 0;
   if(!configured)
     {
@@ -8429,39 +9589,33 @@ static int r_listener(upg_r_t *r, fdev_t *lev, fdtype_t type,
       return -1;
     }
   fdev_init(lev, fd, type, NULL);
-  r_ev(r, lev, 1, 0);
+  pos_ev(r, lev, 1, 0);
   return 0;
 }
 
-static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
+static int v1_load_mc(pos_r_t *r, uint32_t *burst_idx)
 {
   const uint8_t *p;
   mclient_t *mc;
   uint8_t rd, wr, in_paused, bursting;
   uint32_t total;
 
-  if((mc = calloc(1, sizeof(mclient_t))) == NULL)
+  if((mc = mc_new()) == NULL)
     return -1;
-  conn_init(&mc->conn, -1, FD_MC, mc, NULL);
-  sink_init(&mc->sink, mc_stall);
-  tw_timer_init(&mc->burst_timer, mc_burst_timeout);
-  dlist_node_init(&mc->paused_node);
-  splaytree_init(&mc->chans, chan_mc_cmp, offsetof(chan_t, mc_node));
-  dlist_node_init(&mc->list_node);
   dlist_push_tail(&mc_list, &mc->list_node);
-  mc->conn.ev.fd = r_fd(r);
-  mc->gen = r_u64(r);
-  rd = r_flag(r);
-  wr = r_flag(r);
-  r_sink(r, &mc->sink);
-  mc->rx.hdr_have = r_u8(r);
+  mc->conn.ev.fd = pos_fd(r);
+  mc->gen = pos_u64(r);
+  rd = pos_flag(r);
+  wr = pos_flag(r);
+  pos_sink(r, &mc->sink);
+  mc->rx.hdr_have = pos_u8(r);
   if(r->err || mc->conn.ev.fd < 0 || mc->gen == 0 || mc->gen > mc_gen ||
      mc->rx.hdr_have > MUX_HDRLEN)
     return -1;
-  if((p = r_get(r, MUX_HDRLEN)) == NULL)
+  if((p = pos_get(r, MUX_HDRLEN)) == NULL)
     return -1;
   memcpy(mc->rx.hdr, p, MUX_HDRLEN);
-  mc->rx.left = r_u32(r);
+  mc->rx.left = pos_u32(r);
   if(r->err)
     return -1;
   if(mc->rx.hdr_have == MUX_HDRLEN)
@@ -8472,10 +9626,10 @@ static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
 	return -1;
       if(mc->rx.chan == 0)
 	{
-	  mc->rx.ctl_have = r_u32(r);
+	  mc->rx.ctl_have = pos_u32(r);
 	  if(r->err || total < 2 || total > MUX_CTL_MAX ||
 	     mc->rx.ctl_have != total - mc->rx.left ||
-	     (p = r_get(r, mc->rx.ctl_have)) == NULL ||
+	     (p = pos_get(r, mc->rx.ctl_have)) == NULL ||
 	     (mc->rx.ctl = malloc(total)) == NULL)
 	    return -1;
 	  memcpy(mc->rx.ctl, p, mc->rx.ctl_have);
@@ -8483,13 +9637,13 @@ static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
     }
   else if(mc->rx.left != 0)
     return -1;
-  in_paused = r_flag(r);
-  mc->rd_stop_after_feed = r_flag(r);
-  bursting = r_flag(r);
+  in_paused = pos_flag(r);
+  mc->rd_stop_after_feed = pos_flag(r);
+  bursting = pos_flag(r);
   /* the state as saved (the fd is not registered yet: no entry work) */
   mc->state = bursting ? MC_BURST : in_paused ? MC_IN_PAUSED : MC_RELAY;
-  *burst_idx = r_u32(r);
-  r_timer(r, &mc->burst_timer);
+  *burst_idx = pos_u32(r);
+  pos_timer(r, &mc->burst_timer);
   if(r->err || (mc->state != MC_BURST && *burst_idx != UPG_NONE) ||
      (mc->list_node.prev != NULL &&
 		CONTAINER_OF(mc->list_node.prev, mclient_t,
@@ -8497,13 +9651,13 @@ static int upg_load_mc(upg_r_t *r, uint32_t *burst_idx)
     return -1; /* generations are unique and ascending */
   if(mc->state == MC_IN_PAUSED)
     dlist_push_tail(&mc_in_paused, &mc->paused_node);
-  r_ev(r, &mc->conn.ev, mc->state == MC_IN_PAUSED ? 0 : rd, wr);
+  pos_ev(r, &mc->conn.ev, mc->state == MC_IN_PAUSED ? 0 : rd, wr);
   if(buf_len(&mc->sink.out) > 0)
     out_queue(&mc->conn.ev);
   return r->err ? -1 : 0;
 }
 
-static int upg_load_uc(upg_r_t *r, vp_t *vp, chan_t *c)
+static int v1_load_uc(pos_r_t *r, vp_t *vp, chan_t *c)
 {
   uclient_t *uc;
   uint8_t rd, wr, closing, in_paused;
@@ -8512,13 +9666,13 @@ static int upg_load_uc(upg_r_t *r, vp_t *vp, chan_t *c)
     return -1;
   c->uc = uc;
   uc->chan = c;
-  uc->conn.ev.fd = r_fd(r);
-  rd = r_flag(r);
-  wr = r_flag(r);
-  r_sink(r, &uc->sink);
-  uc->eof = r_flag(r);
-  closing = r_flag(r);
-  in_paused = r_flag(r);
+  uc->conn.ev.fd = pos_fd(r);
+  rd = pos_flag(r);
+  wr = pos_flag(r);
+  pos_sink(r, &uc->sink);
+  uc->eof = pos_flag(r);
+  closing = pos_flag(r);
+  in_paused = pos_flag(r);
   if(r->err || uc->conn.ev.fd < 0)
     return -1;
   /* the state as saved (the fd is not registered yet: no entry work) */
@@ -8526,18 +9680,18 @@ static int upg_load_uc(upg_r_t *r, vp_t *vp, chan_t *c)
     uc->eof ? UC_HALF_CLOSED : UC_RELAY;
   if(uc->state == UC_IN_PAUSED)
     dlist_push_tail(&uc_in_paused, &uc->paused_node);
-  r_ev(r, &uc->conn.ev, uc->state == UC_IN_PAUSED ? 0 : rd, wr);
+  pos_ev(r, &uc->conn.ev, uc->state == UC_IN_PAUSED ? 0 : rd, wr);
   if(buf_len(&uc->sink.out) > 0)
     out_queue(&uc->conn.ev);
   return r->err ? -1 : 0;
 }
 
-static int upg_load_chan(upg_r_t *r, vp_t *vp)
+static int v1_load_chan(pos_r_t *r, vp_t *vp)
 {
   chan_t *c, key;
   mclient_t *mc;
   uint8_t kind;
-  uint32_t id = r_u32(r);
+  uint32_t id = pos_u32(r);
 
   if(r->err || id == 0 || vp_chan_find(vp, id) != NULL ||
      (c = calloc(1, sizeof(chan_t))) == NULL)
@@ -8545,18 +9699,18 @@ static int upg_load_chan(upg_r_t *r, vp_t *vp)
   c->id = id;
   c->vp = vp;
   splaytree_insert(&vp->chans, c);
-  c->fin_sent = r_flag(r);
-  c->fin_rcvd = r_flag(r);
-  kind = r_u8(r);
+  c->fin_sent = pos_flag(r);
+  c->fin_rcvd = pos_flag(r);
+  kind = pos_u8(r);
   if(r->err)
     return -1;
   if(kind == 1)
-    return upg_load_uc(r, vp, c);
+    return v1_load_uc(r, vp, c);
   if(kind == 2)
     {
-      uint64_t gen = r_u64(r);
-      key.mc_id = r_u32(r);
-      if(r->err || key.mc_id == 0 || (mc = upg_mc_by_gen(gen)) == NULL ||
+      uint64_t gen = pos_u64(r);
+      key.mc_id = pos_u32(r);
+      if(r->err || key.mc_id == 0 || (mc = mc_by_gen(gen)) == NULL ||
 	 splaytree_find(&mc->chans, &key) != NULL)
 	return -1;
       c->mc = mc;
@@ -8567,36 +9721,7 @@ static int upg_load_chan(upg_r_t *r, vp_t *vp)
   return kind == 0 ? 0 : -1;
 }
 
-/* the characters of an address or MASTER_ID peer string */
-static int upg_peer_ok(const char *s)
-{
-  if(*s == '\0')
-    return 0;
-  for(; *s != '\0'; s++)
-    if(!isxdigit((unsigned char)*s) && *s != ':' && *s != '.' && *s != '?')
-      return 0;
-  return 1;
-}
-
-/* the -U socket path of vp, as vp_lev_open names it */
-static char *upg_sockpath(const vp_t *vp)
-{
-  size_t len;
-  char *path;
-  if(opt_udir == NULL)
-    return NULL;
-  len = strlen(opt_udir) + strlen(vp->peer) + 3 +
-    (vp->name != NULL ? strlen(vp->name) + 1 : 0);
-  if((path = malloc(len)) == NULL)
-    return NULL;
-  if(vp->name != NULL)
-    snprintf(path, len, "%s/%s-%s", opt_udir, vp->name, vp->peer);
-  else
-    snprintf(path, len, "%s/%s", opt_udir, vp->peer);
-  return path;
-}
-
-static int upg_load_vp(upg_r_t *r)
+static int v1_load_vp(pos_r_t *r)
 {
   const uint8_t *p;
   vp_t *vp;
@@ -8606,70 +9731,62 @@ static int upg_load_vp(upg_r_t *r)
   socklen_t sl = sizeof(ss);
   size_t k;
 
-  if((vp = calloc(1, sizeof(vp_t))) == NULL)
+  if((vp = vp_new()) == NULL)
     return -1;
-  conn_init(&vp->conn, -1, FD_VP, vp, vp->peer);
-  fdev_init(&vp->lev, -1, FD_VP_LISTEN, vp);
-  vp->chan_next = 1;
-  splaytree_init(&vp->chans, chan_vp_cmp, offsetof(chan_t, vp_node));
-  tw_timer_init(&vp->rx_timer, vp_timer_rx);
-  tw_timer_init(&vp->ka_timer, vp_timer_ka);
-  dlist_node_init(&vp->list_node);
-  dlist_node_init(&vp->again_node);
   dlist_push_tail(&vp_list, &vp->list_node);
   vp->accept_seq = ++vp_accept_seq;
 
-  st = r_u8(r);
+  st = pos_u8(r);
   vp->state = (vpstate_t)st;
-  vp->id = r_u32(r);
-  vp->magic_len = r_u8(r);
+  vp->id = pos_u32(r);
+  vp->magic_len = pos_u8(r);
   if(r->err || st < VP_HANDSHAKE || st > VP_FLUSH)
     return -1;
   if(vp->magic_len > 0)
     {
-      if((p = r_get(r, vp->magic_len)) == NULL ||
+      if((p = pos_get(r, vp->magic_len)) == NULL ||
 	 (vp->magic = malloc(vp->magic_len)) == NULL)
 	return -1;
       memcpy(vp->magic, p, vp->magic_len);
     }
-  if(r_str(r, 255, &vp->name) != 0)
+  if(pos_str(r, 255, &vp->name) != 0)
     return -1;
   if(vp->name != NULL)
     for(k=0; vp->name[k] != '\0'; k++)
       if(!rp_name_char_ok((uint8_t)vp->name[k]))
 	return -1;
-  fam = r_u8(r);
+  fam = pos_u8(r);
   vp->family = fam == 6 ? AF_INET6 : AF_INET;
-  if(r_strbuf(r, vp->addr, sizeof(vp->addr)) != 0 ||
-     r_strbuf(r, vp->peer, sizeof(vp->peer)) != 0 ||
-     (fam != 4 && fam != 6) || !upg_peer_ok(vp->addr) ||
-     !upg_peer_ok(vp->peer))
+  if(pos_strbuf(r, vp->addr, sizeof(vp->addr)) != 0 ||
+     pos_strbuf(r, vp->peer, sizeof(vp->peer)) != 0 ||
+     (fam != 4 && fam != 6) || !vp_peer_ok(vp->addr) ||
+     !vp_peer_ok(vp->peer))
     return -1;
-  vp->arrival.tv_sec = (time_t)r_u64(r);
-  vp->arrival.tv_usec = (suseconds_t)(r_u32(r) % 1000000);
-  vp->snd_nxt = r_u32(r);
-  vp->snd_una = r_u32(r);
-  vp->rcv_nxt = r_u32(r);
-  vp->chan_next = r_u32(r);
-  vp->in_id_tree = r_flag(r);
-  vp->in_magic_tree = r_flag(r);
-  vp->in_handshake = r_flag(r);
-  vp->zombie_gen = r_u64(r);
-  src = r_flag(r);
-  vp->conn_tick = r_past(r);
-  vp->rx_bytes = r_u64(r);
-  vp->rx_frames = r_u64(r);
-  vp->tx_bytes = r_u64(r);
-  vp->tx_frames = r_u64(r);
-  r_buf(r, &vp->unacked);
-  vp->last_rx = r_past(r);
-  vp->last_tx = r_past(r);
-  r_timer(r, &vp->rx_timer);
-  r_timer(r, &vp->ka_timer);
-  vp->conn.ev.fd = r_fd(r);
-  vp->lev.fd = r_fd(r);
-  r_buf(r, &vp->out);
-  have = r_u32(r);
+  vp->arrival.tv_sec = (time_t)pos_u64(r);
+  vp->arrival.tv_usec = (suseconds_t)(pos_u32(r) % 1000000);
+  vp->snd_nxt = pos_u32(r);
+  vp->snd_una = pos_u32(r);
+  vp->rcv_nxt = pos_u32(r);
+  vp->chan_next = pos_u32(r);
+  vp->in_id_tree = pos_flag(r);
+  vp->in_magic_tree = pos_flag(r);
+  vp->in_handshake = pos_flag(r);
+  vp->zombie_gen = pos_u64(r);
+  src = pos_flag(r);
+  vp->conn_tick = pos_past(r);
+  vp->rx_bytes = pos_u64(r);
+  vp->rx_frames = pos_u64(r);
+  vp->tx_bytes = pos_u64(r);
+  vp->tx_frames = pos_u64(r);
+  pos_buf(r, &vp->unacked);
+  vp->last_rx = pos_past(r);
+  vp->last_tx = pos_past(r);
+  pos_timer(r, &vp->rx_timer);
+  pos_timer(r, &vp->ka_timer);
+  vp->conn.ev.fd = pos_fd(r);
+  vp->lev.fd = pos_fd(r);
+  pos_buf(r, &vp->out);
+  have = pos_u32(r);
   if(r->err || vp->zombie_gen > mc_gen || vp->chan_next == 0 ||
      (vp->in_id_tree && (vp->id == 0 || vp->id >= vp_id_next)) ||
      (!vp->in_id_tree && vp->id != 0) ||
@@ -8685,7 +9802,7 @@ static int upg_load_vp(upg_r_t *r)
     return -1;
   if(have > 0)
     {
-      if((p = r_get(r, have)) == NULL)
+      if((p = pos_get(r, have)) == NULL)
 	return -1;
       memcpy(vp->rx.part, p, have);
       vp->rx.have = have;
@@ -8694,10 +9811,10 @@ static int upg_load_vp(upg_r_t *r)
 	 have >= RP_HDRLEN + (uint32_t)bytes_ntohs(vp->rx.part + 8))
 	return -1;
     }
-  rd = r_flag(r);
-  wr = r_flag(r);
-  vp->rd_blocked = r_flag(r);
-  vp->paused = r_flag(r);
+  rd = pos_flag(r);
+  wr = pos_flag(r);
+  vp->rd_blocked = pos_flag(r);
+  vp->paused = pos_flag(r);
   if(r->err)
     return -1;
   if(vp->in_id_tree)
@@ -8720,34 +9837,26 @@ static int upg_load_vp(upg_r_t *r)
     src_hold(vp, (struct sockaddr *)&ss);
   if(vp->lev.fd >= 0)
     {
-      if((vp->sockpath = upg_sockpath(vp)) == NULL)
+      if((vp->sockpath = vp_sockpath(vp)) == NULL)
 	return -1;
-      r_ev(r, &vp->lev, 1, 0);
+      pos_ev(r, &vp->lev, 1, 0);
     }
-  r_ev(r, &vp->conn.ev, rd, wr);
+  pos_ev(r, &vp->conn.ev, rd, wr);
   if(buf_len(&vp->out) > 0)
     out_queue(&vp->conn.ev);
-  nchans = r_u32(r);
+  nchans = pos_u32(r);
   for(i=0; i<nchans && !r->err; i++)
-    if(upg_load_chan(r, vp) != 0)
+    if(v1_load_chan(r, vp) != 0)
       return -1;
   return r->err ? -1 : 0;
 }
 
-/*
- * Rebuild the daemon's state from a serialized state of len bytes and
- * the nfds fds that came with it.  The input is untrusted: any
- * inconsistency fails the load (-1, *why says where), leaving objects
- * built so far on the daemon's lists for shutdown_all() to release.  The
- * fds used are marked in used[]; the caller closes the others.  On
- * success *from_version is the old process's version string (caller
- * frees).
- */
-static int upg_load(const uint8_t *buf, size_t len, int *fds,
+/* upg_load() of a version-1 state: the same contract */
+static int upg_v1_load(const uint8_t *buf, size_t len, int *fds,
 		    uint8_t *used, uint32_t nfds, const char **why,
 		    char **from_version)
 {
-  upg_r_t rr, *r = &rr;
+  pos_r_t rr, *r = &rr;
   struct timeval epoch;
   uint64_t tick, now;
   uint32_t i, cnt, ver, nmc, *burst = NULL;
@@ -8764,21 +9873,21 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
   *from_version = NULL;
 
   *why = "header";
-  if(r_u32(r) != UPG_MAGIC)
+  if(pos_u32(r) != UPG_MAGIC)
     return -1;
-  if((ver = r_u32(r)) != UPG_VERSION)
+  if((ver = pos_u32(r)) != UPG_VERSION_V1)
     {
       *why = "state version";
       return -1;
     }
-  if(r_str(r, 256, from_version) != 0)
+  if(pos_str(r, 256, from_version) != 0)
     return -1;
-  epoch.tv_sec = (time_t)r_u64(r);
-  epoch.tv_usec = (suseconds_t)(r_u32(r) % 1000000);
-  tick = r_u64(r);
-  vp_id_next = r_u32(r);
-  mc_gen = r_u64(r);
-  upg_count = (unsigned long)r_u64(r);
+  epoch.tv_sec = (time_t)pos_u64(r);
+  epoch.tv_usec = (suseconds_t)(pos_u32(r) % 1000000);
+  tick = pos_u64(r);
+  vp_id_next = pos_u32(r);
+  mc_gen = pos_u64(r);
+  upg_count = (unsigned long)pos_u64(r);
   if(r->err || tick > UPG_TICK_MAX || mc_gen > UPG_TICK_MAX)
     return -1;
 
@@ -8792,31 +9901,31 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
     return -1;
 
   *why = "listeners";
-  nlev = r_u8(r);
+  nlev = pos_u8(r);
   if(r->err || nlev > 2)
     return -1;
   for(i=0; i<nlev; i++)
     {
-      fdev_init(&tcp_lev[i], r_fd(r), FD_TCP_LISTEN, NULL);
+      fdev_init(&tcp_lev[i], pos_fd(r), FD_TCP_LISTEN, NULL);
       if(tcp_lev[i].fd < 0)
 	return -1;
       tcp_lev_count++;
-      r_ev(r, &tcp_lev[i], 1, 0);
+      pos_ev(r, &tcp_lev[i], 1, 0);
     }
-  if(r_listener(r, &mux_lev, FD_MUX_LISTEN, opt_muxpath != NULL) != 0)
+  if(pos_listener(r, &mux_lev, FD_MUX_LISTEN, opt_muxpath != NULL) != 0)
     return -1;
-  if(r_listener(r, &mux_tcp_lev, FD_MUX_LISTEN, opt_mux_listen != NULL) != 0)
+  if(pos_listener(r, &mux_tcp_lev, FD_MUX_LISTEN, opt_mux_listen != NULL) != 0)
     return -1;
-  if(r_listener(r, &http_lev, FD_HTTP_LISTEN, metrics_sslen != 0) != 0)
+  if(pos_listener(r, &http_lev, FD_HTTP_LISTEN, metrics_sslen != 0) != 0)
     return -1;
-  if((fd = r_fd(r)) >= 0)
+  if((fd = pos_fd(r)) >= 0)
     {
       if(svc_fd < 0)
 	svc_fd = fd;
       else
 	close(fd);
     }
-  if((fd = r_fd(r)) >= 0)
+  if((fd = pos_fd(r)) >= 0)
     {
       if(log_syslog && log_sock.fd < 0)
 	log_sock.fd = fd;
@@ -8827,21 +9936,21 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
     return -1;
 
   *why = "counters";
-  if(upg_load_stats(r) != 0)
+  if(v1_load_stats(r) != 0)
     return -1;
 
   *why = "mux clients";
-  nmc = r_u32(r);
+  nmc = pos_u32(r);
   if(r->err || nmc > r->len - r->off ||
      (burst = malloc(((size_t)nmc + 1) * sizeof(uint32_t))) == NULL)
     return -1;
   for(i=0; i<nmc && !r->err; i++)
-    if(upg_load_mc(r, &burst[i]) != 0)
+    if(v1_load_mc(r, &burst[i]) != 0)
       goto err;
   *why = "VPs";
-  cnt = r_u32(r);
+  cnt = pos_u32(r);
   for(i=0; i<cnt && !r->err; i++)
-    if(upg_load_vp(r) != 0)
+    if(v1_load_vp(r) != 0)
       goto err;
   *why = "mux burst cursors";
   for(i=0, n = mc_list.head; i<nmc && n != NULL; i++, n = n->next)
@@ -8859,7 +9968,7 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
   free(burst);
   burst = NULL;
   *why = "trailer";
-  if(r_u32(r) != UPG_MAGIC || r->off != r->len)
+  if(pos_u32(r) != UPG_MAGIC || r->off != r->len)
     return -1;
   return 0;
 
@@ -8867,6 +9976,8 @@ static int upg_load(const uint8_t *buf, size_t len, int *fds,
   free(burst);
   return -1;
 }
+
+#endif /* UPG_VERSION_V1 */
 
 /* ---- the handover: messages over the socketpair ---- */
 
@@ -9157,7 +10268,7 @@ static void upg_run(void)
   char why[384], how[96], reply[512];
   struct timeval t0, t1, deadline, tv;
   uint8_t hdr[24];
-  upg_w_t w;
+  st_w_t w;
   char **envp = NULL;
   int sp[2] = {-1, -1}, memfd = -1;
   uint32_t off, n, got;
@@ -9183,10 +10294,10 @@ static void upg_run(void)
     }
 
   upg_save(&w);
-  if(w.err || (memfd = upg_state_fd(w.p, w.len)) < 0)
+  if(w.t.err || (memfd = upg_state_fd(w.t.p, w.t.len)) < 0)
     {
       snprintf(why, sizeof(why), "could not write the state: %s",
-	       w.err ? "out of memory" : strerror(errno));
+	       w.t.err ? "out of memory" : strerror(errno));
       goto fail;
     }
   time_mono(&t1);
@@ -9226,8 +10337,8 @@ static void upg_run(void)
   bytes_htonl(hdr, UPG_MAGIC);
   bytes_htonl(hdr + 4, UPG_VERSION);
   bytes_htonl(hdr + 8, w.nfds);
-  bytes_htonl(hdr + 12, (uint32_t)((uint64_t)w.len >> 32));
-  bytes_htonl(hdr + 16, (uint32_t)w.len);
+  bytes_htonl(hdr + 12, (uint32_t)((uint64_t)w.t.len >> 32));
+  bytes_htonl(hdr + 16, (uint32_t)w.t.len);
   bytes_htonl(hdr + 20, (uint32_t)getpid());
   /* a send fails when the new process has gone away; it may have said
    * why first (e.g. it cannot read this state version), so look for
@@ -9269,7 +10380,7 @@ static void upg_run(void)
   log_notice("upgrade: pid %ld (version %s) serves now, after a %lldms "
 	     "pause (state: %zu bytes, %u fds, written in %lldms); pid %ld "
 	     "(version %s) exits", (long)bytes_ntohl((uint8_t *)reply + 5),
-	     reply + 9, (long long)timeval_diff_ms(&tv, &t0), w.len, w.nfds,
+	     reply + 9, (long long)timeval_diff_ms(&tv, &t0), w.t.len, w.nfds,
 	     (long long)timeval_diff_ms(&t1, &t0), (long)getpid(),
 	     PACKAGE_VERSION);
   upg_exit((long)bytes_ntohl((uint8_t *)reply + 5));
@@ -9290,7 +10401,7 @@ static void upg_run(void)
   if(sp[0] >= 0) close(sp[0]);
   if(sp[1] >= 0) close(sp[1]);
   if(memfd >= 0) close(memfd);
-  free(w.p);
+  free(w.t.p);
   free(w.fds);
   return;
 }
@@ -9375,7 +10486,11 @@ static int upg_successor_load(void)
       memcpy(fds + got, batch, k * sizeof(int));
       got += k;
     }
-  if(ver != UPG_VERSION)
+  if(ver != UPG_VERSION
+#ifdef UPG_VERSION_V1
+     && ver != UPG_VERSION_V1
+#endif
+     )
     {
       snprintf(why, sizeof(why), "version %s cannot read state version %u "
 	       "(reads %u)", PACKAGE_VERSION, ver, (unsigned int)UPG_VERSION);

@@ -1391,3 +1391,200 @@ size_t prom_label_escape(char *dst, size_t dstlen, const uint8_t *src,
 {
   return escape_utf8(dst, dstlen, src, len, prom_special);
 }
+
+/* ---- typed records (tlv_*) ---- */
+
+void tlv_put(tlv_w_t *w, const void *d, size_t n)
+{
+  uint8_t *np;
+  size_t cap;
+  if(w->err || n == 0)
+    return;
+  if(n > SIZE_MAX / 4 - w->len)
+    {
+      w->err = 1;
+      return;
+    }
+  if(w->len + n > w->cap)
+    {
+      cap = w->cap > 0 ? w->cap : 65536;
+      while(cap < w->len + n)
+	cap *= 2;
+      if((np = realloc(w->p, cap)) == NULL)
+	{
+	  w->err = 1;
+	  return;
+	}
+      w->p = np;
+      w->cap = cap;
+    }
+  memcpy(w->p + w->len, d, n);
+  w->len += n;
+  return;
+}
+
+size_t tlv_begin(tlv_w_t *w, uint16_t type)
+{
+  uint8_t b[TLV_HDRLEN];
+  size_t at = w->len;
+  bytes_htons(b, type);
+  memset(b + 2, 0, 4);
+  tlv_put(w, b, sizeof(b));
+  return at;
+}
+
+void tlv_end(tlv_w_t *w, size_t at)
+{
+  size_t n;
+  if(w->err)
+    return;
+  n = w->len - at - TLV_HDRLEN;
+  if(n > UINT32_MAX)
+    {
+      w->err = 1;
+      return;
+    }
+  bytes_htonl(w->p + at + 2, (uint32_t)n);
+  return;
+}
+
+void tlv_field(tlv_w_t *w, uint16_t tag, const void *d, size_t n)
+{
+  uint8_t b[TLV_HDRLEN];
+  if(n > UINT32_MAX)
+    {
+      w->err = 1;
+      return;
+    }
+  bytes_htons(b, tag);
+  bytes_htonl(b + 2, (uint32_t)n);
+  tlv_put(w, b, sizeof(b));
+  tlv_put(w, d, n);
+  return;
+}
+
+/* the most common field: header and value in one append */
+void tlv_field_uint(tlv_w_t *w, uint16_t tag, uint64_t v, size_t width)
+{
+  uint8_t b[TLV_HDRLEN + 8];
+  size_t i;
+  if(width > 8)
+    width = 8;
+  bytes_htons(b, tag);
+  bytes_htonl(b + 2, (uint32_t)width);
+  for(i=0; i<width; i++)
+    b[TLV_HDRLEN + width - 1 - i] = (uint8_t)(v >> (8 * i));
+  tlv_put(w, b, TLV_HDRLEN + width);
+  return;
+}
+
+void tlv_field_str(tlv_w_t *w, uint16_t tag, const char *s)
+{
+  if(s != NULL)
+    tlv_field(w, tag, s, strlen(s));
+  return;
+}
+
+int tlv_next(tlv_r_t *r, uint16_t *type, const uint8_t **val,
+	     uint32_t *vlen)
+{
+  const uint8_t *p;
+  uint32_t n;
+  if(r->off >= r->len)
+    return 0;
+  if(r->len - r->off < TLV_HDRLEN)
+    {
+      r->off = r->len;
+      return -1;
+    }
+  p = r->p + r->off;
+  n = bytes_ntohl(p + 2);
+  if(n > r->len - r->off - TLV_HDRLEN)
+    {
+      r->off = r->len;
+      return -1;
+    }
+  *type = bytes_ntohs(p);
+  *val = p + TLV_HDRLEN;
+  *vlen = n;
+  r->off += TLV_HDRLEN + (size_t)n;
+  return 1;
+}
+
+int tlv_uint(const uint8_t *val, uint32_t vlen, size_t width, uint64_t *v)
+{
+  size_t i;
+  if(vlen != width || width == 0 || width > 8)
+    return -1;
+  *v = 0;
+  for(i=0; i<width; i++)
+    *v = (*v << 8) | val[i];
+  return 0;
+}
+
+static uint64_t tlv_load_width(const void *p, uint8_t width)
+{
+  uint8_t u8;
+  uint32_t u32;
+  uint64_t u64;
+  switch(width)
+    {
+    case 1: memcpy(&u8, p, 1); return u8;
+    case 4: memcpy(&u32, p, 4); return u32;
+    default: memcpy(&u64, p, 8); return u64;
+    }
+}
+
+static void tlv_store_width(void *p, uint8_t width, uint64_t v)
+{
+  uint8_t u8 = (uint8_t)v;
+  uint32_t u32 = (uint32_t)v;
+  switch(width)
+    {
+    case 1: memcpy(p, &u8, 1); break;
+    case 4: memcpy(p, &u32, 4); break;
+    default: memcpy(p, &v, 8); break;
+    }
+  return;
+}
+
+void tlv_table_put(tlv_w_t *w, const tlv_desc_t *t, size_t n,
+		   const void *obj)
+{
+  size_t i;
+  for(i=0; i<n; i++)
+    tlv_field_uint(w, t[i].tag,
+		   tlv_load_width((const uint8_t *)obj + t[i].off,
+				  t[i].width), t[i].width);
+  return;
+}
+
+void tlv_table_defaults(const tlv_desc_t *t, size_t n, void *obj)
+{
+  size_t i;
+  for(i=0; i<n; i++)
+    if(!(t[i].flags & TLVF_KEEP))
+      tlv_store_width((uint8_t *)obj + t[i].off, t[i].width, t[i].def);
+  return;
+}
+
+int tlv_table_get(const tlv_desc_t *t, size_t n, void *obj, uint16_t tag,
+		  const uint8_t *val, uint32_t vlen, uint64_t now,
+		  const char **bad)
+{
+  uint64_t v;
+  size_t i;
+  for(i=0; i<n; i++)
+    if(t[i].tag == tag)
+      break;
+  if(i == n)
+    return 0;
+  if(tlv_uint(val, vlen, t[i].width, &v) != 0 || v < t[i].min ||
+     v > t[i].max || ((t[i].flags & TLVF_PAST) && v > now))
+    {
+      *bad = t[i].name;
+      return -1;
+    }
+  tlv_store_width((uint8_t *)obj + t[i].off, t[i].width, v);
+  return 1;
+}

@@ -298,4 +298,90 @@ size_t   html_escape(char *dst, size_t dstlen, const uint8_t *src,
 size_t   prom_label_escape(char *dst, size_t dstlen, const uint8_t *src,
 			   size_t len);
 
+/*
+ * Typed records (the live-upgrade state format).  A record and a field
+ * have the same framing: u16 type (or tag), u32 length, then length bytes
+ * (all big-endian).  A record's body is a sequence of fields.  The high
+ * bit of a type or tag (TLV_MUST) marks an item a reader must understand:
+ * a reader skips any item it does not know unless it carries that bit.
+ */
+#define TLV_MUST   0x8000
+#define TLV_HDRLEN 6
+
+typedef struct tlv_w
+{
+  uint8_t *p;
+  size_t   len;
+  size_t   cap;
+  int      err;      /* out of memory or an item over 4 GiB: p is junk */
+} tlv_w_t;
+
+/* append raw bytes; set err instead of failing */
+void     tlv_put(tlv_w_t *w, const void *d, size_t n);
+/* open an item (record or field) whose length is patched by tlv_end:
+ * returns the position to pass to tlv_end */
+size_t   tlv_begin(tlv_w_t *w, uint16_t type);
+void     tlv_end(tlv_w_t *w, size_t at);
+/* a whole field: bytes, a big-endian unsigned of width 1/2/4/8, a string
+ * (no NUL on the wire; nothing written for NULL) */
+void     tlv_field(tlv_w_t *w, uint16_t tag, const void *d, size_t n);
+void     tlv_field_uint(tlv_w_t *w, uint16_t tag, uint64_t v, size_t width);
+void     tlv_field_str(tlv_w_t *w, uint16_t tag, const char *s);
+
+/* a reader over len bytes at p (a state, or one record's body) */
+typedef struct tlv_r
+{
+  const uint8_t *p;
+  size_t   len;
+  size_t   off;
+} tlv_r_t;
+
+/*
+ * The next item: *type, its value at *val of *vlen bytes.  Returns 1, 0
+ * at the end, -1 if the item overruns what is left (the reader then
+ * stays at the end).
+ */
+int      tlv_next(tlv_r_t *r, uint16_t *type, const uint8_t **val,
+		  uint32_t *vlen);
+/* a big-endian unsigned of exactly width bytes (1/2/4/8): 0 and *v, or
+ * -1 when vlen differs */
+int      tlv_uint(const uint8_t *val, uint32_t vlen, size_t width,
+		  uint64_t *v);
+
+/*
+ * A field table drives the fields that are plain unsigned values of an
+ * object: each row says the tag, where the value lives (offset into the
+ * object; its C type is an unsigned of the same width), its bounds and
+ * its default (what a reader gives the field when the record lacks it).
+ * TLVF_PAST: a tick no later than the reader's now (bounds still apply).
+ */
+#define TLVF_PAST 0x01
+#define TLVF_KEEP 0x02  /* no default: the constructor's value stays */
+
+typedef struct tlv_desc
+{
+  uint16_t    tag;
+  uint8_t     width;   /* 1, 4 or 8 */
+  uint8_t     flags;
+  size_t      off;
+  uint64_t    min;
+  uint64_t    max;
+  uint64_t    def;
+  const char *name;
+} tlv_desc_t;
+
+/* write every field of the table from obj */
+void     tlv_table_put(tlv_w_t *w, const tlv_desc_t *t, size_t n,
+		       const void *obj);
+/* give every field of the table its default */
+void     tlv_table_defaults(const tlv_desc_t *t, size_t n, void *obj);
+/*
+ * Store field tag from val into obj if the table has it.  Returns 1 when
+ * stored, 0 when the table does not have tag, -1 when the value is the
+ * wrong width or out of bounds (*bad names the field).
+ */
+int      tlv_table_get(const tlv_desc_t *t, size_t n, void *obj,
+		       uint16_t tag, const uint8_t *val, uint32_t vlen,
+		       uint64_t now, const char **bad);
+
 #endif /* UTILS_H */

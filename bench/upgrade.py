@@ -13,7 +13,9 @@ runs mux -> VP -> mux round trips (64 bytes) without pause; each upgrade
 is triggered in the middle of it.  Reported per upgrade:
   * pause (daemon): fork to "ready", from the old process's log line;
   * gap (client): the longest probe round trip around the upgrade, i.e.
-    the longest time no event was served, as a client sees it.
+    the longest time no event was served, as a client sees it;
+  * state save + load: the old process's time to write the state and the
+    new one's to load it (both logged), the part the state format costs.
 Then a plain restart for comparison: SIGTERM, start again, listening;
 every session is lost (scamper would return 30-61 s later and start new
 sessions; clients are cut).
@@ -96,9 +98,12 @@ def run(n, upgrades):
             for _ in range(20):
                 gap = max(gap, rtt())
             pause = int(re.findall(r'after a (\d+)ms pause', d.log())[nlog])
+            # the state format's own share: save, and load in the new process
+            wr = int(re.findall(r'written in (\d+)ms', d.log())[nlog])
+            ld = int(re.findall(r'\(loaded in (\d+)ms\)', d.log())[nlog])
             m = re.findall(r'upgrade \d+: pid (\d+) version', d.log())
             d.proc = scr.AdoptedProc(int(m[-1]))
-            out.append((pause, gap * 1000))
+            out.append((pause, gap * 1000, wr, ld))
         # every VP still there: a resume is not needed, sockets open
         probe.send_data(pch, b'end')
         mc.recv_channel_data(2, 3, 30)
@@ -127,15 +132,18 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     scr.become_subreaper()
     print('| VPs | probe RTT (median) | pause, daemon (ms): each upgrade '
-          '| longest gap, client (ms) | plain restart |')
-    print('|---|---|---|---|---|')
+          '| longest gap, client (ms) | state save + load (ms) '
+          '| plain restart |')
+    print('|---|---|---|---|---|---|')
     for n in [int(x) for x in a.vps.split(',')]:
         base, out, restart, lost = run(n, a.upgrades)
-        print('| %d | %.2f ms | %s | %s (max %.0f) | %.0f ms to listen '
+        print('| %d | %.2f ms | %s | %s (max %.0f) | %s | %.0f ms to listen '
               'again; %d of %d sessions lost |'
-              % (n, base, ', '.join(str(p) for p, _ in out),
-                 ', '.join('%.0f' % g for _, g in out),
-                 max(g for _, g in out), restart, lost, n))
+              % (n, base, ', '.join(str(o[0]) for o in out),
+                 ', '.join('%.0f' % o[1] for o in out),
+                 max(o[1] for o in out),
+                 ', '.join('%d+%d' % (o[2], o[3]) for o in out),
+                 restart, lost, n))
         sys.stdout.flush()
     return 0
 

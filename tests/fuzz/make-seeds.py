@@ -6,7 +6,8 @@
 The default corpus-dir is tests/fuzz/corpus next to this script; one
 subdirectory per target.  Seeds are hand-made valid inputs in the layouts
 described at the top of fuzz_remote.c, fuzz_mux.c, fuzz_meta.c and
-fuzz_certname.c.  The DER certificates for fuzz_certname are made with the
+fuzz_certname.c (fuzz_state's come from the daemon's own saver: see
+state_seeds below).  The DER certificates for fuzz_certname are made with the
 openssl command (skipped, with a note, when it is missing).
 """
 
@@ -400,71 +401,27 @@ def cidr_seeds():
     return {k: a + t.encode() for k, (a, t) in texts.items()}
 
 # ---- live-upgrade state (sc_remoted.c, section "Live upgrade") -------------
-
-UPG_MAGIC, UPG_VERSION, NONE = 0x53435255, 1, 0xffffffff
-
-
-def st_str(v):
-    if v is None:
-        return struct.pack(">I", 0)
-    v = v.encode()
-    return struct.pack(">I", len(v) + 1) + v
-
-
-def st_buf(b):
-    return struct.pack(">Q", len(b)) + b
+#
+# The fuzz_state seeds state-* are written by the daemon's own saver:
+# tests/upgrade/state_seeds (built by `make check`) builds real objects and
+# saves them; run it with the corpus directory as its argument.  This
+# script runs it when it finds it (STATE_SEEDS in the environment, or a
+# build/ directory next to the sources).  The v1-state-* seeds are states
+# of the previous, positional layout (UPG_VERSION 1), which the loader
+# still reads; they are kept as they are.
 
 
-def st_timer(exp=None):
-    return struct.pack(">BQ", 0 if exp is None else 1, exp or 0)
-
-
-def st_sink(out=b"", full=0):
-    return st_buf(out) + struct.pack(">BQ", full, 0) + st_timer()
-
-
-def st_vp(state, vid, magic, name, fd, lev, chans=b"", nchans=0, out=b"",
-          unacked=b"", part=b"", rd=1, zgen=0):
-    b = struct.pack(">BIB", state, vid, len(magic)) + magic + st_str(name)
-    b += bytes([4]) + st_str("127.0.0.1") + st_str("127.0.0.1:4%04d" % vid)
-    b += struct.pack(">QIIIII", 1700000000, 5, 3, 3, 2, 2)
-    b += struct.pack(">BBBQB", 1 if vid else 0, 1 if vid else 0,
-                     0 if vid else 1, zgen, 0)
-    b += struct.pack(">QQQQQ", 0, 100, 2, 50, 1)  # conn_tick, counters
-    b += st_buf(unacked) + struct.pack(">QQ", 0, 0)
-    b += st_timer(900 if state == 3 else 30) + st_timer(30 if state == 2
-                                                        else None)
-    b += struct.pack(">II", fd, lev) + st_buf(out)
-    b += struct.pack(">I", len(part)) + part
-    b += struct.pack(">BBBB", rd, 1 if out else 0, 0, 0)
-    return b + struct.pack(">I", nchans) + chans
-
-
-def state_seeds():
-    hdr = struct.pack(">II", UPG_MAGIC, UPG_VERSION) + st_str("1.0.0")
-    hdr += struct.pack(">QIQIQQ", 0, 0, 0, 4, 1, 1)
-    lev = bytes([1]) + struct.pack(">IIIIII", 0, NONE, NONE, NONE, NONE, NONE)
-    # statistics: start, last metadata load, then the counters
-    lev += struct.pack(">QIQII", 1700000000, 0, 0, 0, 3) + \
-        struct.pack(">QQQ", 5, 1, 2)
-    mc = struct.pack(">IQBB", 1, 1, 1, 0) + st_sink(b"\0\0\0\0\0\0\0\2\0\2")
-    mc += bytes([8]) + struct.pack(">IIII", 0, 6, 4, 2) + b"\0\3"
-    mc += bytes([0, 0]) + bytes([1]) + struct.pack(">I", 1) + st_timer(60)
-    mcs = struct.pack(">I", 1) + mc
-    ucchan = struct.pack(">IBBB", 1, 0, 0, 1) + struct.pack(">IBB", 3, 1, 1)
-    ucchan += st_sink(b"result bytes") + bytes([0, 0, 0])
-    mcchan = struct.pack(">IBBB", 2, 0, 0, 2) + struct.pack(">QI", 1, 7)
-    part = rp(3, 1, b"x" * 20)[:17]
-    vp1 = st_vp(2, 1, b"FUZZMAG1", "vp1", 2, 4, ucchan + mcchan, 2,
-                out=rp(2, 0, b"\5\0\0\0\1"), unacked=rp(1, 1, b"data"),
-                part=part)
-    vp2 = st_vp(3, 2, b"FUZZMAG2", None, NONE, NONE, zgen=1)
-    vp3 = st_vp(1, 0, b"", None, 5, NONE, part=b"\0\0\0")
-    vps = struct.pack(">I", 3) + vp1 + vp2 + vp3
-    full = hdr + lev + mcs + vps + struct.pack(">I", UPG_MAGIC)
-    empty = hdr + lev + struct.pack(">II", 0, 0) + struct.pack(">I", UPG_MAGIC)
-    return {"state-full": full, "state-empty": empty,
-            "state-truncated": full[:len(full) // 2]}
+def state_seeds(out):
+    here = os.path.dirname(os.path.abspath(__file__))
+    prog = os.environ.get("STATE_SEEDS") or os.path.join(
+        here, "..", "..", "build", "tests", "upgrade", "state_seeds")
+    d = os.path.join(out, "fuzz_state")
+    if not os.access(prog, os.X_OK):
+        print("fuzz_state: %s not built; state seeds left as they are" % prog)
+        return
+    os.makedirs(d, exist_ok=True)
+    subprocess.run([prog, d], check=True, stdout=subprocess.DEVNULL)
+    print("fuzz_state: seeds written by %s into %s" % (prog, d))
 
 
 def http_seeds():
@@ -525,7 +482,6 @@ def main():
             "fuzz_remote": remote_seeds(),
             "fuzz_mux": mux_seeds(),
             "fuzz_meta": meta_seeds(),
-            "fuzz_state": state_seeds(),
             "fuzz_certname": certname_seeds(tmp),
             "fuzz_svc": svc_seeds(),
             "fuzz_cidr": cidr_seeds(),
@@ -540,6 +496,7 @@ def main():
                 with open(os.path.join(d, name), "wb") as f:
                     f.write(blob)
             print("%s: %d seeds in %s" % (target, len(seeds), d))
+    state_seeds(out)
     return 0
 
 

@@ -1007,6 +1007,113 @@ static void test_prom_label_escape(void)
 	strcmp(out, "a") == 0);
 }
 
+/* ---- typed records (tlv_*) ---- */
+
+typedef struct tlv_obj
+{
+  uint8_t  flag;
+  uint32_t count;
+  uint64_t tick;
+  uint64_t kept;
+} tlv_obj_t;
+
+static const tlv_desc_t tlv_obj_fields[] = {
+  { 1, 1, 0, offsetof(tlv_obj_t, flag), 0, 1, 1, "flag" },
+  { 2, 4, 0, offsetof(tlv_obj_t, count), 1, 100, 7, "count" },
+  { 3, 8, TLVF_PAST, offsetof(tlv_obj_t, tick), 0, UINT64_MAX, 0, "tick" },
+  { 4, 8, TLVF_KEEP, offsetof(tlv_obj_t, kept), 0, UINT64_MAX, 0, "kept" },
+};
+
+static void test_tlv_codec(void)
+{
+  tlv_w_t w;
+  tlv_r_t r, fr;
+  const uint8_t *v;
+  uint32_t n;
+  uint16_t type;
+  uint64_t x;
+  size_t at;
+
+  memset(&w, 0, sizeof(w));
+  at = tlv_begin(&w, 5);
+  tlv_field_uint(&w, 1, 0x0102, 2);
+  tlv_field_str(&w, 2, "ab");
+  tlv_field_str(&w, 3, NULL);            /* nothing written */
+  tlv_end(&w, at);
+  tlv_field(&w, TLV_MUST | 9, NULL, 0);  /* an empty item */
+  CHECK(!w.err);
+  CHECK(w.len == 6 + (6 + 2) + (6 + 2) + 6);
+  CHECK(w.p[0] == 0 && w.p[1] == 5 && bytes_ntohl(w.p + 2) == 16);
+
+  r.p = w.p; r.len = w.len; r.off = 0;
+  CHECK(tlv_next(&r, &type, &v, &n) == 1 && type == 5 && n == 16);
+  fr.p = v; fr.len = n; fr.off = 0;
+  CHECK(tlv_next(&fr, &type, &v, &n) == 1 && type == 1 && n == 2);
+  CHECK(tlv_uint(v, n, 2, &x) == 0 && x == 0x0102);
+  CHECK(tlv_uint(v, n, 4, &x) == -1);    /* wrong width */
+  CHECK(tlv_next(&fr, &type, &v, &n) == 1 && type == 2 && n == 2 &&
+	memcmp(v, "ab", 2) == 0);
+  CHECK(tlv_next(&fr, &type, &v, &n) == 0);
+  CHECK(tlv_next(&r, &type, &v, &n) == 1 && type == (TLV_MUST | 9) &&
+	n == 0);
+  CHECK(tlv_next(&r, &type, &v, &n) == 0);
+
+  /* an item that overruns, and a header cut short */
+  bytes_htonl(w.p + 2, (uint32_t)w.len);
+  r.off = 0;
+  CHECK(tlv_next(&r, &type, &v, &n) == -1);
+  CHECK(tlv_next(&r, &type, &v, &n) == 0);
+  r.len = 5; r.off = 0;
+  CHECK(tlv_next(&r, &type, &v, &n) == -1);
+  free(w.p);
+}
+
+static void test_tlv_table(void)
+{
+  tlv_obj_t a, b;
+  tlv_w_t w;
+  tlv_r_t r;
+  const uint8_t *v;
+  const char *bad = NULL;
+  uint32_t n;
+  uint16_t tag;
+  uint8_t big[4];
+
+  a.flag = 1; a.count = 42; a.tick = 9; a.kept = 77;
+  memset(&w, 0, sizeof(w));
+  tlv_table_put(&w, tlv_obj_fields, 4, &a);
+  CHECK(!w.err && w.len == 4 * 6 + 1 + 4 + 8 + 8);
+
+  /* defaults: TLVF_KEEP leaves the field as the constructor set it */
+  b.flag = 0; b.count = 0; b.tick = 5; b.kept = 3;
+  tlv_table_defaults(tlv_obj_fields, 4, &b);
+  CHECK(b.flag == 1 && b.count == 7 && b.tick == 0 && b.kept == 3);
+
+  r.p = w.p; r.len = w.len; r.off = 0;
+  while(tlv_next(&r, &tag, &v, &n) == 1)
+    CHECK(tlv_table_get(tlv_obj_fields, 4, &b, tag, v, n, 10, &bad) == 1);
+  CHECK(memcmp(&a, &b, sizeof(a)) == 0 || (a.flag == b.flag &&
+	a.count == b.count && a.tick == b.tick && a.kept == b.kept));
+
+  /* not in the table; out of bounds; a tick in the future; bad width */
+  CHECK(tlv_table_get(tlv_obj_fields, 4, &b, 99, w.p, 1, 10, &bad) == 0);
+  bytes_htonl(big, 101);
+  CHECK(tlv_table_get(tlv_obj_fields, 4, &b, 2, big, 4, 10, &bad) == -1 &&
+	strcmp(bad, "count") == 0);
+  bytes_htonl(big, 0);
+  CHECK(tlv_table_get(tlv_obj_fields, 4, &b, 2, big, 4, 10, &bad) == -1);
+  CHECK(b.count == 42);
+  r.off = 0;
+  while(tlv_next(&r, &tag, &v, &n) == 1)
+    if(tag == 3)
+      CHECK(tlv_table_get(tlv_obj_fields, 4, &b, tag, v, n, 8, &bad) == -1
+	    && strcmp(bad, "tick") == 0);
+  CHECK(tlv_table_get(tlv_obj_fields, 4, &b, 1, big, 2, 10, &bad) == -1);
+  big[0] = 2;
+  CHECK(tlv_table_get(tlv_obj_fields, 4, &b, 1, big, 1, 10, &bad) == -1);
+  free(w.p);
+}
+
 int main(void)
 {
   UNIT_RUN(test_bytes);
@@ -1034,5 +1141,7 @@ int main(void)
   UNIT_RUN(test_proxy_v2);
   UNIT_RUN(test_html_escape);
   UNIT_RUN(test_prom_label_escape);
+  UNIT_RUN(test_tlv_codec);
+  UNIT_RUN(test_tlv_table);
   return unit_exit();
 }

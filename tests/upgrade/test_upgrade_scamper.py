@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Live upgrade with the real Debian scamper (issue 12): `ping -c 20 -i 1`
-runs through `sc_attach -R` on a VP's -U socket while the daemon is
-upgraded (SIGUSR2) to the other build; the result arrives once and whole
-(20 packets sent and received), scamper never reconnects, and sc_attach
-is never cut off.  Needs root and the scamper tools (exit 77 otherwise).
+"""Live upgrade with the real Debian scamper (issues 12, 17): `ping -c 20
+-i 1` runs through `sc_attach -R` on a VP's -U socket while the daemon is
+upgraded (SIGUSR2) to the extended build (tests/upgrade/sc_remoted_ext:
+its state carries fields and a record type this build does not know) and
+back; the result arrives once and whole (20 packets sent and received),
+scamper never reconnects, and sc_attach is never cut off.  Needs root and the scamper tools (exit 77 otherwise).
 SC_UPGRADE_LOG=path keeps the daemon log there (for the lead's note).
 """
 
@@ -21,7 +22,9 @@ sys.path.insert(0, os.path.join(HERE, '..', 'e2e'))
 sys.path.insert(0, HERE)
 import e2e  # noqa: E402
 from e2e import scr  # noqa: E402
-from test_upgrade import Upgrader, ALT  # noqa: E402
+from test_upgrade import Upgrader, ALT, BUILD  # noqa: E402
+
+EXT = os.path.join(BUILD, 'tests', 'upgrade', 'sc_remoted_ext')
 
 MON = 'upg.mon'
 
@@ -51,9 +54,15 @@ class UpgradeScamperTest(unittest.TestCase):
         d.wait_log(r'local client on channel', 20)
         time.sleep(5)
         self.assertIsNone(att.poll(), 'sc_attach ended before the upgrade')
-        up.install(ALT)
+        other = EXT if os.path.exists(EXT) else ALT
+        up.install(other)
         pid, ver = d.upgrade(20)
-        self.assertTrue(ver.endswith('-alt'))
+        self.assertTrue(ver.endswith('-ext' if other == EXT else '-alt'))
+        time.sleep(3)
+        self.assertIsNone(att.poll(), 'sc_attach ended between upgrades')
+        up.install(scr.SC_REMOTED)
+        pid, ver = d.upgrade(20)
+        self.assertFalse(ver.endswith('-ext') or ver.endswith('-alt'))
         try:
             so, se = att.communicate(timeout=90)
         except subprocess.TimeoutExpired:
