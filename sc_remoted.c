@@ -430,49 +430,72 @@ static int parse_listen_addr(const char *arg, struct sockaddr_storage *ss,
   return 0;
 }
 
-/* -O name=value: the resource limits */
+/* how parse_O_value reads a -O name=value */
+typedef enum
+{
+  OV_BYTES,     /* parse_bytes into a size_t */
+  OV_COUNT,     /* parse_count (1..max) into a long */
+  OV_CIDR,      /* parse_cidr_add to a list (var) and its count (aux) */
+  OV_LISTEN,    /* parse_listen_addr into a sockaddr (var), length (aux) */
+  OV_STRING,    /* the value itself into a const char * */
+  OV_PORTS,     /* parse_proxy_ports */
+} ovkind_t;
+
+/* -O name=value: the resource limits, lists and listeners, by table */
 static int parse_O_value(const char *opt)
 {
+  static const struct
+  {
+    const char   *name;
+    ovkind_t      kind;
+    void         *var;
+    void         *aux;
+    long          max;       /* OV_COUNT */
+    const char  **given;     /* also keep the value as given */
+  } vals[] = {
+    {"buffer-high",       OV_BYTES,  &opt_buf_high, NULL, 0, NULL},
+    {"buffer-low",        OV_BYTES,  &opt_buf_low, NULL, 0, NULL},
+    {"unacked-max",       OV_BYTES,  &opt_unacked_max, NULL, 0, NULL},
+    {"stall-timeout",     OV_COUNT,  &opt_stall, NULL, 86400, NULL},
+    {"handshake-max",     OV_COUNT,  &opt_handshake_max, NULL, 10000000,
+     NULL},
+    {"allow",             OV_CIDR,   &opt_allow, &opt_allow_count, 0, NULL},
+    {"mux-allow",         OV_CIDR,   &opt_mux_allow, &opt_mux_allow_count, 0,
+     NULL},
+    {"proxy-from",        OV_CIDR,   &opt_proxy_from, &opt_proxy_from_count,
+     0, NULL},
+    {"proxy-ports",       OV_PORTS,  NULL, NULL, 0, NULL},
+    {"per-source-max",    OV_COUNT,  &opt_per_source_max, NULL, 10000000,
+     NULL},
+    {"mux-listen",        OV_LISTEN, &mux_tcp_ss, &mux_tcp_sslen, 0,
+     &opt_mux_listen},
+    {"mux-max",           OV_COUNT,  &opt_mux_max, NULL, 10000000, NULL},
+    {"mux-burst-timeout", OV_COUNT,  &opt_mux_burst_timeout, NULL, 86400,
+     NULL},
+    {"metrics",           OV_LISTEN, &metrics_ss, &metrics_sslen, 0, NULL},
+    {"metrics-max",       OV_COUNT,  &opt_metrics_max, NULL, 1000000, NULL},
+    {"upgrade-timeout",   OV_COUNT,  &opt_upgrade_timeout, NULL, 3600, NULL},
+  };
   const char *eq = strchr(opt, '=');
-  size_t nl = (size_t)(eq - opt);
+  size_t i, nl = (size_t)(eq - opt);
   const char *val = eq + 1;
 
-  if(nl == 11 && strncasecmp(opt, "buffer-high", nl) == 0)
-    return parse_bytes(val, &opt_buf_high);
-  if(nl == 10 && strncasecmp(opt, "buffer-low", nl) == 0)
-    return parse_bytes(val, &opt_buf_low);
-  if(nl == 11 && strncasecmp(opt, "unacked-max", nl) == 0)
-    return parse_bytes(val, &opt_unacked_max);
-  if(nl == 13 && strncasecmp(opt, "stall-timeout", nl) == 0)
-    return parse_count(val, 86400, &opt_stall);
-  if(nl == 13 && strncasecmp(opt, "handshake-max", nl) == 0)
-    return parse_count(val, 10000000, &opt_handshake_max);
-  if(nl == 5 && strncasecmp(opt, "allow", nl) == 0)
-    return parse_cidr_add(val, &opt_allow, &opt_allow_count);
-  if(nl == 9 && strncasecmp(opt, "mux-allow", nl) == 0)
-    return parse_cidr_add(val, &opt_mux_allow, &opt_mux_allow_count);
-  if(nl == 10 && strncasecmp(opt, "proxy-from", nl) == 0)
-    return parse_cidr_add(val, &opt_proxy_from, &opt_proxy_from_count);
-  if(nl == 11 && strncasecmp(opt, "proxy-ports", nl) == 0)
-    return parse_proxy_ports(val);
-  if(nl == 14 && strncasecmp(opt, "per-source-max", nl) == 0)
-    return parse_count(val, 10000000, &opt_per_source_max);
-  if(nl == 10 && strncasecmp(opt, "mux-listen", nl) == 0)
+  for(i=0; i<sizeof(vals)/sizeof(vals[0]); i++)
+    if(strlen(vals[i].name) == nl && strncasecmp(opt, vals[i].name, nl) == 0)
+      break;
+  if(i == sizeof(vals)/sizeof(vals[0]))
+    return -1;
+  if(vals[i].given != NULL)
+    *vals[i].given = val;
+  switch(vals[i].kind)
     {
-      opt_mux_listen = val;
-      return parse_listen_addr(val, &mux_tcp_ss, &mux_tcp_sslen);
+    case OV_BYTES:  return parse_bytes(val, vals[i].var);
+    case OV_COUNT:  return parse_count(val, vals[i].max, vals[i].var);
+    case OV_CIDR:   return parse_cidr_add(val, vals[i].var, vals[i].aux);
+    case OV_LISTEN: return parse_listen_addr(val, vals[i].var, vals[i].aux);
+    case OV_STRING: *(const char **)vals[i].var = val; return 0;
+    case OV_PORTS:  return parse_proxy_ports(val);
     }
-  if(nl == 7 && strncasecmp(opt, "mux-max", nl) == 0)
-    return parse_count(val, 10000000, &opt_mux_max);
-  if(nl == 17 && strncasecmp(opt, "mux-burst-timeout", nl) == 0)
-    return parse_count(val, 86400, &opt_mux_burst_timeout);
-  if(nl == 7 && strncasecmp(opt, "metrics", nl) == 0)
-    return parse_listen_addr(val, &metrics_ss, &metrics_sslen);
-  if(nl == 11 && strncasecmp(opt, "metrics-max", nl) == 0)
-    return parse_count(val, 1000000, &opt_metrics_max);
-  if(nl == 15 && strncasecmp(opt, "upgrade-timeout", nl) == 0)
-    return parse_count(val, 3600, &opt_upgrade_timeout) != 0 ||
-      opt_upgrade_timeout < 1 ? -1 : 0;
   return -1;
 }
 
@@ -1040,8 +1063,9 @@ static int buf_writev(buf_t *b, int fd)
  * constructor and teardown live in its own section below.
  * --------------------------------------------------------------------- */
 
-#define CONTAINER_OF(ptr, type, member) \
-  ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+/* the object embedding a member: one implementation, mjl_list's (a
+ * timer or fdev is found from its embedded member the same way) */
+#define CONTAINER_OF(ptr, type, member) LIST_ITEM(ptr, type, member)
 
 typedef enum
 {
@@ -4601,6 +4625,35 @@ static void accept_pause(const char *what)
   return;
 }
 
+/*
+ * The one accept of every listener (TCP, -M, -U, mux over TCP, metrics),
+ * with one errno policy: out of fds (EMFILE, ENFILE) pauses every
+ * listener for a second (accept_pause); a connection aborted before it
+ * was taken (ECONNABORTED) is skipped; would-block ends the batch; any
+ * other error is logged and ends the batch.  ss may be NULL (no address
+ * wanted).  Returns the new fd (the caller owns it), or -1: stop.
+ */
+static int lev_accept(fdev_t *lev, struct sockaddr_storage *ss,
+		      const char *what)
+{
+  socklen_t sl;
+  int fd;
+  for(;;)
+    {
+      sl = sizeof(*ss);
+      if((fd = accept(lev->fd, (struct sockaddr *)ss,
+		      ss != NULL ? &sl : NULL)) >= 0)
+	return fd;
+      if(errno == ECONNABORTED)
+	continue;
+      if(errno == EMFILE || errno == ENFILE)
+	accept_pause(what);
+      else if(errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+	log_warn("%s: accept failed: %s", what, strerror(errno));
+      return -1;
+    }
+}
+
 static uint64_t hs_cap_logged = UINT64_MAX;
 
 /*
@@ -4670,24 +4723,16 @@ static void vp_take(int fd, const struct sockaddr *sa)
   return;
 }
 
+/* scamper connections on a -P listener, at most 64 per event */
 static void tcp_accept(fdev_t *lev)
 {
   struct sockaddr_storage ss;
-  socklen_t sl;
   int fd, i;
 
   for(i=0; i<64; i++)
     {
-      sl = sizeof(ss);
-      if((fd = accept(lev->fd, (struct sockaddr *)&ss, &sl)) < 0)
-	{
-	  if(errno == EMFILE || errno == ENFILE)
-	    accept_pause("tcp_accept");
-	  else if(errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-		  errno != ECONNABORTED)
-	    log_warn("accept failed: %s", strerror(errno));
-	  return;
-	}
+      if((fd = lev_accept(lev, &ss, "tcp_accept")) < 0)
+	return;
       if(prehdr_wanted(PP_SCAMPER, (struct sockaddr *)&ss))
 	prehdr_open(fd, (struct sockaddr *)&ss, PP_SCAMPER);
       else
@@ -5433,12 +5478,8 @@ static void vp_lev_accept(vp_t *vp)
 
   for(i=0; i<16 && vp->lev.fd >= 0; i++)
     {
-      if((fd = accept(vp->lev.fd, NULL, NULL)) < 0)
-	{
-	  if(errno == EMFILE || errno == ENFILE)
-	    accept_pause(vp->sockpath);
-	  return;
-	}
+      if((fd = lev_accept(&vp->lev, NULL, vp->sockpath)) < 0)
+	return;
       if(!ev_fd_ok(fd) || fd_nonblock(fd) != 0 || fd_cloexec(fd) != 0 ||
 	 (uc = uc_alloc(vp, fd)) == NULL)
 	{
@@ -6403,17 +6444,11 @@ static void mux_take(int fd, const struct sockaddr *tcp_sa)
 static void mux_accept(fdev_t *lev)
 {
   struct sockaddr_storage ss;
-  socklen_t sl;
   int fd, i, tcp = (lev == &mux_tcp_lev);
   for(i=0; i<16; i++)
     {
-      sl = sizeof(ss);
-      if((fd = accept(lev->fd, (struct sockaddr *)&ss, &sl)) < 0)
-	{
-	  if(errno == EMFILE || errno == ENFILE)
-	    accept_pause("mux_accept");
-	  return;
-	}
+      if((fd = lev_accept(lev, &ss, "mux_accept")) < 0)
+	return;
       if(tcp && prehdr_wanted(PP_MUX, (struct sockaddr *)&ss))
 	prehdr_open(fd, (struct sockaddr *)&ss, PP_MUX);
       else
@@ -8704,21 +8739,12 @@ static void http_take(int fd)
 static void http_accept(void)
 {
   struct sockaddr_storage ss;
-  socklen_t sl;
   int fd, i;
 
   for(i=0; i<64; i++)
     {
-      sl = sizeof(ss);
-      if((fd = accept(http_lev.fd, (struct sockaddr *)&ss, &sl)) < 0)
-	{
-	  if(errno == EMFILE || errno == ENFILE)
-	    accept_pause("http_accept");
-	  else if(errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-		  errno != ECONNABORTED)
-	    log_err("metrics accept failed: %s", strerror(errno));
-	  return;
-	}
+      if((fd = lev_accept(&http_lev, &ss, "http_accept")) < 0)
+	return;
       if(prehdr_wanted(PP_METRICS, (struct sockaddr *)&ss))
 	prehdr_open(fd, (struct sockaddr *)&ss, PP_METRICS);
       else

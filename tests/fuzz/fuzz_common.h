@@ -677,7 +677,7 @@ static vp_t *fz_conn_vp(int dfd)
   for(n = vp_list.head; n != NULL; n = n->next)
     {
       vp = CONTAINER_OF(n, vp_t, list_node);
-      if(!vp->dead && vp->ev.fd == dfd)
+      if(!vp->dead && vp->conn.ev.fd == dfd)
 	return vp;
     }
   return NULL;
@@ -688,8 +688,8 @@ static int fz_uc_small(void *item, void *param)
 {
   chan_t *c = item;
   (void)param;
-  if(c->uc != NULL && c->uc->ev.fd >= 0)
-    fz_small_sndbuf(c->uc->ev.fd);
+  if(c->uc != NULL && c->uc->conn.ev.fd >= 0)
+    fz_small_sndbuf(c->uc->conn.ev.fd);
   return 0;
 }
 
@@ -723,7 +723,7 @@ static fz_fd_t *fz_uc_add(vp_t *vp)
   if((f = fz_uc_connect(vp)) == NULL)
     return NULL;
   fz_step(); /* vp_lev_accept */
-  if(fz_small_bufs && (vp = fz_conn_vp(vp->ev.fd)) != NULL)
+  if(fz_small_bufs && (vp = fz_conn_vp(vp->conn.ev.fd)) != NULL)
     splaytree_inorder(&vp->chans, fz_uc_small, NULL);
   return f;
 }

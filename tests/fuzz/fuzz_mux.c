@@ -92,8 +92,8 @@ static vp_t *fz_vp_live(int i)
   if(i >= fz_nv)
     return NULL;
   vp = vp_find_magic(fz_v[i].magic, 8);
-  if(vp == NULL || vp->dead || vp->state != VP_GO || vp->ev.fd < 0 ||
-     vp->ev.fd != fz_v[i].dfd)
+  if(vp == NULL || vp->dead || vp->state != VP_GO || vp->conn.ev.fd < 0 ||
+     vp->conn.ev.fd != fz_v[i].dfd)
     return NULL;
   return vp;
 }
