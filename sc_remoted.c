@@ -599,6 +599,8 @@ static int parse_P(const char *arg)
  * lines per LOG_INTERVAL seconds; the rest are counted and reported as
  * "N similar messages suppressed" when the site next logs or, from the
  * service tick, when its interval ends.  -O debug turns the limit off.
+ * Flood sites (log_warn_flood: a line per refused connection at a cap)
+ * pass one line per second through a second table, -O debug or not.
  * Logging never blocks: syslog datagrams that do not fit are dropped and
  * counted, and the journal stream is non-blocking.
  * --------------------------------------------------------------------- */
@@ -613,6 +615,7 @@ static int       log_journal = 0;     /* stderr is the journal */
 static int       log_stderr = 1;      /* stderr is still worth writing */
 static logsock_t log_sock;
 static ratelim_t log_rl;
+static ratelim_t log_rl_flood;        /* log_warn_flood sites: 1 per s */
 
 static void svc_tick_need(void);
 
@@ -632,6 +635,7 @@ static time_t log_now(void)
 static void log_init(void)
 {
   ratelim_init(&log_rl, LOG_BURST, LOG_INTERVAL);
+  ratelim_init(&log_rl_flood, 1, 1);
   logsock_init(&log_sock, LOG_DEVLOG);
   if(opt_daemon || (opt_flags & OPT_SYSLOG))
     {
@@ -725,17 +729,20 @@ static void log_suppressed(int level, const char *func, unsigned long n)
   return;
 }
 
-static void log_vmsg(int level, const char *func, const char *fmt,
-		     va_list ap)
+/* one line from func, through the rate limiter (the flood table for a
+ * flood site) unless -O debug turned the ordinary limit off */
+static void log_vmsg(int level, const char *func, int flood,
+		     const char *fmt, va_list ap)
 {
   char msg[512];
   unsigned long sup = 0;
+  ratelim_t *rl = flood ? &log_rl_flood : &log_rl;
 
-  if((opt_flags & OPT_DEBUG) == 0)
+  if(flood || (opt_flags & OPT_DEBUG) == 0)
     {
-      if(level == LOG_DEBUG)
+      if(level == LOG_DEBUG && (opt_flags & OPT_DEBUG) == 0)
 	return;
-      if(ratelim_check(&log_rl, fmt, func, level, log_now(), &sup) == 0)
+      if(ratelim_check(rl, fmt, func, level, log_now(), &sup) == 0)
 	{
 	  svc_tick_need();
 	  return;
@@ -758,8 +765,11 @@ static int log_flush_suppressed(void)
 
   while((s = ratelim_expired(&log_rl, log_now(), &iter, &n)) != NULL)
     log_suppressed(s->level, (const char *)s->tag, n);
+  iter = 0;
+  while((s = ratelim_expired(&log_rl_flood, log_now(), &iter, &n)) != NULL)
+    log_suppressed(s->level, (const char *)s->tag, n);
   for(i=0; i<=RATELIM_SITES; i++)
-    if(log_rl.site[i].suppressed > 0)
+    if(log_rl.site[i].suppressed > 0 || log_rl_flood.site[i].suppressed > 0)
       left = 1;
   return left;
 }
@@ -773,10 +783,26 @@ static void log_msg(int level, const char *func, const char *fmt, ...)
 {
   va_list ap;
   va_start(ap, fmt);
-  log_vmsg(level, func, fmt, ap);
+  log_vmsg(level, func, 0, fmt, ap);
   va_end(ap);
   return;
 }
+
+#if defined(__GNUC__)
+static void log_flood_msg(int level, const char *func, const char *fmt, ...)
+  __attribute__((format(printf, 3, 4)));
+#endif
+
+static void log_flood_msg(int level, const char *func, const char *fmt, ...)
+{
+  va_list ap;
+  va_start(ap, fmt);
+  log_vmsg(level, func, 1, fmt, ap);
+  va_end(ap);
+  return;
+}
+
+#define log_warn_flood(...) log_flood_msg(LOG_WARNING, __func__, __VA_ARGS__)
 
 #define log_err(...) log_msg(LOG_ERR, __func__, __VA_ARGS__)
 #define log_warn(...) log_msg(LOG_WARNING, __func__, __VA_ARGS__)
@@ -1207,7 +1233,8 @@ struct vp
   dlist_node_t  again_node;
   struct src_ent *src;          /* per-source count held by the connection */
   slist_node_t  gc_node;
-  uint8_t       why;            /* vpwhy_t: why it is going away */
+  uint8_t       gone;           /* vpgone_t: why it is going away (the
+				   counters; log text is a why string) */
   uint64_t      conn_tick;      /* tick the current connection reached GO */
   uint64_t      rx_bytes;       /* channel data from scamper */
   uint64_t      rx_frames;
@@ -1412,27 +1439,27 @@ static int  st_ev_register(st_r_t *r, fdev_t *ev, int no_read);
  * clients) are not kept: the metrics page computes them by walking the
  * VPs when it is scraped, so the relay path pays only the increments.
  * Why a VP went away is a small enum, set by the first site that knows
- * (stats_why) and counted once by vp_close (stats_vp_closed).
+ * (vp_gone_as) and counted once by vp_close (stats_vp_closed).
  * --------------------------------------------------------------------- */
 
 typedef enum
 {
-  WHY_NONE = 0,
-  WHY_CLOSED,        /* peer closed or I/O error */
-  WHY_TIMEOUT,       /* rx_abort, or no handshake within 30 s */
-  WHY_EXPIRED,       /* zombie deadline passed */
-  WHY_PROTO,         /* protocol violation */
-  WHY_TLS,           /* TLS error or certificate refused */
-  WHY_TAKEOVER,      /* a resume took the connection of a GO session */
-  WHY_SHUTDOWN,      /* the daemon is exiting */
-  WHY_ERROR,         /* local failure: memory, registration */
-  WHY_REJECTED,      /* MASTER_REJ sent (counted when sent) */
-  WHY_MERGED,        /* a MASTER_RES connection merged into its session */
-  WHY_MAX
-} vpwhy_t;
+  GONE_NONE = 0,
+  GONE_CLOSED,        /* peer closed or I/O error */
+  GONE_TIMEOUT,       /* rx_abort, or no handshake within 30 s */
+  GONE_EXPIRED,       /* zombie deadline passed */
+  GONE_PROTO,         /* protocol violation */
+  GONE_TLS,           /* TLS error or certificate refused */
+  GONE_TAKEOVER,      /* a resume took the connection of a GO session */
+  GONE_SHUTDOWN,      /* the daemon is exiting */
+  GONE_ERROR,         /* local failure: memory, registration */
+  GONE_REJECTED,      /* MASTER_REJ sent (counted when sent) */
+  GONE_MERGED,        /* a MASTER_RES connection merged into its session */
+  GONE_MAX
+} vpgone_t;
 
-/* label values of sc_remoted_vp_departures_total, by vpwhy_t */
-static const char *const why_depart_label[WHY_MAX] = {
+/* label values of sc_remoted_vp_departures_total, by vpgone_t */
+static const char *const gone_depart_label[GONE_MAX] = {
   NULL, "closed", "timeout", "expired", "protocol_error", "tls_error",
   "takeover", "shutdown", "error", NULL, NULL,
 };
@@ -1479,7 +1506,7 @@ static struct
   uint64_t  resumes;
   uint64_t  zombies;
   uint64_t  rejects[REJ_MAX];
-  uint64_t  departures[WHY_MAX];
+  uint64_t  departures[GONE_MAX];
   uint64_t  relay_bytes[2];            /* DIR_FROM_VP, DIR_TO_VP */
   uint64_t  relay_frames[2];
   uint64_t  bp_pauses;
@@ -1501,10 +1528,10 @@ static struct
 } stats;
 
 /* remember why vp is going away; the first site that knows wins */
-static void stats_why(vp_t *vp, vpwhy_t why)
+static void vp_gone_as(vp_t *vp, vpgone_t reason)
 {
-  if(vp->why == WHY_NONE)
-    vp->why = (uint8_t)why;
+  if(vp->gone == GONE_NONE)
+    vp->gone = (uint8_t)reason;
   return;
 }
 
@@ -1514,21 +1541,21 @@ static void stats_why(vp_t *vp, vpwhy_t why)
  */
 static void stats_vp_closed(const vp_t *vp)
 {
-  vpwhy_t w = (vpwhy_t)vp->why;
+  vpgone_t w = (vpgone_t)vp->gone;
   if(vp->id != 0)
     {
-      if(w == WHY_NONE || why_depart_label[w] == NULL)
-	w = WHY_ERROR;
+      if(w == GONE_NONE || gone_depart_label[w] == NULL)
+	w = GONE_ERROR;
       stats.departures[w]++;
       return;
     }
   switch(w)
     {
-    case WHY_REJECTED: case WHY_MERGED: return;
-    case WHY_PROTO:    stats.rejects[REJ_PROTO]++; return;
-    case WHY_TIMEOUT:  stats.rejects[REJ_TIMEOUT]++; return;
-    case WHY_TLS:      stats.rejects[REJ_TLS]++; return;
-    case WHY_CLOSED:   stats.rejects[REJ_CLOSED]++; return;
+    case GONE_REJECTED: case GONE_MERGED: return;
+    case GONE_PROTO:    stats.rejects[REJ_PROTO]++; return;
+    case GONE_TIMEOUT:  stats.rejects[REJ_TIMEOUT]++; return;
+    case GONE_TLS:      stats.rejects[REJ_TLS]++; return;
+    case GONE_CLOSED:   stats.rejects[REJ_CLOSED]++; return;
     default:           stats.rejects[REJ_ERROR]++; return;
     }
 }
@@ -1599,7 +1626,7 @@ static size_t stats_fields(uint64_t **f, uint16_t *tag)
   STAT1(10, stats.meta_loads_err);
   STAT1(11, stats.http_refused);
   STATN(0x100, stats.rejects, REJ_MAX);
-  STATN(0x200, stats.departures, WHY_MAX);
+  STATN(0x200, stats.departures, GONE_MAX);
   STATN(0x300, stats.relay_bytes, 2);
   STATN(0x400, stats.relay_frames, 2);
   STATN(0x500, stats.mux_refused, 2);
@@ -1809,8 +1836,10 @@ static int ev_want_read(fdev_t *ev, int rd)
 /* deregister the fd and take it off the flush list; does not close it */
 static void ev_forget(fdev_t *ev)
 {
+  /* a failure cannot be acted on: the fd is closed or re-registered
+   * (ev_move) next, either of which ends its old registration */
   if(ev->fd >= 0)
-    ev_set(ev, 0, 0);
+    (void)ev_set(ev, 0, 0);
   if(ev->queued)
     {
       dlist_remove(&flush_list, &ev->flush_node);
@@ -2463,7 +2492,6 @@ struct prehdr
 
 static dlist_t prehdr_list;
 static slist_t gc_prehdrs;
-static uint64_t prehdr_cap_logged = UINT64_MAX;
 
 static void vp_take(int fd, const struct sockaddr *sa);
 static void mux_take(int fd, const struct sockaddr *tcp_sa);
@@ -2520,10 +2548,8 @@ static void prehdr_open(int fd, const struct sockaddr *sa, unsigned int kind)
 
   if((long)prehdr_list.count >= opt_handshake_max)
     {
-      if(prehdr_cap_logged != tw_tick)
-	log_warn("%ld connections waiting for a PROXY header: refusing "
-		 "new ones", (long)prehdr_list.count);
-      prehdr_cap_logged = tw_tick;
+      log_warn_flood("%ld connections waiting for a PROXY header: "
+		     "refusing new ones", (long)prehdr_list.count);
       close(fd);
       return;
     }
@@ -2942,15 +2968,6 @@ static void conn_close(conn_t *c)
   return;
 }
 
-/* close the connection of a VP (not the VP): fd, TLS state, output */
-static void vp_conn_close(vp_t *vp)
-{
-  conn_close(&vp->conn);
-  buf_clear(&vp->out);
-  src_release(vp);
-  return;
-}
-
 /* ---------------------------------------------------------------------
  * Backpressure
  *
@@ -2963,6 +2980,7 @@ static void vp_conn_close(vp_t *vp)
  * --------------------------------------------------------------------- */
 
 static void vp_read(vp_t *vp);
+static void vp_lost(vp_t *vp, const char *why);
 
 static void sink_init(sink_t *s, void (*stall_fn)(tw_timer_t *))
 {
@@ -2988,8 +3006,8 @@ static void vp_pause(vp_t *vp)
     return;
   vp->paused = 1;
   stats.bp_pauses++;
-  if(vp->conn.ev.fd >= 0)
-    ev_want_read(&vp->conn.ev, 0);
+  if(vp->conn.ev.fd >= 0 && ev_want_read(&vp->conn.ev, 0) != 0)
+    vp_lost(vp, "could not stop reading");
   return;
 }
 
@@ -3080,7 +3098,11 @@ static void vp_try_unpause(vp_t *vp)
   vp->last_rx = tw_tick; /* a full rx_abort window from now */
   if(vp->conn.ev.fd < 0 || vp->rd_blocked)
     return;
-  ev_want_read(&vp->conn.ev, 1);
+  if(ev_want_read(&vp->conn.ev, 1) != 0)
+    {
+      vp_lost(vp, "could not resume reading");
+      return;
+    }
   if(conn_pending(&vp->conn))
     vp_again_queue(vp);
   return;
@@ -3416,10 +3438,17 @@ static void rp_rx_release_idle(rp_rx_t *rx)
   return;
 }
 
-/* drop everything tied to the current connection; the session remains */
+/*
+ * Drop everything tied to the VP's current connection -- the fd and TLS
+ * session, queued output, partial frame, per-source count, pauses, -U
+ * listener, keepalive -- while the session (id, channels, unacked queue)
+ * remains: for a zombie, a takeover and the VP's teardown.
+ */
 static void vp_conn_drop(vp_t *vp)
 {
-  vp_conn_close(vp);
+  conn_close(&vp->conn);
+  buf_clear(&vp->out);
+  src_release(vp);
   rp_rx_reset(&vp->rx);
   vp->rd_blocked = 0;
   vp->paused = 0;
@@ -3840,7 +3869,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
 	}
       vp->last_rx = vp->last_tx = tw_tick;
       vp->conn_tick = tw_tick;
-      vp->why = WHY_NONE;
+      vp->gone = GONE_NONE;
       if(old == VP_HANDSHAKE)
 	stats.arrivals++;
       else
@@ -3895,8 +3924,9 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
     case VP_FLUSH:
       vp->state = VP_FLUSH;
       vp->rd_blocked = 1;
-      ev_want_read(&vp->conn.ev, 0);
       log_warn("%s: %s", vp->peer, why);
+      if(ev_want_read(&vp->conn.ev, 0) != 0)
+	vp_close(vp, "could not stop reading");
       return 0;
 
     case VP_HANDSHAKE:
@@ -3913,7 +3943,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
  */
 static void vp_lost(vp_t *vp, const char *why)
 {
-  stats_why(vp, WHY_CLOSED);
+  vp_gone_as(vp, GONE_CLOSED);
   if(vp->state == VP_GO && opt_zombie > 0)
     vp_set_state(vp, VP_ZOMBIE, why);
   else
@@ -3925,7 +3955,7 @@ static void vp_lost(vp_t *vp, const char *why)
 static int vp_proto_error(vp_t *vp, const char *why)
 {
   log_warn("%s: protocol error: %s", vp->peer, why);
-  stats_why(vp, WHY_PROTO);
+  vp_gone_as(vp, GONE_PROTO);
   vp_close(vp, why);
   return -1;
 }
@@ -3934,7 +3964,7 @@ static int vp_proto_error(vp_t *vp, const char *why)
 static int vp_reject(vp_t *vp, const char *why)
 {
   uint8_t body[1] = {RP_MASTER_REJ};
-  stats_why(vp, WHY_REJECTED);
+  vp_gone_as(vp, GONE_REJECTED);
   vp_send_raw(vp, vp->snd_nxt, body, 1);
   vp_set_state(vp, VP_FLUSH, why);
   return -1;
@@ -3947,7 +3977,7 @@ static void vp_timer_rx(tw_timer_t *t)
     {
     case VP_HANDSHAKE:
     case VP_FLUSH:
-      stats_why(vp, WHY_TIMEOUT);
+      vp_gone_as(vp, GONE_TIMEOUT);
       vp_close(vp, "accept timeout");
       break;
     case VP_GO:
@@ -3955,14 +3985,14 @@ static void vp_timer_rx(tw_timer_t *t)
 	tw_arm(t, TIMEOUT_RX_ABORT); /* not reading: not its silence */
       else if(tw_tick >= vp->last_rx + TIMEOUT_RX_ABORT)
 	{
-	  stats_why(vp, WHY_TIMEOUT);
+	  vp_gone_as(vp, GONE_TIMEOUT);
 	  vp_lost(vp, "rx_abort: nothing received for 60s");
 	}
       else
 	tw_arm_at(t, vp->last_rx + TIMEOUT_RX_ABORT);
       break;
     case VP_ZOMBIE:
-      stats_why(vp, WHY_EXPIRED);
+      vp_gone_as(vp, GONE_EXPIRED);
       vp_close(vp, "zombie expired");
       break;
     }
@@ -4115,7 +4145,7 @@ static int vp_handle_master_res(vp_t *t, const uint8_t *b, size_t len,
   if(m->state == VP_GO)
     {
       log_dbg("%s: vp %u: taken over by %s", m->peer, m->id, t->peer);
-      stats.departures[WHY_TAKEOVER]++;
+      stats.departures[GONE_TAKEOVER]++;
     }
   vp_conn_drop(m);
   if(conn_move(&t->conn, &m->conn) != 0)
@@ -4129,13 +4159,13 @@ static int vp_handle_master_res(vp_t *t, const uint8_t *b, size_t len,
   m->family = t->family;
   memcpy(m->addr, t->addr, sizeof(m->addr));
   memcpy(m->peer, t->peer, sizeof(m->peer));
-  stats_why(t, WHY_MERGED);
+  vp_gone_as(t, GONE_MERGED);
   vp_close(t, "connection merged into a resumed session");
   if(vp_set_state(m, VP_GO, "MASTER_RES") != 0)
     {
       /* no -U socket: a zombie again (as vp_lost does for a session
        * in GO) for scamper to retry, or gone without -Z */
-      stats_why(m, WHY_CLOSED);
+      vp_gone_as(m, GONE_CLOSED);
       if(opt_zombie > 0)
 	vp_set_state(m, VP_ZOMBIE,
 		     "could not create the unix socket after resume");
@@ -4452,7 +4482,7 @@ static void vp_read(vp_t *vp)
 	}
       if(n == CONN_PROTO)
 	{
-	  stats_why(vp, WHY_TLS);
+	  vp_gone_as(vp, GONE_TLS);
 	  vp_close(vp, "TLS error");
 	  return;
 	}
@@ -4485,7 +4515,7 @@ static void vp_flush(vp_t *vp)
     {
       if(rc == CONN_PROTO)
 	{
-	  stats_why(vp, WHY_TLS);
+	  vp_gone_as(vp, GONE_TLS);
 	  vp_close(vp, "TLS error on write");
 	}
       else
@@ -4529,7 +4559,7 @@ static void vp_handshake(vp_t *vp)
   if(rc == CONN_PROTO)
     {
       stats.tls_failures[TLSF_HANDSHAKE]++;
-      stats_why(vp, WHY_TLS);
+      vp_gone_as(vp, GONE_TLS);
       vp_close(vp, "TLS handshake failed");
       return;
     }
@@ -4578,6 +4608,18 @@ static void vp_dispatch(vp_t *vp, int rd, int wr)
 static int      accept_paused = 0;
 static tw_timer_t accept_timer;
 
+/* watch or ignore a listener; one that cannot be is closed (logged) */
+static void lev_want(fdev_t *lev, int rd, const char *what)
+{
+  if(lev->fd >= 0 && ev_want_read(lev, rd) != 0)
+    {
+      log_err("%s: could not %s the listener: closed", what,
+	      rd ? "watch" : "pause");
+      ev_close(lev);
+    }
+  return;
+}
+
 /* watch or ignore every listener: TCP, mux and the per-VP sockets */
 static void accept_listen_all(int rd)
 {
@@ -4585,18 +4627,14 @@ static void accept_listen_all(int rd)
   vp_t *vp;
   int i;
   for(i=0; i<tcp_lev_count; i++)
-    ev_want_read(&tcp_lev[i], rd);
-  if(mux_lev.fd >= 0)
-    ev_want_read(&mux_lev, rd);
-  if(mux_tcp_lev.fd >= 0)
-    ev_want_read(&mux_tcp_lev, rd);
-  if(http_lev.fd >= 0)
-    ev_want_read(&http_lev, rd);
+    lev_want(&tcp_lev[i], rd, "tcp");
+  lev_want(&mux_lev, rd, "mux");
+  lev_want(&mux_tcp_lev, rd, "mux over tcp");
+  lev_want(&http_lev, rd, "metrics");
   for(n = vp_list.head; n != NULL; n = n->next)
     {
       vp = CONTAINER_OF(n, vp_t, list_node);
-      if(vp->lev.fd >= 0)
-	ev_want_read(&vp->lev, rd);
+      lev_want(&vp->lev, rd, vp->sockpath);
     }
   return;
 }
@@ -4654,7 +4692,7 @@ static int lev_accept(fdev_t *lev, struct sockaddr_storage *ss,
     }
 }
 
-static uint64_t hs_cap_logged = UINT64_MAX;
+static uint64_t hs_cap_tick = UINT64_MAX; /* tick of the last refusal */
 
 /*
  * Take an accepted scamper connection: a new session in HANDSHAKE with
@@ -4670,12 +4708,11 @@ static vp_t *vp_accept_fd(int fd, const struct sockaddr *sa)
   if(handshake_count >= opt_handshake_max)
     {
       stats.rejects[REJ_HANDSHAKE_CAP]++;
-      if(hs_cap_logged != tw_tick)
+      if(hs_cap_tick != tw_tick)  /* one episode per second of refusals */
 	stats.accept_pauses_hscap++;
-      if(hs_cap_logged != tw_tick)
-	log_warn("%ld connections in handshake: refusing new ones",
-		handshake_count);
-      hs_cap_logged = tw_tick;
+      hs_cap_tick = tw_tick;
+      log_warn_flood("%ld connections in handshake: refusing new ones",
+		     handshake_count);
       close(fd);
       return NULL;
     }
@@ -7070,7 +7107,7 @@ static int tls_check_name(vp_t *vp)
   if((cert = tls_peer_cert(vp->conn.ssl)) == NULL)
     {
       stats.tls_failures[TLSF_NO_CERT]++;
-      stats_why(vp, WHY_TLS);
+      vp_gone_as(vp, GONE_TLS);
       return vp_proto_error(vp, "no client certificate");
     }
   ok = tls_cert_match(cert, vp->name);
@@ -7080,7 +7117,7 @@ static int tls_check_name(vp_t *vp)
       log_warn("%s: monitor name %s not in the client certificate",
 	      vp->peer, vp->name);
       stats.tls_failures[TLSF_NAME]++;
-      stats_why(vp, WHY_TLS);
+      vp_gone_as(vp, GONE_TLS);
       return vp_proto_error(vp, "monitor name does not match the client "
 			    "certificate");
     }
@@ -7101,7 +7138,7 @@ static int tls_check_peer(vp_t *vp)
     {
       log_warn("%s: no client certificate", vp->peer);
       stats.tls_failures[TLSF_NO_CERT]++;
-      stats_why(vp, WHY_TLS);
+      vp_gone_as(vp, GONE_TLS);
       vp_close(vp, "no client certificate");
       return -1;
     }
@@ -7111,7 +7148,7 @@ static int tls_check_peer(vp_t *vp)
       log_warn("%s: client certificate refused: %s", vp->peer,
 	       X509_verify_cert_error_string(vr));
       stats.tls_failures[TLSF_VERIFY]++;
-      stats_why(vp, WHY_TLS);
+      vp_gone_as(vp, GONE_TLS);
       vp_close(vp, "client certificate did not verify");
       return -1;
     }
@@ -7392,7 +7429,6 @@ typedef struct hclient
 
 static dlist_t      hc_list;                /* all HTTP clients */
 static slist_t      gc_hcs;
-static uint64_t     http_cap_logged = UINT64_MAX;
 
 static void hc_close(hclient_t *hc, const char *why);
 static int hc_set_state(hclient_t *hc, hcstate_t st, const char *why);
@@ -7623,7 +7659,7 @@ static int metrics_render(buf_t *b)
   rc |= prom_labelled(b, "sc_remoted_vp_departures_total", "counter",
 		      "VP sessions ended, by reason (takeover: the session's "
 		      "connection was replaced by a resume).", "reason",
-		      why_depart_label, stats.departures, WHY_MAX);
+		      gone_depart_label, stats.departures, GONE_MAX);
   rc |= prom_labelled(b, "sc_remoted_relay_bytes_total", "counter",
 		      "Channel data bytes relayed, by direction.",
 		      "direction", dir_labels, stats.relay_bytes, 2);
@@ -8712,10 +8748,8 @@ static void http_take(int fd)
   if((long)hc_list.count >= opt_metrics_max)
     {
       stats.http_refused++;
-      if(http_cap_logged != tw_tick)
-	log_warn("%ld metrics connections open (-O metrics-max): "
-		 "refusing new ones", opt_metrics_max);
-      http_cap_logged = tw_tick;
+      log_warn_flood("%ld metrics connections open (-O metrics-max): "
+		     "refusing new ones", opt_metrics_max);
       close(fd);
       return;
     }
@@ -9545,7 +9579,7 @@ static size_t v1_stats_fields(uint64_t **f, size_t max)
   V1_STAT(stats.resumes);
   V1_STAT(stats.zombies);
   for(i=0; i<REJ_MAX; i++) V1_STAT(stats.rejects[i]);
-  for(i=0; i<WHY_MAX; i++) V1_STAT(stats.departures[i]);
+  for(i=0; i<GONE_MAX; i++) V1_STAT(stats.departures[i]);
   for(i=0; i<2; i++) V1_STAT(stats.relay_bytes[i]);
   for(i=0; i<2; i++) V1_STAT(stats.relay_frames[i]);
   V1_STAT(stats.bp_pauses);
@@ -11093,7 +11127,7 @@ static void shutdown_all(void)
     mc_close(CONTAINER_OF(n, mclient_t, list_node), "shutting down");
   while((n = vp_list.head) != NULL)
     {
-      stats_why(CONTAINER_OF(n, vp_t, list_node), WHY_SHUTDOWN);
+      vp_gone_as(CONTAINER_OF(n, vp_t, list_node), GONE_SHUTDOWN);
       vp_close(CONTAINER_OF(n, vp_t, list_node), "shutting down");
     }
   gc_collect();
