@@ -6829,7 +6829,10 @@ static void vp_tls_accept(vp_t *vp)
  * SIGTERM, STATUS= with the counts of live VPs, zombies and clients when
  * they changed (checked once a second), and WATCHDOG=1 every
  * WATCHDOG_USEC/2 (rounded down to whole ticks, at least one) when
- * WATCHDOG_PID is ours or unset.  The socket is connected at startup,
+ * WATCHDOG_PID is ours or unset; a live upgrade pings before it forks
+ * and again in the handover (svc_upgrade_begin, svc_handover), and the
+ * successor's schedule starts at its first loop iteration.  The socket
+ * is connected at startup,
  * before any chroot, and sends never block: a notification that cannot be
  * sent is lost (systemd's own sd_notify behaves the same).  The once-a-
  * second service tick also reports rate-limited log sites whose interval
@@ -6839,6 +6842,8 @@ static void vp_tls_accept(vp_t *vp)
 static int        svc_fd = -1;          /* connected NOTIFY_SOCKET */
 static pid_t      svc_pid0 = 0;         /* our pid before any -D fork */
 static uint64_t   svc_wd_ticks = 0;     /* watchdog period; 0: none */
+static uint64_t   svc_wd_usec = 0;      /* WATCHDOG_USEC as given */
+static int        svc_wd_extended = 0;  /* WATCHDOG_USEC= override sent */
 static uint64_t   svc_wd_last = 0;      /* tick of the last WATCHDOG=1 */
 static char       svc_status[96];       /* the last STATUS= sent */
 static tw_timer_t svc_timer;
@@ -6888,6 +6893,7 @@ static void svc_init(void)
   usec = strtoull(wu, &end, 10);
   if(errno != 0 || *end != '\0' || usec == 0)
     return;
+  svc_wd_usec = usec;
   svc_wd_ticks = usec / 2000000ULL;
   if(svc_wd_ticks == 0)
     svc_wd_ticks = 1;
@@ -6995,6 +7001,95 @@ static void svc_reloading(void)
   snprintf(msg, sizeof(msg), "RELOADING=1\nMONOTONIC_USEC=%llu",
 	   (unsigned long long)tv.tv_sec * 1000000ULL +
 	   (unsigned long long)tv.tv_usec);
+  svc_send(msg);
+  return;
+}
+
+/*
+ * A live upgrade is about to fork: the loop (and so the watchdog tick)
+ * stops until the handover ends, which may take up to timeout seconds
+ * (-O upgrade-timeout: state of 10k+ VPs, a slow successor).  Ping now
+ * so the whole watchdog period is left for it, and if even that is too
+ * short, raise the watchdog limit with WATCHDOG_USEC= for the handover;
+ * svc_upgrade_done() or svc_handover() puts it back.  (EXTEND_TIMEOUT_USEC=
+ * only extends start/stop/reload/runtime timeouts, not the watchdog.)
+ */
+static void svc_upgrade_begin(long timeout)
+{
+  char msg[64];
+  uint64_t need;
+  if(svc_fd < 0 || svc_wd_ticks == 0)
+    return;
+  need = ((uint64_t)timeout + 5) * 1000000ULL;
+  if(need < svc_wd_usec)
+    {
+      svc_send("WATCHDOG=1");
+      return;
+    }
+  snprintf(msg, sizeof(msg), "WATCHDOG=1\nWATCHDOG_USEC=%llu",
+	   (unsigned long long)need);
+  svc_send(msg);
+  svc_wd_extended = 1;
+  return;
+}
+
+/* the restored watchdog limit, as a line to append ("" if unchanged) */
+static void svc_wd_restore_line(char *buf, size_t len)
+{
+  buf[0] = '\0';
+  if(svc_wd_extended)
+    snprintf(buf, len, "\nWATCHDOG_USEC=%llu",
+	     (unsigned long long)svc_wd_usec);
+  svc_wd_extended = 0;
+  return;
+}
+
+/* the upgrade failed and this process keeps serving: its own schedule,
+ * restarted now, with the original limit */
+static void svc_upgrade_done(void)
+{
+  char msg[64], wd[40];
+  if(svc_fd < 0 || svc_wd_ticks == 0)
+    return;
+  svc_wd_restore_line(wd, sizeof(wd));
+  snprintf(msg, sizeof(msg), "WATCHDOG=1%s", wd);
+  svc_send(msg);
+  svc_wd_last = tw_tick;
+  return;
+}
+
+/*
+ * The handover: this (old, main) process tells the service manager, in
+ * one datagram, the successor's pid, that it is ready, and a watchdog
+ * ping (systemd resets the watchdog on neither MAINPID= nor READY=1, and
+ * the successor's first ping comes a watchdog half-period after its
+ * first loop iteration), with the original WATCHDOG_USEC= if
+ * svc_upgrade_begin() raised it.  It must be one datagram sent by the
+ * old process, the only one NotifyAccess=main trusts until MAINPID= is
+ * processed.  The caller _exit()s at once after this.
+ *
+ * Order and the main pid: systemd reads its notify socket before it
+ * handles SIGCHLD (a higher event priority), and the datagram is queued
+ * before the old process exits, so the old main pid's exit is never seen
+ * before MAINPID= (which would end the service).  If systemd reads the
+ * datagram while the old process still runs, the successor is still its
+ * child and systemd logs "Supervising process N which is not our child"
+ * (it marks the pid alien); the old process's _exit() a moment later
+ * reparents the successor to the service manager (PID 1, or a subreaper
+ * for a user manager), which watches that pid since MAINPID=, so a later
+ * exit or crash of the successor still arrives as SIGCHLD and is handled
+ * as the main process's (restart).  The container test kills a successor
+ * to check that.  Exiting first and letting the successor announce
+ * itself would need NotifyAccess=all and would race the old exit.
+ */
+static void svc_handover(long newpid)
+{
+  char msg[128], wd[40];
+  if(svc_fd < 0)
+    return;
+  svc_wd_restore_line(wd, sizeof(wd));
+  snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1%s%s", newpid,
+	   svc_wd_ticks > 0 ? "\nWATCHDOG=1" : "", wd);
   svc_send(msg);
   return;
 }
@@ -9955,7 +10050,6 @@ static void upg_envp_free(char **envp)
  */
 static void upg_exit(long newpid)
 {
-  char msg[64];
 #ifdef HAVE_OPENSSL
   dlist_node_t *n;
   vp_t *vp;
@@ -9969,8 +10063,7 @@ static void upg_exit(long newpid)
 	}
     }
 #endif
-  snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1", newpid);
-  svc_send(msg);
+  svc_handover(newpid);
   fflush(NULL);
   _exit(0);
 }
@@ -10033,6 +10126,7 @@ static void upg_run(void)
       return;
     }
 
+  svc_upgrade_begin(opt_upgrade_timeout);
   upg_save(&w);
   if(w.t.err || (memfd = upg_state_fd(w.t.p, w.t.len)) < 0)
     {
@@ -10136,6 +10230,7 @@ static void upg_run(void)
   if(pid > 0)
     upg_reap(pid, how, sizeof(how));
   log_err("upgrade failed, still serving: %s", why);
+  svc_upgrade_done();
   upg_pidfile_restore();
   upg_envp_free(envp);
   if(sp[0] >= 0) close(sp[0]);
