@@ -32,7 +32,8 @@
  * Sections, in order: options and usage; logging; buffers; objects;
  * statistics; event loop and backends; timer wheel; access control
  * (allow-lists, per-source limits); transport (plain/TLS); backpressure
- * (watermarks toward local consumers, the unacked limit toward VPs);
+ * (watermarks and spool files toward local consumers, the unacked limit
+ * toward VPs);
  * remote protocol; channels; per-VP unix sockets; mux protocol; mux
  * over TCP; metadata; TLS context and name matching; service manager
  * (sd_notify); metrics over HTTP; live upgrade; signals; main.

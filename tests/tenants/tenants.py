@@ -29,7 +29,7 @@ FRAME = 65535
 class Scene:
 
     def __init__(self, kind_a, kind_b, opts=(), spool=None, total=0,
-                 binary=None, metrics=True):
+                 binary=None, metrics=True, notimes=None):
         self.loop = Loop()
         self.cleanups = [self.loop.close]
         args = []
@@ -42,7 +42,8 @@ class Scene:
             env_binary = scr.SC_REMOTED
             scr.SC_REMOTED = binary
         try:
-            self.d = scr.Daemon(udir=True, mux=True, extra_args=args,
+            self.d = scr.Daemon(udir=True, mux='mux' in (kind_a, kind_b),
+                                extra_args=args, notimes=notimes,
                                 metrics=metrics)
         finally:
             if env_binary is not None:

@@ -192,6 +192,30 @@ class TenantsTest(unittest.TestCase):
         s.b_commands(N_CMDS, 60)
         self.assertEqual(s.metric('sc_remoted_spool_bytes'), 0)
 
+    def test_live_upgrade_drains_spool(self):
+        """A live upgrade hands no spool file over: the backlog is read
+        back into A's queue and carried by the state; A then receives
+        every byte in order from the successor."""
+        s = self.scene('unix', 'mux', MID)
+        s.stream_to_a()
+        s.loop.run_until(lambda: s.sent == MID and s.vp_taken, 120,
+                         'the daemon to take the stream')
+        spooled = s.metric('sc_remoted_spool_bytes')
+        self.assertGreater(spooled, MID // 2)
+        old_pid = s.d.pid
+        s.d.upgrade(60, pump=lambda: s.loop.run_once(0.01))
+        self.assertNotEqual(s.d.pid, old_pid)
+        c = s.consumer(s.ch_a)
+        self.assertGreaterEqual(c['memory_bytes'] + c['spool_bytes'],
+                                spooled)
+        s.b_commands(N_CMDS, 60, 'B after the upgrade')
+        s.a.resume_reading()
+        s.loop.run_until(lambda: s.chk.done, 120, 'A to read its stream')
+        self.assertEqual(s.fs.connects, 1)
+        self.assertEqual(s.lost, [])
+        s.loop.run_until(lambda: s.spool_fds(self.spool) == 0, 10,
+                         'no spool file left')
+
 
 if __name__ == '__main__':
     scr.main()
