@@ -134,14 +134,23 @@ class Scene:
         if getattr(self, '_filling', False):
             return
         self._filling = True
+        frames = 0
         try:
+            # at most 1 MiB per call: queueing flushes, and a daemon that
+            # keeps up would otherwise keep us here until the whole stream
+            # is sent, with B's commands unread (the loop calls us again
+            # on the next writable event)
             while (fs.out_len < 2 * MIB and self.sent < self.total and
-                   fs.state == 'go' and self.ch_a in fs.open_chans):
+                   fs.state == 'go' and self.ch_a in fs.open_chans and
+                   frames < 16):
+                frames += 1
                 n = min(FRAME, self.total - self.sent)
                 fs.send_reliable(self.ch_a, self.pattern.get(self.sent, n))
                 self.sent += n
         finally:
             self._filling = False
+        if frames == 16:
+            self.loop.call_later(0, self._fill)
 
     def stream_to_a(self):
         self._fill()
@@ -229,6 +238,13 @@ class Scene:
             if t.startswith(real + '/'):
                 n += 1
         return n
+
+    def stop_clean(self, test):
+        """Stop the daemon: exit status 0, no sanitizer report (leaks
+        are reported at exit)."""
+        rc = self.d.stop()
+        hlib.check_no_sanitizer(test, self.d)
+        test.assertEqual(rc, 0)
 
     def close(self):
         for fn in reversed(self.cleanups):

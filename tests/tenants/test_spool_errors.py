@@ -106,6 +106,7 @@ class SpoolErrorsTest(unittest.TestCase):
                          'the spool file to be closed')
         self.assertEqual(s.metric('sc_remoted_spool_bytes'), 0)
         self.assertEqual(s.lost, [])
+        s.stop_clean(self)
 
 
 if __name__ == '__main__':

@@ -13,7 +13,9 @@ and the spool file is closed.  A consumer that disconnects frees its spool
 at once.  The caps: at spool-max (or spool-total) the daemon falls back to
 pausing the VP (log line, cap-hit metric, /vps "full"), and the consumer
 is cut after stall-timeout seconds without progress, after which B's
-commands complete again.
+commands complete again.  A consumer that drains, but slower than its VP
+produces, never pauses the VP.  A live upgrade reads the spool back into
+A's queue, and the successor delivers it.
 """
 
 import os
@@ -108,6 +110,7 @@ class TenantsTest(unittest.TestCase):
             c['spool_bytes'])
         self.assertEqual(s.lost, [])
         s.b_commands(10, 30, 'B after A resumed')
+        s.stop_clean(self)
 
     def test_unix_unix_256mib(self):
         self.isolation('unix', 'unix', BIG)
@@ -134,6 +137,7 @@ class TenantsTest(unittest.TestCase):
         self.assertEqual(s.metric('sc_remoted_spool_bytes'), 0)
         self.assertEqual(s.metric('sc_remoted_spool_files'), 0)
         s.b_commands(N_CMDS, 60)
+        s.stop_clean(self)
 
     def test_without_spool_dir_pauses(self):
         """Memory only (no spool-dir): past buffer-high the VP is paused,
@@ -169,6 +173,7 @@ class TenantsTest(unittest.TestCase):
         s.loop.run_until(lambda: s.chk.done, 120, 'A to read its stream')
         s.b_commands(N_CMDS, 60)
         self.assertEqual(s.metric('sc_remoted_spool_files'), 0)
+        s.stop_clean(self)
 
     def test_cap_spool_max(self):
         self.cap('spool-max=16m', 'spool-max')
@@ -191,6 +196,45 @@ class TenantsTest(unittest.TestCase):
                          'the spool file to be closed')
         s.b_commands(N_CMDS, 60)
         self.assertEqual(s.metric('sc_remoted_spool_bytes'), 0)
+        s.stop_clean(self)
+
+    def test_slow_but_progressing_consumer(self):
+        """Fairness: A drains, but slower than its VP produces (a burst of
+        reading every 0.2 s); within its caps it never pauses the VP, so
+        B's commands complete while A is still behind."""
+        s = self.scene('mux', 'unix', MID)
+        slow = {'on': True, 'mark': 0}
+
+        def on_a(m, ch, data):     # at most ~256 KiB per nibble
+            s.chk.feed(data)
+            if slow['on'] and s.chk.got >= slow['mark']:
+                s.a.pause_reading()
+        s.a.on_chan_data = on_a
+
+        def nibble():
+            if not slow['on']:
+                return True
+            slow['mark'] = s.chk.got + 256 * 1024
+            s.a.resume_reading()
+            return False
+        s.loop.every(0.2, nibble)
+        s.stream_to_a()
+        s.loop.run_until(lambda: s.sent == MID and s.vp_taken, 120,
+                         'the daemon to take the stream')
+        s.b_commands(N_CMDS, 60)
+        s.loop.run_until(lambda: s.chk.got >= MIB, 30, 'A to read 1 MiB')
+        behind = MID - s.chk.got
+        print('A read %d MiB so far, %d MiB behind'
+              % (s.chk.got // MIB, behind // MIB))
+        self.assertGreater(s.chk.got, 0, 'A made progress')
+        self.assertGreater(behind, BUF_HIGH, 'A is slower than its VP')
+        self.assertEqual(s.metric('sc_remoted_backpressure_pauses_total'),
+                         0)
+        self.assertIsNone(s.a_end)
+        slow['on'] = False
+        s.a.resume_reading()
+        s.loop.run_until(lambda: s.chk.done, 120, 'A to read its stream')
+        s.stop_clean(self)
 
     def test_live_upgrade_drains_spool(self):
         """A live upgrade hands no spool file over: the backlog is read
@@ -215,6 +259,7 @@ class TenantsTest(unittest.TestCase):
         self.assertEqual(s.lost, [])
         s.loop.run_until(lambda: s.spool_fds(self.spool) == 0, 10,
                          'no spool file left')
+        s.stop_clean(self)
 
 
 if __name__ == '__main__':
