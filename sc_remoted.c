@@ -2299,7 +2299,8 @@ static void vp_conn_close(vp_t *vp)
  * --------------------------------------------------------------------- */
 
 #define SPOOL_BATCH   (64 * 1024)   /* pend is written in pieces this big */
-#define SPOOL_SLACK   (512 * 1024)  /* memory over buffer-high before full */
+#define SPOOL_SLACK   (256 * 1024)  /* memory over buffer-high before full:
+				       > one frame over the mark + a batch */
 
 static void vp_read(vp_t *vp);
 static void uc_stall(tw_timer_t *t);
