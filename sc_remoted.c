@@ -1069,7 +1069,9 @@ typedef struct rp_rx
  * The output side of a local consumer (-U or mux client).  Above
  * opt_buf_high the consumer is "full": the VPs feeding it stop being read
  * until it drains below opt_buf_low.  A consumer full for opt_stall
- * seconds without writing anything is disconnected.
+ * seconds without writing anything is disconnected.  With -O spool-dir
+ * its backlog beyond opt_buf_high goes to a spool file instead, and it is
+ * full only when that is not possible (caps, errors: "Backpressure").
  */
 typedef struct sink
 {
