@@ -2274,13 +2274,15 @@ static void vp_conn_close(vp_t *vp)
  * disk used is the backlog, not the history), and once the file is empty
  * it is closed and pend is moved to out.  Nothing is reordered: each
  * byte's place is fixed when it is queued.  Memory per consumer stays
- * within buffer-high + SPOOL_SLACK, as without a spool; the file is
+ * near buffer-high (out) + SPOOL_BATCH (pend), as without a spool, and
+ * within buffer-high + 2 * SPOOL_SLACK (plus a frame) when pend cannot be
+ * written (below: out is refilled from the file meanwhile); the file is
  * created with O_TMPFILE (or unlinked at once), so it never outlives the
  * process, and closing the consumer closes it.
  *
  * The sink is "full" (its VPs are paused, and stall-timeout runs) only
- * when its memory exceeds buffer-high + SPOOL_SLACK, which happens only
- * when pend cannot be written: the consumer's spool is at -O spool-max,
+ * when pend exceeds SPOOL_SLACK, which happens only when pend cannot be
+ * written: the consumer's spool is at -O spool-max,
  * all spools together are at -O spool-total (then the consumer that
  * next needs to spool falls back, whichever it is), or the write failed
  * (ENOSPC, EIO: nothing is lost, the bytes stay in memory; logged, and
@@ -2291,9 +2293,9 @@ static void vp_conn_close(vp_t *vp)
  * spooling failed, once it has drained to buffer-low).  Each fallback
  * episode is logged once and counted (sc_remoted_spool_cap_hits_total,
  * sc_remoted_spool_errors_total).  A consumer that is slow but within
- * its caps never pauses its VPs and is never cut.  Without spool-dir a
- * consumer's SPOOL_SLACK is 0 and it behaves as before: past buffer-high
- * its VPs pause, for every tenant of them.
+ * its caps never pauses its VPs and is never cut.  Without spool-dir
+ * pend is never used and a consumer behaves as before: past buffer-high
+ * (out) its VPs pause, for every tenant of them.
  *
  * A live upgrade does not hand spool files over: spool_drain_all(), just
  * before the state is saved, reads every spool back into its consumer's
@@ -2301,8 +2303,9 @@ static void vp_conn_close(vp_t *vp)
  * --------------------------------------------------------------------- */
 
 #define SPOOL_BATCH   (64 * 1024)   /* pend is written in pieces this big */
-#define SPOOL_SLACK   (256 * 1024)  /* memory over buffer-high before full:
-				       > one frame over the mark + a batch */
+#define SPOOL_SLACK   (256 * 1024)  /* pend over this: full (> a batch
+				       plus a frame, so only when pend
+				       cannot be written) */
 
 static void vp_read(vp_t *vp);
 static void uc_stall(tw_timer_t *t);
@@ -2576,8 +2579,8 @@ static void sink_appended(sink_t *s, vp_t *feeder)
 {
   if(buf_len(&s->pend) >= SPOOL_BATCH)
     spool_write(s);
-  if(!s->full && sink_mem(s) > opt_buf_high +
-     (spool_dirfd >= 0 ? SPOOL_SLACK : 0))
+  if(!s->full && (spool_dirfd >= 0 ? buf_len(&s->pend) > SPOOL_SLACK :
+		   buf_len(&s->out) > opt_buf_high))
     {
       s->full = 1;
       s->last_progress = tw_tick;
