@@ -82,6 +82,8 @@ class TenantsTest(unittest.TestCase):
                          c['spool_bytes'])
         self.assertEqual(s.metric('sc_remoted_spool_files'), 1)
         self.assertEqual(s.spool_fds(self.spool), 1)
+        self.assertEqual(os.listdir(self.spool), [],
+                         'the spool file has no name (cannot outlive us)')
         self.assertEqual(s.metric('sc_remoted_backpressure_pauses_total'),
                          0)
 
