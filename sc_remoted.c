@@ -33,7 +33,8 @@
  * statistics; event loop and backends; timer wheel; access control
  * (allow-lists, per-source limits); pre-protocol header (PROXY protocol
  * from trusted balancers); transport (plain/TLS); backpressure
- * (watermarks toward local consumers, the unacked limit toward VPs);
+ * (watermarks and spool files toward local consumers, the unacked limit
+ * toward VPs);
  * remote protocol; channels; per-VP unix sockets; mux protocol; mux
  * over TCP; metadata; TLS context and name matching; service manager
  * (sd_notify); metrics over HTTP; live upgrade; signals; main.
@@ -188,6 +189,11 @@ static size_t        opt_unacked_max = 16 * 1024 * 1024;
 static long          opt_handshake_max = 1024;
 static long          opt_upgrade_timeout = 10; /* secs for a successor */
 
+/* tenant isolation: per-consumer spool files (-O spool-*) */
+static const char   *opt_spool_dir = NULL;   /* NULL: memory only */
+static size_t        opt_spool_max = (size_t)1024 * 1024 * 1024;
+static uint64_t      opt_spool_total = (uint64_t)8 * 1024 * 1024 * 1024;
+
 /* who may connect (-O allow, mux-allow, per-source-max, mux-*) */
 static cidr_t       *opt_allow     = NULL;   /* VP sources; none: any */
 static size_t        opt_allow_count = 0;
@@ -280,7 +286,9 @@ static void usage(unsigned int which)
 	    " page at /; no\n"
 	    "        authentication), metrics-max=N, metrics-vps (per-VP"
 	    " series)\n"
-	    "        upgrade-timeout=SECS (SIGUSR2 live upgrade)\n");
+	    "        upgrade-timeout=SECS (SIGUSR2 live upgrade)\n"
+	    "        spool-dir=DIR, spool-max=BYTES, spool-total=BYTES"
+	    " (client backlog on disk)\n");
 #ifdef HAVE_CHROOT
   if(which & USAGE_R)
     fprintf(stderr, "     -R chroot into this directory after startup\n");
@@ -434,10 +442,11 @@ static int parse_listen_addr(const char *arg, struct sockaddr_storage *ss,
 typedef enum
 {
   OV_BYTES,     /* parse_bytes into a size_t */
+  OV_BYTES64,   /* parse_bytes into a uint64_t */
   OV_COUNT,     /* parse_count (1..max) into a long */
   OV_CIDR,      /* parse_cidr_add to a list (var) and its count (aux) */
   OV_LISTEN,    /* parse_listen_addr into a sockaddr (var), length (aux) */
-  OV_STRING,    /* the value itself into a const char * */
+  OV_STRING,    /* the value itself (not empty) into a const char * */
   OV_PORTS,     /* parse_proxy_ports */
 } ovkind_t;
 
@@ -475,7 +484,11 @@ static int parse_O_value(const char *opt)
     {"metrics",           OV_LISTEN, &metrics_ss, &metrics_sslen, 0, NULL},
     {"metrics-max",       OV_COUNT,  &opt_metrics_max, NULL, 1000000, NULL},
     {"upgrade-timeout",   OV_COUNT,  &opt_upgrade_timeout, NULL, 3600, NULL},
+    {"spool-dir",         OV_STRING, &opt_spool_dir, NULL, 0, NULL},
+    {"spool-max",         OV_BYTES,  &opt_spool_max, NULL, 0, NULL},
+    {"spool-total",       OV_BYTES64, &opt_spool_total, NULL, 0, NULL},
   };
+  size_t b;
   const char *eq = strchr(opt, '=');
   size_t i, nl = (size_t)(eq - opt);
   const char *val = eq + 1;
@@ -493,7 +506,16 @@ static int parse_O_value(const char *opt)
     case OV_COUNT:  return parse_count(val, vals[i].max, vals[i].var);
     case OV_CIDR:   return parse_cidr_add(val, vals[i].var, vals[i].aux);
     case OV_LISTEN: return parse_listen_addr(val, vals[i].var, vals[i].aux);
-    case OV_STRING: *(const char **)vals[i].var = val; return 0;
+    case OV_BYTES64:
+      if(parse_bytes(val, &b) != 0)
+	return -1;
+      *(uint64_t *)vals[i].var = b;
+      return 0;
+    case OV_STRING:
+      if(*val == '\0')
+	return -1;
+      *(const char **)vals[i].var = val;
+      return 0;
     case OV_PORTS:  return parse_proxy_ports(val);
     }
   return -1;
@@ -1174,7 +1196,9 @@ typedef struct rp_rx
  * The output side of a local consumer (-U or mux client).  Above
  * opt_buf_high the consumer is "full": the VPs feeding it stop being read
  * until it drains below opt_buf_low.  A consumer full for opt_stall
- * seconds without writing anything is disconnected.
+ * seconds without writing anything is disconnected.  With -O spool-dir
+ * its backlog beyond opt_buf_high goes to a spool file instead, and it is
+ * full only when that is not possible (caps, errors: "Backpressure").
  */
 typedef struct sink
 {
@@ -1182,6 +1206,15 @@ typedef struct sink
   uint8_t       full;
   uint64_t      last_progress;  /* tick of the last successful write */
   tw_timer_t    stall_timer;
+  /* -O spool-dir: the stream is out, then the spool file's bytes
+   * [sp_rd, sp_wr), then pend (see "Backpressure") */
+  buf_t         pend;           /* after the spool, not yet written to it */
+  int           sp_fd;          /* unlinked spool file; -1 when none */
+  uint8_t       sp_off;         /* spooling failed: memory only until
+				   the spool has drained */
+  uint8_t       sp_capped;      /* a cap hit was counted and logged */
+  uint64_t      sp_rd;          /* file offset of the next byte out */
+  uint64_t      sp_wr;          /* file offset of the next byte in */
 } sink_t;
 
 typedef struct chan chan_t;
@@ -1511,6 +1544,9 @@ static struct
   uint64_t  relay_frames[2];
   uint64_t  bp_pauses;
   uint64_t  stall_disconnects;
+  uint64_t  spool_written;             /* bytes written to spool files */
+  uint64_t  spool_cap_hits;            /* spool-max/total fallbacks */
+  uint64_t  spool_errors;              /* spool create/write/read errors */
   uint64_t  accept_pauses_emfile;
   uint64_t  accept_pauses_hscap;
   uint64_t  mux_refused[2];            /* -O mux-allow, -O mux-max */
@@ -2977,17 +3013,129 @@ static void conn_close(conn_t *c)
  * keeps sending keepalives and its rx_abort is suspended.  Input from a
  * local client is bounded by its VP's unacked queue (opt_unacked_max),
  * which matters most while the VP is a zombie.
+ *
+ * Tenant isolation (-O spool-dir).  Pausing a VP stops every channel on
+ * it, so one consumer that stops reading would hold every other tenant of
+ * its VPs to its pace; and the remote protocol has no per-channel flow
+ * control, so the only way to keep serving the others is to go on reading
+ * the VP and keep the stalled consumer's bytes somewhere.  Memory is not
+ * that place (it would be unbounded); a file is.  So with a spool
+ * directory a consumer's stream is, in order: its in-memory queue (out,
+ * up to opt_buf_high), then an unlinked spool file (bytes [sp_rd, sp_wr)),
+ * then a small in-memory tail (pend) that is appended to the file in
+ * SPOOL_BATCH pieces.  New bytes go to out only while the file and pend
+ * are empty and out is under buffer-high; as out drains below buffer-low
+ * it is refilled from the file (consumed ranges are punched out, so the
+ * disk used is the backlog, not the history), and once the file is empty
+ * it is closed and pend is moved to out.  Nothing is reordered: each
+ * byte's place is fixed when it is queued.  Memory per consumer stays
+ * near buffer-high (out) + SPOOL_BATCH (pend), as without a spool, and
+ * within buffer-high + 2 * SPOOL_SLACK (plus a frame) when pend cannot be
+ * written (below: out is refilled from the file meanwhile); the file is
+ * created with O_TMPFILE (or unlinked at once), so it never outlives the
+ * process, and closing the consumer closes it.
+ *
+ * The sink is "full" (its VPs are paused, and stall-timeout runs) only
+ * when pend exceeds SPOOL_SLACK, which happens only when pend cannot be
+ * written: the consumer's spool is at -O spool-max,
+ * all spools together are at -O spool-total (then the consumer that
+ * next needs to spool falls back, whichever it is), or the write failed
+ * (ENOSPC, EIO: nothing is lost, the bytes stay in memory; logged, and
+ * the spool is not used again for that consumer until it has drained).
+ * That is today's policy: the consumer that cannot take more pauses the
+ * VPs that feed it and is cut after stall-timeout seconds with no write
+ * progress.  It resumes them once pend fits in the spool again (or, when
+ * spooling failed, once it has drained to buffer-low).  Each fallback
+ * episode is logged once and counted (sc_remoted_spool_cap_hits_total,
+ * sc_remoted_spool_errors_total).  A consumer that is slow but within
+ * its caps never pauses its VPs and is never cut.  Without spool-dir
+ * pend is never used and a consumer behaves as before: past buffer-high
+ * (out) its VPs pause, for every tenant of them.
+ *
+ * A live upgrade does not hand spool files over: spool_drain_all(), just
+ * before the state is saved, reads every spool back into its consumer's
+ * out, which the state carries as ordinary queued output.
  * --------------------------------------------------------------------- */
+
+#define SPOOL_BATCH   (64 * 1024)   /* pend is written in pieces this big */
+#define SPOOL_SLACK   (256 * 1024)  /* pend over this: full (> a batch
+				       plus a frame, so only when pend
+				       cannot be written) */
 
 static void vp_read(vp_t *vp);
 static void vp_lost(vp_t *vp, const char *why);
+static void uc_stall(tw_timer_t *t);
+static void mc_stall(tw_timer_t *t);
+
+static int      spool_dirfd = -1;      /* -O spool-dir, opened at startup */
+static uint64_t spool_live  = 0;       /* bytes in all spool files */
+static uint64_t spool_files = 0;       /* spool files open */
 
 static void sink_init(sink_t *s, void (*stall_fn)(tw_timer_t *))
 {
   memset(&s->out, 0, sizeof(s->out));
+  memset(&s->pend, 0, sizeof(s->pend));
   s->full = 0;
   s->last_progress = tw_tick;
   tw_timer_init(&s->stall_timer, stall_fn);
+  s->sp_fd = -1;
+  s->sp_off = s->sp_capped = 0;
+  s->sp_rd = s->sp_wr = 0;
+  return;
+}
+
+/* the consumer's name for log lines: the stall callback tells its kind */
+static const char *sink_who(const sink_t *s, char *buf, size_t len)
+{
+  if(s->stall_timer.fn == uc_stall)
+    {
+      const uclient_t *uc = CONTAINER_OF(s, uclient_t, sink);
+      snprintf(buf, len, "%s: local client on channel %u",
+	       uc->vp != NULL ? uc->vp->peer : "?",
+	       uc->chan != NULL ? uc->chan->id : 0);
+    }
+  else
+    snprintf(buf, len, "mux client %llu",
+	     (unsigned long long)CONTAINER_OF(s, mclient_t, sink)->gen);
+  return buf;
+}
+
+static uint64_t sink_spooled(const sink_t *s)
+{
+  return s->sp_wr - s->sp_rd;
+}
+
+/* every byte queued for the consumer: memory and spool */
+static uint64_t sink_backlog(const sink_t *s)
+{
+  return buf_len(&s->out) + buf_len(&s->pend) + sink_spooled(s);
+}
+
+static size_t sink_mem(const sink_t *s)
+{
+  return buf_len(&s->out) + buf_len(&s->pend);
+}
+
+/* where bytes queued now belong: out, or behind the spool */
+static buf_t *sink_in(sink_t *s)
+{
+  if(s->sp_fd < 0 && buf_len(&s->pend) == 0 &&
+     (spool_dirfd < 0 || buf_len(&s->out) < opt_buf_high))
+    return &s->out;
+  return &s->pend;
+}
+
+/* close s's spool file (its bytes were read or are abandoned) */
+static void spool_close(sink_t *s)
+{
+  if(s->sp_fd < 0)
+    return;
+  close(s->sp_fd);
+  s->sp_fd = -1;
+  spool_live -= sink_spooled(s);
+  spool_files--;
+  s->sp_rd = s->sp_wr = 0;
+  s->sp_off = 0; /* a later backlog may try the disk again */
   return;
 }
 
@@ -2995,8 +3143,179 @@ static void sink_fini(sink_t *s)
 {
   tw_cancel(&s->stall_timer);
   buf_clear(&s->out);
+  buf_clear(&s->pend);
+  spool_close(s);
   s->full = 0;
   return;
+}
+
+/*
+ * An unlinked file in the spool directory: O_TMPFILE where the kernel and
+ * file system have it, else a fresh name unlinked at once.  Returns the
+ * fd or -1 (errno set).
+ */
+static int spool_file_open(void)
+{
+  char name[64];
+  int fd, i;
+#ifdef O_TMPFILE
+  if((fd = openat(spool_dirfd, ".", O_TMPFILE | O_RDWR | O_CLOEXEC,
+		  0600)) >= 0)
+    return fd;
+  if(errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+    return -1;
+#endif
+  for(i=0; i<16; i++)
+    {
+      snprintf(name, sizeof(name), ".sc_remoted-spool-%ld-%08lx",
+	       (long)getpid(), (unsigned long)random());
+      if((fd = openat(spool_dirfd, name,
+		      O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600)) >= 0)
+	{
+	  unlinkat(spool_dirfd, name, 0);
+	  return fd;
+	}
+      if(errno != EEXIST)
+	return -1;
+    }
+  return -1;
+}
+
+/* a fallback episode starts: log and count it once */
+static void spool_fallback(sink_t *s, const char *why, int err)
+{
+  char who[128];
+  if(err != 0)
+    {
+      stats.spool_errors++;
+      log_warn("%s: spooling failed (%s): %s; keeping its backlog in "
+	       "memory, its VPs are paused while it is over buffer-high",
+	       sink_who(s, who, sizeof(who)), why, strerror(err));
+      s->sp_off = 1;
+      return;
+    }
+  if(s->sp_capped)
+    return;
+  s->sp_capped = 1;
+  stats.spool_cap_hits++;
+  log_warn("%s: %s reached (%" PRIu64 " bytes spooled, %" PRIu64
+	   " in all spools): pausing its VPs until it drains; cut after "
+	   "%lds without progress", sink_who(s, who, sizeof(who)), why,
+	   sink_spooled(s), spool_live, opt_stall);
+  return;
+}
+
+/*
+ * Append pend to the spool file, creating it if needed, when the caps
+ * allow.  On a write error the written part stays written and the rest
+ * stays in pend, so nothing is lost.  Returns 0 if pend was written.
+ */
+static int spool_write(sink_t *s)
+{
+  struct iovec iov[BUF_IOV_MAX];
+  size_t len = buf_len(&s->pend);
+  ssize_t rc;
+  int n;
+
+  if(spool_dirfd < 0 || s->sp_off || len == 0)
+    return -1;
+  if(sink_spooled(s) + len > opt_spool_max)
+    {
+      spool_fallback(s, "spool-max", 0);
+      return -1;
+    }
+  if(spool_live + len > opt_spool_total)
+    {
+      spool_fallback(s, "spool-total", 0);
+      return -1;
+    }
+  if(s->sp_fd < 0)
+    {
+      if((s->sp_fd = spool_file_open()) < 0)
+	{
+	  spool_fallback(s, "creating a file", errno);
+	  return -1;
+	}
+      spool_files++;
+    }
+  while(buf_len(&s->pend) > 0)
+    {
+      n = buf_iov(&s->pend, iov, BUF_IOV_MAX);
+      if((rc = pwritev(s->sp_fd, iov, n, (off_t)s->sp_wr)) <= 0)
+	{
+	  if(rc < 0 && errno == EINTR)
+	    continue;
+	  spool_fallback(s, "writing", rc < 0 ? errno : ENOSPC);
+	  return -1;
+	}
+      buf_drop(&s->pend, (size_t)rc);
+      s->sp_wr += (uint64_t)rc;
+      spool_live += (uint64_t)rc;
+      stats.spool_written += (uint64_t)rc;
+    }
+  s->sp_capped = 0;
+  return 0;
+}
+
+/*
+ * Move spooled bytes into out until out reaches `upto` or the file is
+ * empty; an empty file is closed and pend follows into out.  Returns 0,
+ * or -1 if the file could not be read (its bytes are lost: the caller
+ * closes the consumer).
+ */
+static int spool_refill(sink_t *s, size_t upto)
+{
+  chunk_t *c;
+  uint64_t from = s->sp_rd;
+  size_t want;
+  ssize_t rc;
+
+  while(s->sp_fd >= 0 && sink_spooled(s) > 0 && buf_len(&s->out) < upto)
+    {
+      if((c = chunk_get(1)) == NULL)
+	return 0; /* try again on the next flush */
+      want = c->cap;
+      if(want > sink_spooled(s))
+	want = (size_t)sink_spooled(s);
+      if((rc = pread(s->sp_fd, c->data, want, (off_t)s->sp_rd)) <= 0)
+	{
+	  chunk_put(c);
+	  if(rc < 0 && errno == EINTR)
+	    continue;
+	  return -1;
+	}
+      c->tail = (uint32_t)rc;
+      if(s->out.last != NULL)
+	s->out.last->next = c;
+      else
+	s->out.first = c;
+      s->out.last = c;
+      s->out.len += (size_t)rc;
+      s->sp_rd += (uint64_t)rc;
+      spool_live -= (uint64_t)rc;
+    }
+#if defined(FALLOC_FL_PUNCH_HOLE) && defined(FALLOC_FL_KEEP_SIZE)
+  if(s->sp_fd >= 0 && s->sp_rd > from && sink_spooled(s) > 0)
+    (void)fallocate(s->sp_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+		    (off_t)from, (off_t)(s->sp_rd - from));
+#else
+  (void)from;
+#endif
+  if(s->sp_fd >= 0 && sink_spooled(s) == 0)
+    spool_close(s);
+  if(s->sp_fd < 0 && buf_len(&s->pend) > 0 && buf_len(&s->out) < upto)
+    {
+      /* the file is done: pend is next; move its chunks, no copy */
+      if(s->out.last != NULL)
+	s->out.last->next = s->pend.first;
+      else
+	s->out.first = s->pend.first;
+      s->out.last = s->pend.last;
+      s->out.len += s->pend.len;
+      memset(&s->pend, 0, sizeof(s->pend));
+      s->sp_off = 0; /* a later backlog may try the disk again */
+    }
+  return 0;
 }
 
 /* stop reading vp until every consumer it feeds has drained */
@@ -3011,10 +3330,13 @@ static void vp_pause(vp_t *vp)
   return;
 }
 
-/* bytes were queued on s by feeder (NULL: by the daemon itself) */
+/* bytes were queued on sink_in(s) by feeder (NULL: by the daemon) */
 static void sink_appended(sink_t *s, vp_t *feeder)
 {
-  if(!s->full && buf_len(&s->out) > opt_buf_high)
+  if(buf_len(&s->pend) >= SPOOL_BATCH)
+    spool_write(s);
+  if(!s->full && (spool_dirfd >= 0 ? buf_len(&s->pend) > SPOOL_SLACK :
+		   buf_len(&s->out) > opt_buf_high))
     {
       s->full = 1;
       s->last_progress = tw_tick;
@@ -3025,31 +3347,101 @@ static void sink_appended(sink_t *s, vp_t *feeder)
   return;
 }
 
+/* may a full sink take bytes again? */
+static int sink_can_resume(const sink_t *s)
+{
+  if(sink_mem(s) <= opt_buf_low)
+    return 1;
+  /* pend was written to the spool again: back within the caps */
+  return spool_dirfd >= 0 && !s->sp_off && buf_len(&s->pend) == 0 &&
+    buf_len(&s->out) <= opt_buf_high;
+}
+
 /*
- * Write a consumer's queued output to its socket, watching for
- * writability only while something is left.  Returns -1 on a write error
- * (the caller closes the consumer), 1 when the sink just dropped below
- * the low mark (the caller wakes the VPs that feed it), else 0.
+ * Write a consumer's queued output to its socket, refilling it from the
+ * spool as it drains, watching for writability only while something is
+ * left.  Returns -1 on a write or spool read error (the caller closes the
+ * consumer), 1 when the sink just stopped being full (the caller wakes
+ * the VPs that feed it), else 0.
  */
 static int sink_flush(sink_t *s, conn_t *c)
 {
-  size_t before = buf_len(&s->out);
-  if(conn_writev(c, &s->out) != 0)
+  uint64_t before = sink_backlog(s);
+  int round;
+  for(round = 0; round < 4; round++)
     {
-      buf_clear(&s->out);
-      return -1;
+      if(conn_writev(c, &s->out) != 0)
+	{
+	  buf_clear(&s->out);
+	  return -1;
+	}
+      if(buf_len(&s->out) > opt_buf_low ||
+	 (s->sp_fd < 0 && buf_len(&s->pend) == 0))
+	break;
+      if(spool_refill(s, opt_buf_high) != 0)
+	{
+	  char who[128];
+	  stats.spool_errors++;
+	  log_err("%s: reading its spool failed: %s; closing it",
+		  sink_who(s, who, sizeof(who)), strerror(errno));
+	  return -1;
+	}
+      if(buf_len(&s->pend) >= SPOOL_BATCH ||
+	 (s->full && buf_len(&s->pend) > 0))
+	spool_write(s);
     }
   if(ev_want_write(&c->ev, buf_len(&s->out) > 0) != 0)
     return -1;
-  if(buf_len(&s->out) < before)
+  if(sink_backlog(s) < before)
     s->last_progress = tw_tick;
-  if(s->full && buf_len(&s->out) <= opt_buf_low)
+  if(s->full && sink_can_resume(s))
     {
       s->full = 0;
+      s->sp_capped = 0;
       tw_cancel(&s->stall_timer);
       return 1;
     }
   return 0;
+}
+
+/*
+ * Before a live upgrade saves the state: every consumer's spool and pend
+ * are read back into its out, which the state carries (spool files are
+ * not handed over).  A consumer whose spool cannot be read is closed.
+ */
+static void spool_drain_sink(sink_t *s)
+{
+  char who[128];
+  if(spool_refill(s, SIZE_MAX) != 0)
+    {
+      log_err("%s: reading its spool for the upgrade failed: %s",
+	      sink_who(s, who, sizeof(who)), strerror(errno));
+      spool_close(s);
+      buf_clear(&s->pend);
+    }
+  return;
+}
+
+static int chan_spool_drain(void *item, void *param)
+{
+  chan_t *c = item;
+  (void)param;
+  if(c->uc != NULL && c->uc->state != UC_DEAD)
+    spool_drain_sink(&c->uc->sink);
+  return 0;
+}
+
+static void spool_drain_all(void)
+{
+  dlist_node_t *n;
+  if(spool_dirfd < 0)
+    return;
+  for(n = mc_list.head; n != NULL; n = n->next)
+    spool_drain_sink(&CONTAINER_OF(n, mclient_t, list_node)->sink);
+  for(n = vp_list.head; n != NULL; n = n->next)
+    splaytree_inorder(&CONTAINER_OF(n, vp_t, list_node)->chans,
+		      chan_spool_drain, NULL);
+  return;
 }
 
 /* the stall timer fired: 1 if the consumer must go, else re-armed */
@@ -4852,7 +5244,7 @@ static void chan_on_data(chan_t *c, const uint8_t *data, size_t len)
       uclient_t *uc = c->uc;
       if(uc->conn.ev.fd < 0)
 	return;
-      if(buf_append(&uc->sink.out, data, len) != 0)
+      if(buf_append(sink_in(&uc->sink), data, len) != 0)
 	{
 	  uc_close(uc, "out of memory");
 	  return;
@@ -5295,9 +5687,9 @@ static void uc_stall(tw_timer_t *t)
   uclient_t *uc = CONTAINER_OF(t, uclient_t, sink.stall_timer);
   if(sink_stalled(&uc->sink))
     {
-      log_warn("%s: local client stalled: %zu bytes unread for %lds",
-	      uc->vp != NULL ? uc->vp->peer : "?", buf_len(&uc->sink.out),
-	      opt_stall);
+      log_warn("%s: local client stalled: %" PRIu64 " bytes unread for "
+	       "%lds", uc->vp != NULL ? uc->vp->peer : "?",
+	       sink_backlog(&uc->sink), opt_stall);
       uc_close(uc, "stalled");
     }
   return;
@@ -5406,7 +5798,7 @@ static int uc_load(st_r_t *r, const uint8_t *p, uint32_t len)
 /* close once nothing is left to deliver, if scamper or the client ended */
 static void uc_check_done(uclient_t *uc)
 {
-  if(uc->state == UC_DEAD || buf_len(&uc->sink.out) > 0)
+  if(uc->state == UC_DEAD || sink_backlog(&uc->sink) > 0)
     return;
   if(uc->state == UC_DRAINING || (uc->chan != NULL && uc->chan->fin_rcvd))
     uc_close(uc, uc->eof ? "client done and scamper finished"
@@ -5718,7 +6110,7 @@ static void mc_out(mclient_t *mc, const uint8_t *data, size_t len)
 {
   if(mc->state == MC_DEAD)
     return;
-  if(buf_append(&mc->sink.out, data, len) != 0)
+  if(buf_append(sink_in(&mc->sink), data, len) != 0)
     {
       mc_close(mc, "out of memory");
       return;
@@ -5737,8 +6129,8 @@ static void mc_deliver(mclient_t *mc, vp_t *feeder, uint32_t id,
     return;
   bytes_htonl(h, id);
   bytes_htonl(h + 4, (uint32_t)len);
-  if(buf_append(&mc->sink.out, h, MUX_HDRLEN) != 0 ||
-     buf_append(&mc->sink.out, data, len) != 0)
+  if(buf_append(sink_in(&mc->sink), h, MUX_HDRLEN) != 0 ||
+     buf_append(sink_in(&mc->sink), data, len) != 0)
     {
       mc_close(mc, "out of memory");
       return;
@@ -6000,8 +6392,9 @@ static void mc_stall(tw_timer_t *t)
   mclient_t *mc = CONTAINER_OF(t, mclient_t, sink.stall_timer);
   if(sink_stalled(&mc->sink))
     {
-      log_warn("mux client %llu stalled: %zu bytes unread for %lds",
-	      (unsigned long long)mc->gen, buf_len(&mc->sink.out), opt_stall);
+      log_warn("mux client %llu stalled: %" PRIu64 " bytes unread for "
+	       "%lds", (unsigned long long)mc->gen, sink_backlog(&mc->sink),
+	       opt_stall);
       mc_close(mc, "stalled");
     }
   return;
@@ -7197,7 +7590,10 @@ static int conn_peer_subject(const conn_t *c, char *buf, size_t len)
  * SIGTERM, STATUS= with the counts of live VPs, zombies and clients when
  * they changed (checked once a second), and WATCHDOG=1 every
  * WATCHDOG_USEC/2 (rounded down to whole ticks, at least one) when
- * WATCHDOG_PID is ours or unset.  The socket is connected at startup,
+ * WATCHDOG_PID is ours or unset; a live upgrade pings before it forks
+ * and again in the handover (svc_upgrade_begin, svc_handover), and the
+ * successor's schedule starts at its first loop iteration.  The socket
+ * is connected at startup,
  * before any chroot, and sends never block: a notification that cannot be
  * sent is lost (systemd's own sd_notify behaves the same).  The once-a-
  * second service tick also reports rate-limited log sites whose interval
@@ -7207,6 +7603,8 @@ static int conn_peer_subject(const conn_t *c, char *buf, size_t len)
 static int        svc_fd = -1;          /* connected NOTIFY_SOCKET */
 static pid_t      svc_pid0 = 0;         /* our pid before any -D fork */
 static uint64_t   svc_wd_ticks = 0;     /* watchdog period; 0: none */
+static uint64_t   svc_wd_usec = 0;      /* WATCHDOG_USEC as given */
+static int        svc_wd_extended = 0;  /* WATCHDOG_USEC= override sent */
 static uint64_t   svc_wd_last = 0;      /* tick of the last WATCHDOG=1 */
 static char       svc_status[96];       /* the last STATUS= sent */
 static tw_timer_t svc_timer;
@@ -7256,6 +7654,7 @@ static void svc_init(void)
   usec = strtoull(wu, &end, 10);
   if(errno != 0 || *end != '\0' || usec == 0)
     return;
+  svc_wd_usec = usec;
   svc_wd_ticks = usec / 2000000ULL;
   if(svc_wd_ticks == 0)
     svc_wd_ticks = 1;
@@ -7345,6 +7744,95 @@ static void svc_reloading(void)
   snprintf(msg, sizeof(msg), "RELOADING=1\nMONOTONIC_USEC=%llu",
 	   (unsigned long long)tv.tv_sec * 1000000ULL +
 	   (unsigned long long)tv.tv_usec);
+  svc_send(msg);
+  return;
+}
+
+/*
+ * A live upgrade is about to fork: the loop (and so the watchdog tick)
+ * stops until the handover ends, which may take up to timeout seconds
+ * (-O upgrade-timeout: state of 10k+ VPs, a slow successor).  Ping now
+ * so the whole watchdog period is left for it, and if even that is too
+ * short, raise the watchdog limit with WATCHDOG_USEC= for the handover;
+ * svc_upgrade_done() or svc_handover() puts it back.  (EXTEND_TIMEOUT_USEC=
+ * only extends start/stop/reload/runtime timeouts, not the watchdog.)
+ */
+static void svc_upgrade_begin(long timeout)
+{
+  char msg[64];
+  uint64_t need;
+  if(svc_fd < 0 || svc_wd_ticks == 0)
+    return;
+  need = ((uint64_t)timeout + 5) * 1000000ULL;
+  if(need < svc_wd_usec)
+    {
+      svc_send("WATCHDOG=1");
+      return;
+    }
+  snprintf(msg, sizeof(msg), "WATCHDOG=1\nWATCHDOG_USEC=%llu",
+	   (unsigned long long)need);
+  svc_send(msg);
+  svc_wd_extended = 1;
+  return;
+}
+
+/* the restored watchdog limit, as a line to append ("" if unchanged) */
+static void svc_wd_restore_line(char *buf, size_t len)
+{
+  buf[0] = '\0';
+  if(svc_wd_extended)
+    snprintf(buf, len, "\nWATCHDOG_USEC=%llu",
+	     (unsigned long long)svc_wd_usec);
+  svc_wd_extended = 0;
+  return;
+}
+
+/* the upgrade failed and this process keeps serving: its own schedule,
+ * restarted now, with the original limit */
+static void svc_upgrade_done(void)
+{
+  char msg[64], wd[40];
+  if(svc_fd < 0 || svc_wd_ticks == 0)
+    return;
+  svc_wd_restore_line(wd, sizeof(wd));
+  snprintf(msg, sizeof(msg), "WATCHDOG=1%s", wd);
+  svc_send(msg);
+  svc_wd_last = tw_tick;
+  return;
+}
+
+/*
+ * The handover: this (old, main) process tells the service manager, in
+ * one datagram, the successor's pid, that it is ready, and a watchdog
+ * ping (systemd resets the watchdog on neither MAINPID= nor READY=1, and
+ * the successor's first ping comes a watchdog half-period after its
+ * first loop iteration), with the original WATCHDOG_USEC= if
+ * svc_upgrade_begin() raised it.  It must be one datagram sent by the
+ * old process, the only one NotifyAccess=main trusts until MAINPID= is
+ * processed.  The caller _exit()s at once after this.
+ *
+ * Order and the main pid: systemd reads its notify socket before it
+ * handles SIGCHLD (a higher event priority), and the datagram is queued
+ * before the old process exits, so the old main pid's exit is never seen
+ * before MAINPID= (which would end the service).  If systemd reads the
+ * datagram while the old process still runs, the successor is still its
+ * child and systemd logs "Supervising process N which is not our child"
+ * (it marks the pid alien); the old process's _exit() a moment later
+ * reparents the successor to the service manager (PID 1, or a subreaper
+ * for a user manager), which watches that pid since MAINPID=, so a later
+ * exit or crash of the successor still arrives as SIGCHLD and is handled
+ * as the main process's (restart).  The container test kills a successor
+ * to check that.  Exiting first and letting the successor announce
+ * itself would need NotifyAccess=all and would race the old exit.
+ */
+static void svc_handover(long newpid)
+{
+  char msg[128], wd[40];
+  if(svc_fd < 0)
+    return;
+  svc_wd_restore_line(wd, sizeof(wd));
+  snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1%s%s", newpid,
+	   svc_wd_ticks > 0 ? "\nWATCHDOG=1" : "", wd);
   svc_send(msg);
   return;
 }
@@ -7690,6 +8178,19 @@ static int metrics_render(buf_t *b)
   rc |= prom_u64(b, "sc_remoted_stall_disconnects_total", "counter",
 		 "Local clients disconnected for not reading.",
 		 stats.stall_disconnects);
+  rc |= prom_u64(b, "sc_remoted_spool_bytes", "gauge",
+		 "Client backlog held in -O spool-dir files.", spool_live);
+  rc |= prom_u64(b, "sc_remoted_spool_files", "gauge",
+		 "Spool files open (one per client with a spooled backlog).",
+		 spool_files);
+  rc |= prom_u64(b, "sc_remoted_spool_written_bytes_total", "counter",
+		 "Bytes written to spool files.", stats.spool_written);
+  rc |= prom_u64(b, "sc_remoted_spool_cap_hits_total", "counter",
+		 "Times a client reached -O spool-max or spool-total, so its "
+		 "VPs were paused.", stats.spool_cap_hits);
+  rc |= prom_u64(b, "sc_remoted_spool_errors_total", "counter",
+		 "Spool file errors (ENOSPC, EIO): that client's backlog "
+		 "stayed in memory.", stats.spool_errors);
   v[0] = stats.accept_pauses_emfile;
   v[1] = stats.accept_pauses_hscap;
   rc |= prom_labelled(b, "sc_remoted_accept_pauses_total", "counter",
@@ -7799,6 +8300,51 @@ static unsigned int vp_flaps_recent(const vp_t *vp, uint64_t secs)
   return n;
 }
 
+typedef struct backlog_out
+{
+  buf_t   *b;
+  int      n;                   /* consumers written so far */
+} backlog_out_t;
+
+/* one consumer of a VP's channels and its backlog (-O spool-dir) */
+static int chan_render_backlog(void *item, void *param)
+{
+  chan_t *c = item;
+  backlog_out_t *bo = param;
+  const sink_t *s;
+  char head[64];
+  if(c->uc != NULL)
+    {
+      s = &c->uc->sink;
+      snprintf(head, sizeof(head), "{\"kind\":\"unix\"");
+    }
+  else if(c->mc != NULL)
+    {
+      s = &c->mc->sink;
+      snprintf(head, sizeof(head), "{\"kind\":\"mux\",\"client\":%llu",
+	       (unsigned long long)c->mc->gen);
+    }
+  else
+    return 0;
+  return bprintf(bo->b, "%s%s,\"channel\":%u,\"memory_bytes\":%zu,"
+		 "\"spool_bytes\":%" PRIu64 ",\"full\":%s}",
+		 bo->n++ > 0 ? "," : "", head, c->id, sink_mem(s),
+		 sink_spooled(s),
+		 s->full ? "true" : "false") != 0 ? -1 : 0;
+}
+
+/* "consumers": each channel's consumer with its backlog */
+static int vps_render_backlog(buf_t *b, vp_t *vp)
+{
+  backlog_out_t bo;
+  bo.b = b;
+  bo.n = 0;
+  if(buf_append(b, ",\"consumers\":[", 14) != 0 ||
+     splaytree_inorder(&vp->chans, chan_render_backlog, &bo) != 0)
+    return -1;
+  return buf_append(b, "]", 1);
+}
+
 /* one VP as a JSON object */
 static int vps_render_one(buf_t *b, vp_t *vp, const hc_clock_t *clk)
 {
@@ -7834,6 +8380,7 @@ static int vps_render_one(buf_t *b, vp_t *vp, const hc_clock_t *clk)
 		cl.uc, cl.mc);
   rc |= bprintf(b, ",\"flaps\":%u,\"flaps_1h\":%u", vp->flaps,
 		vp_flaps_recent(vp, 3600));
+  rc |= vps_render_backlog(b, vp);
   if(conn_peer_subject(&vp->conn, subj, sizeof(subj)) == 0)
     {
       rc |= buf_append(b, ",\"tls_subject\":", 15);
@@ -10277,7 +10824,6 @@ static void upg_envp_free(char **envp)
  */
 static void upg_exit(long newpid)
 {
-  char msg[64];
   dlist_node_t *n;
   vp_t *vp;
   for(n = vp_list.head; n != NULL; n = n->next)
@@ -10289,8 +10835,7 @@ static void upg_exit(long newpid)
 	  close(vp->conn.ev.fd);
 	}
     }
-  snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1", newpid);
-  svc_send(msg);
+  svc_handover(newpid);
   fflush(NULL);
   _exit(0);
 }
@@ -10353,6 +10898,8 @@ static void upg_run(void)
       return;
     }
 
+  svc_upgrade_begin(opt_upgrade_timeout);
+  spool_drain_all(); /* spool files are not handed over */
   upg_save(&w);
   if(w.t.err || (memfd = upg_state_fd(w.t.p, w.t.len)) < 0)
     {
@@ -10456,6 +11003,7 @@ static void upg_run(void)
   if(pid > 0)
     upg_reap(pid, how, sizeof(how));
   log_err("upgrade failed, still serving: %s", why);
+  svc_upgrade_done();
   upg_pidfile_restore();
   upg_envp_free(envp);
   if(sp[0] >= 0) close(sp[0]);
@@ -11079,6 +11627,38 @@ static int check_udir(void)
 }
 
 /*
+ * -O spool-dir must be a directory in which this process can create and
+ * write files; checked after chroot, inside it.  The directory stays open
+ * (spool files are created relative to it).  Returns 0 or 255.
+ */
+static int spool_init(void)
+{
+  char c = 0;
+  int fd;
+  if(opt_spool_dir == NULL)
+    return 0;
+  if((spool_dirfd = open(opt_spool_dir, O_RDONLY | O_DIRECTORY |
+			 O_CLOEXEC)) < 0)
+    {
+      fprintf(stderr, "sc_remoted: -O spool-dir=%s: %s\n", opt_spool_dir,
+	      strerror(errno));
+      return 255;
+    }
+  if((fd = spool_file_open()) < 0 || pwrite(fd, &c, 1, 0) != 1)
+    {
+      fprintf(stderr, "sc_remoted: -O spool-dir=%s: cannot create a file "
+	      "in it: %s\n", opt_spool_dir, strerror(errno));
+      if(fd >= 0)
+	close(fd);
+      close(spool_dirfd);
+      spool_dirfd = -1;
+      return 255;
+    }
+  close(fd);
+  return 0;
+}
+
+/*
  * Enter the -R chroot (regaining a setuid euid just for the call), then
  * drop a setuid binary's privileges for good.  Returns 0 or -1.
  */
@@ -11259,6 +11839,8 @@ int main(int argc, char *argv[])
   if(privileges_settle(ruid, euid) != 0)
     return 255;
   if((rc = check_udir()) != 0)
+    return rc;
+  if((rc = spool_init()) != 0)
     return rc;
 
   if(globals_init() != 0)

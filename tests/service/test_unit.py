@@ -70,12 +70,13 @@ def main():
         assert m, 'no optional EnvironmentFile'
         defaults = open(tmp + m.group(1)).read()
         assert re.search(r'(?m)^SC_REMOTED_OPTS="-P 31337 -U /run/sc_remoted '
-                         r'-M /run/sc_remoted/mux"$', defaults), defaults
+                         r'-M /run/sc_remoted/mux -O allowgroup"$', defaults), defaults
         assert len(re.findall(r'(?m)^#', defaults)) > 10, 'not commented'
         for want in ['Type=notify', 'RuntimeDirectory=sc_remoted',
                      'ExecReload=/bin/kill -HUP $MAINPID'] + HARDENING:
             assert re.search(r'(?m)^%s$' % re.escape(want), text), want
-        assert '@' not in re.sub(r'(?m)^#.*$', '', text), 'unsubstituted @'
+        assert not re.search(r'@[A-Za-z_]+@', re.sub(r'(?m)^#.*$', '', text)), \
+            'unsubstituted @VAR@'
         # verify, with ExecStart pointed at the staged binary
         staged = os.path.join(tmp, 'sc_remoted.service')
         with open(staged, 'w') as f:

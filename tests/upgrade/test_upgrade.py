@@ -463,8 +463,20 @@ class TestUpgradeNotify(unittest.TestCase):
 
     def test_mainpid_and_ready(self):
         """Under Type=notify with NotifyAccess=main: the old (main)
-        process announces MAINPID=<new pid> with READY=1 before it exits,
-        and the new process then keeps the watchdog."""
+        process announces MAINPID=<new pid> with READY=1 and a watchdog
+        ping before it exits, and the new process then keeps the
+        watchdog.  A watchdog shorter than -O upgrade-timeout (10 s) is
+        raised with WATCHDOG_USEC= for the handover and put back in the
+        MAINPID= datagram."""
+        self.check_handover(2000000, 'WATCHDOG=1\nWATCHDOG_USEC=15000000',
+                            '\nWATCHDOG=1\nWATCHDOG_USEC=2000000')
+
+    def test_handover_long_watchdog(self):
+        """A watchdog longer than the upgrade timeout: a plain ping before
+        the fork and WATCHDOG=1 with MAINPID=, no WATCHDOG_USEC=."""
+        self.check_handover(60000000, 'WATCHDOG=1', '\nWATCHDOG=1')
+
+    def check_handover(self, wd_usec, before, tail):
         d = Daemon(start=False, env=dict(
             (k, v) for k, v in os.environ.items()
             if k not in ('NOTIFY_SOCKET', 'WATCHDOG_PID', 'WATCHDOG_USEC')))
@@ -472,7 +484,7 @@ class TestUpgradeNotify(unittest.TestCase):
         rx = NotifyRx(os.path.join(d.tmp, 'notify'))
         self.addCleanup(rx.close)
         d.env['NOTIFY_SOCKET'] = rx.path
-        d.env['WATCHDOG_USEC'] = '2000000'
+        d.env['WATCHDOG_USEC'] = str(wd_usec)
         up = Upgrader(d)
         d.start()
         old = d.pid
@@ -483,7 +495,12 @@ class TestUpgradeNotify(unittest.TestCase):
         pid, msg = rx.wait_for(lambda p, m: seen.append((p, m)) or
                                m.startswith('MAINPID='), T)
         self.assertEqual(pid, old)
-        self.assertEqual(msg, 'MAINPID=%d\nREADY=1' % new)
+        self.assertEqual(msg, 'MAINPID=%d\nREADY=1%s' % (new, tail))
+        # the ping (and any raised limit) before the fork, from the old
+        self.assertIn((old, before), seen)
+        if wd_usec > 5000000:
+            d.stop()
+            return
         pid, msg = rx.wait_for(lambda p, m: seen.append((p, m)) or
                                (m == 'WATCHDOG=1' and p == new), T)
         # the new process is not the main pid until MAINPID=: it must not
