@@ -28,6 +28,17 @@
  * object, one teardown.  The unacked queue is a byte FIFO of serialized
  * frames rather than a list of messages: ACKs arrive strictly in order,
  * so releasing the oldest message is dropping its bytes from the head.
+ * conn_t embeds the fd's registration (fdev_t) and carries the TLS
+ * handshake: a VP's TLS handshake is a step of its connection
+ * (conn_handshake, driven by vp_handshake) before the VP's HANDSHAKE
+ * state, not a VP state of its own; only VP connections are ever TLS
+ * (the -U, mux and HTTP clients are plain conn_t).  Besides the VP, the
+ * -U, mux and HTTP clients have explicit states (uc_set_state,
+ * mc_set_state, hc_set_state), and their DEAD state stands for the dead
+ * flag; the upgrade records keep those states as the flag fields they
+ * always had, so the state format did not change.  Flood log sites (one
+ * line per refused connection) pass a second rate-limit table of one
+ * line per second that -O debug does not lift.
  *
  * Sections, in order: options and usage; logging; buffers; objects;
  * statistics; event loop and backends; timer wheel; access control
@@ -236,6 +247,10 @@ static int           listen_port   = 0;
 #define USAGE_MF   0x0100
 #define USAGE_R    0x0200
 
+/*
+ * The usage line, then (which != 0) the help of the options in which
+ * (USAGE_ bits; USAGE_ALL: everything).  Writes to stderr only.
+ */
 static void usage(unsigned int which)
 {
   fprintf(stderr,
@@ -3500,7 +3515,7 @@ static void vp_try_unpause(vp_t *vp)
   return;
 }
 
-/* read the VPs queued by vp_again_queue; returns how many were read */
+/* read the VPs queued by vp_again_queue (TLS bytes already decrypted) */
 static void vp_again_run(void)
 {
   dlist_node_t *n;
@@ -4771,6 +4786,13 @@ static int vp_rx_hdr(void *arg, uint32_t seq, uint32_t chan, uint16_t len)
   return 0;
 }
 
+/*
+ * One complete remote frame of ctx->vp (rp_rx_feed's callback): the
+ * handshake messages in HANDSHAKE, else control messages (channel 0) or
+ * data for a channel.  Borrows body.  May close the VP (returns -1: stop
+ * feeding) or move the connection to a resumed session (ctx->moved, 1).
+ * Returns 0 to go on.
+ */
 static int vp_rx_frame(void *arg, uint32_t seq, uint32_t chan,
 		       const uint8_t *body, uint16_t len)
 {
@@ -4847,6 +4869,12 @@ static int vp_input(vp_t *vp, const uint8_t *p, size_t len)
   return -1;
 }
 
+/*
+ * Read the VP's connection into the shared scratch buffer and feed the
+ * frame parser, at most eight reads per event (TLS bytes left over are
+ * read next iteration: vp_again_queue).  Stops while the VP is paused.
+ * May close the VP (EOF, error, protocol error) or make it a zombie.
+ */
 static void vp_read(vp_t *vp)
 {
   ssize_t n;
@@ -6443,6 +6471,12 @@ static void in_paused_recheck(void)
 
 static const mux_cb_t mc_rx_cb = { mc_rx_ctl, mc_rx_data, mc_rx_error };
 
+/*
+ * Read what the mux client sent and feed the mux parser (data to the
+ * VPs, control messages), at most four reads per event.  Stops reading
+ * it (IN_PAUSED) when a VP it writes to has a full unacked queue, before
+ * a read or after one that filled it.  May close the client.
+ */
 static void mc_read(mclient_t *mc)
 {
   ssize_t n;
@@ -8252,6 +8286,8 @@ static int chan_count_clients(void *item, void *param)
   return 0;
 }
 
+/* the -m metadata of the VP named name as a JSON object ({} if none)
+ * appended to b; 0, or -1 out of memory */
 static int bjson_meta(buf_t *b, const char *name)
 {
   meta_t key, *m = NULL;
@@ -9709,6 +9745,12 @@ static int upg_svcfd_get(st_r_t *r, int *fdp, int wanted, const uint8_t *v,
   return 0;
 }
 
+/*
+ * The listeners record of len bytes at p: adopt each listener fd (and
+ * the sd_notify and syslog sockets) this process is configured for too;
+ * the fds become owned by the listeners.  Returns 0, or -1 with r->why
+ * (also when no -P listener came).
+ */
 static int upg_load_listen(st_r_t *r, const uint8_t *p, uint32_t len)
 {
   tlv_r_t fr = {p, len, 0};
@@ -10200,6 +10242,11 @@ static int pos_listener(pos_r_t *r, fdev_t *lev, fdtype_t type,
   return 0;
 }
 
+/*
+ * A mux client from a version-1 (positional) state, put on mc_list at
+ * once (a failure leaves it to shutdown_all()); *burst_idx is its burst
+ * cursor, resolved once the VPs are in.  Returns 0, or -1.
+ */
 static int v1_load_mc(pos_r_t *r, uint32_t *burst_idx)
 {
   const uint8_t *p;
@@ -10293,6 +10340,11 @@ static int v1_load_uc(pos_r_t *r, vp_t *vp, chan_t *c)
   return r->err ? -1 : 0;
 }
 
+/*
+ * A channel of vp from a version-1 state, with its consumer: a -U client
+ * (v1_load_uc) or the mux client of the saved generation.  The channel
+ * goes into vp's tree at once.  Returns 0, or -1.
+ */
 static int v1_load_chan(pos_r_t *r, vp_t *vp)
 {
   chan_t *c, key;
@@ -10328,6 +10380,11 @@ static int v1_load_chan(pos_r_t *r, vp_t *vp)
   return kind == 0 ? 0 : -1;
 }
 
+/*
+ * A VP from a version-1 state, put on vp_list at once (a failure leaves
+ * it to shutdown_all()), with its trees, timers, fds and channels.
+ * Returns 0, or -1.
+ */
 static int v1_load_vp(pos_r_t *r)
 {
   const uint8_t *p;
