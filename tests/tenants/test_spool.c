@@ -105,7 +105,7 @@ static model_t *m_new(void)
   CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sp) == 0);
   fd_nonblock(sp[0]);
   fd_nonblock(sp[1]);
-  fdev_init(&m.mc->ev, sp[0], FD_MC, m.mc);
+  conn_init(&m.mc->conn, sp[0], FD_MC, m.mc, NULL);
   sink_init(&m.mc->sink, mc_stall);
   m.mc->gen = 1;
   m.peer = sp[1];
@@ -115,7 +115,7 @@ static model_t *m_new(void)
 static void m_free(model_t *m)
 {
   sink_fini(&m->mc->sink);
-  ev_close(&m->mc->ev);
+  conn_close(&m->mc->conn);
   close(m->peer);
   free(m->mc);
 }
@@ -126,7 +126,7 @@ static void m_drain_all(model_t *m)
   int i;
   for(i=0; i<200000 && m->got < m->sent && !m->bad; i++)
     {
-      CHECK(sink_flush(&m->mc->sink, &m->mc->ev) >= 0);
+      CHECK(sink_flush(&m->mc->sink, &m->mc->conn) >= 0);
       m_read(m, 1 << 18);
     }
 }
@@ -147,7 +147,7 @@ static void test_random(void)
 	    m_append(m, 1 + (size_t)random() % APPEND_MAX);
 	}
       else if(op < 70)
-	CHECK(sink_flush(s, &m->mc->ev) >= 0);
+	CHECK(sink_flush(s, &m->mc->conn) >= 0);
       else if(op < 97)
 	m_read(m, 1 + (size_t)random() % 65536);
       else if(op < 98 && m->injected < 20)
