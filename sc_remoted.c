@@ -1218,7 +1218,8 @@ typedef struct rp_rx
 typedef struct sink
 {
   buf_t         out;
-  uint8_t       full;
+  uint8_t       full;           /* stops its feeders' reading: each VP it
+				   feeds is rd_paused_by_sink */
   uint64_t      last_progress;  /* tick of the last successful write */
   tw_timer_t    stall_timer;
   /* -O spool-dir: the stream is out, then the spool file's bytes
@@ -1245,8 +1246,9 @@ struct vp
   conn_t        conn;           /* the scamper connection; fd -1 if none */
   vpstate_t     state;
   uint8_t       dead;
-  uint8_t       rd_blocked;     /* reads stopped (FLUSH) */
-  uint8_t       paused;         /* reads stopped: a consumer is full */
+  uint8_t       rd_stopped_by_flush; /* this VP not read: FLUSH */
+  uint8_t       rd_paused_by_sink; /* this VP not read: a consumer's sink
+				   it feeds is full (sink_t.full) */
   uint8_t       in_handshake;   /* counted in handshake_count */
   uint32_t      id;             /* VP id; 0 until MASTER_NEW accepted */
   uint8_t       magic_len;
@@ -3336,9 +3338,9 @@ static int spool_refill(sink_t *s, size_t upto)
 /* stop reading vp until every consumer it feeds has drained */
 static void vp_pause(vp_t *vp)
 {
-  if(vp->paused || vp->dead)
+  if(vp->rd_paused_by_sink || vp->dead)
     return;
-  vp->paused = 1;
+  vp->rd_paused_by_sink = 1;
   stats.bp_pauses++;
   if(vp->conn.ev.fd >= 0 && ev_want_read(&vp->conn.ev, 0) != 0)
     vp_lost(vp, "could not stop reading");
@@ -3497,13 +3499,13 @@ static void vp_again_queue(vp_t *vp)
 /* resume reading vp if none of the consumers it feeds is full */
 static void vp_try_unpause(vp_t *vp)
 {
-  if(vp == NULL || !vp->paused || vp->dead)
+  if(vp == NULL || !vp->rd_paused_by_sink || vp->dead)
     return;
   if(splaytree_inorder(&vp->chans, chan_sink_full, NULL) != 0)
     return;
-  vp->paused = 0;
+  vp->rd_paused_by_sink = 0;
   vp->last_rx = tw_tick; /* a full rx_abort window from now */
-  if(vp->conn.ev.fd < 0 || vp->rd_blocked)
+  if(vp->conn.ev.fd < 0 || vp->rd_stopped_by_flush)
     return;
   if(ev_want_read(&vp->conn.ev, 1) != 0)
     {
@@ -3524,7 +3526,7 @@ static void vp_again_run(void)
     {
       vp = CONTAINER_OF(n, vp_t, again_node);
       vp->again_queued = 0;
-      if(!vp->dead && !vp->paused && vp->conn.ev.fd >= 0 && !vp->rd_blocked)
+      if(!vp->dead && !vp->rd_paused_by_sink && vp->conn.ev.fd >= 0 && !vp->rd_stopped_by_flush)
 	vp_read(vp);
     }
   return;
@@ -3857,8 +3859,8 @@ static void vp_conn_drop(vp_t *vp)
   buf_clear(&vp->out);
   src_release(vp);
   rp_rx_reset(&vp->rx);
-  vp->rd_blocked = 0;
-  vp->paused = 0;
+  vp->rd_stopped_by_flush = 0;
+  vp->rd_paused_by_sink = 0;
   vp_lev_close(vp);
   tw_cancel(&vp->ka_timer);
   return;
@@ -3953,8 +3955,8 @@ static const tlv_desc_t vp_fields[] = {
 #endif
   VPROW(15, last_rx,       TLVF_PAST | TLVF_KEEP, 0, ST_TICK_MAX, 0),
   VPROW(16, last_tx,       TLVF_PAST | TLVF_KEEP, 0, ST_TICK_MAX, 0),
-  VPROW(17, rd_blocked,    0, 0, 1, 0),
-  VPROW(18, paused,        0, 0, 1, 0),
+  VPROW(17, rd_stopped_by_flush,    0, 0, 1, 0),
+  VPROW(18, rd_paused_by_sink, 0, 0, 1, 0),
   VPROW(19, conn.ev.rd,    0, 0, 1, 0),
   VPROW(20, conn.ev.wr,    0, 0, 1, 0),
   VPROW(21, flaps,         0, 0, UINT32_MAX, 0),
@@ -4009,7 +4011,7 @@ static void vp_save(st_w_t *w, const vp_t *vp)
       zv = *vp;
       zv.state = VP_ZOMBIE;
       zv.zombie_gen = mc_gen;
-      zv.rd_blocked = zv.paused = 0;
+      zv.rd_stopped_by_flush = zv.rd_paused_by_sink = 0;
       zv.conn.ev.rd = zv.conn.ev.wr = 0;
       vp = &zv;
     }
@@ -4330,7 +4332,7 @@ static int vp_set_state(vp_t *vp, vpstate_t st, const char *why)
 
     case VP_FLUSH:
       vp->state = VP_FLUSH;
-      vp->rd_blocked = 1;
+      vp->rd_stopped_by_flush = 1;
       log_warn("%s: %s", vp->peer, why);
       if(ev_want_read(&vp->conn.ev, 0) != 0)
 	vp_close(vp, "could not stop reading");
@@ -4388,7 +4390,7 @@ static void vp_timer_rx(tw_timer_t *t)
       vp_close(vp, "accept timeout");
       break;
     case VP_GO:
-      if(vp->paused)
+      if(vp->rd_paused_by_sink)
 	tw_arm(t, TIMEOUT_RX_ABORT); /* not reading: not its silence */
       else if(tw_tick >= vp->last_rx + TIMEOUT_RX_ABORT)
 	{
@@ -4882,7 +4884,7 @@ static void vp_read(vp_t *vp)
 
   for(;;)
     {
-      if(vp->paused)
+      if(vp->rd_paused_by_sink)
 	return;
       if(budget <= 0)
 	{
@@ -4915,7 +4917,7 @@ static void vp_read(vp_t *vp)
 	vp->last_rx = tw_tick;
       if(vp_input(vp, scratch, (size_t)n) != 0)
 	return;
-      if(vp->dead || vp->conn.ev.fd < 0 || vp->rd_blocked)
+      if(vp->dead || vp->conn.ev.fd < 0 || vp->rd_stopped_by_flush)
 	return;
       /* a short plain read drained the socket; TLS may hold more */
       if((size_t)n < SCRATCH_SIZE && !conn_is_tls(&vp->conn))
@@ -5018,7 +5020,7 @@ static void vp_dispatch(vp_t *vp, int rd, int wr)
       if(vp->dead || vp->conn.ev.fd < 0)
 	return;
     }
-  if(rd && !vp->rd_blocked)
+  if(rd && !vp->rd_stopped_by_flush)
     vp_read(vp);
   return;
 }
@@ -10477,8 +10479,8 @@ static int v1_load_vp(pos_r_t *r)
     }
   rd = pos_flag(r);
   wr = pos_flag(r);
-  vp->rd_blocked = pos_flag(r);
-  vp->paused = pos_flag(r);
+  vp->rd_stopped_by_flush = pos_flag(r);
+  vp->rd_paused_by_sink = pos_flag(r);
   if(r->err)
     return -1;
   if(vp->in_id_tree)
