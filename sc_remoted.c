@@ -3424,40 +3424,74 @@ static int sink_flush(sink_t *s, conn_t *c)
 /*
  * Before a live upgrade saves the state: every consumer's spool and pend
  * are read back into its out, which the state carries (spool files are
- * not handed over).  A consumer whose spool cannot be read is closed.
+ * not handed over).  Returns -1 if the spool could not be read: the
+ * caller closes that consumer (its stream would have a hole otherwise).
  */
-static void spool_drain_sink(sink_t *s)
+static void uc_close(uclient_t *uc, const char *why);
+static void mc_close(mclient_t *mc, const char *why);
+
+static int spool_drain_sink(sink_t *s)
 {
   char who[128];
-  if(spool_refill(s, SIZE_MAX) != 0)
-    {
-      log_err("%s: reading its spool for the upgrade failed: %s",
-	      sink_who(s, who, sizeof(who)), strerror(errno));
-      spool_close(s);
-      buf_clear(&s->pend);
-    }
-  return;
+  if(spool_refill(s, SIZE_MAX) == 0)
+    return 0;
+  log_err("%s: reading its spool for the upgrade failed: %s",
+	  sink_who(s, who, sizeof(who)), strerror(errno));
+  return -1;
 }
+
+/* the -U clients whose spool could not be read back, closed after the
+ * walk over their VP's channel tree (closing releases channels) */
+typedef struct uc_lost
+{
+  uclient_t   **v;
+  size_t        n, cap;
+} uc_lost_t;
 
 static int chan_spool_drain(void *item, void *param)
 {
   chan_t *c = item;
-  (void)param;
-  if(c->uc != NULL && c->uc->state != UC_DEAD)
-    spool_drain_sink(&c->uc->sink);
+  uc_lost_t *lost = param;
+  uclient_t **nv;
+  if(c->uc == NULL || c->uc->state == UC_DEAD ||
+     spool_drain_sink(&c->uc->sink) == 0)
+    return 0;
+  if(lost->n == lost->cap)
+    {
+      if((nv = realloc(lost->v, (lost->cap + 8) * sizeof(*nv))) == NULL)
+	{
+	  log_err("%s: out of memory: a -U client whose spool was lost"
+		  " stays open", c->vp->peer);
+	  return 0;
+	}
+      lost->v = nv;
+      lost->cap += 8;
+    }
+  lost->v[lost->n++] = c->uc;
   return 0;
 }
 
 static void spool_drain_all(void)
 {
-  dlist_node_t *n;
+  dlist_node_t *n, *next;
+  mclient_t *mc;
+  uc_lost_t lost = { NULL, 0, 0 };
+  size_t i;
   if(spool_dirfd < 0)
     return;
-  for(n = mc_list.head; n != NULL; n = n->next)
-    spool_drain_sink(&CONTAINER_OF(n, mclient_t, list_node)->sink);
+  for(n = mc_list.head; n != NULL; n = next)
+    {
+      next = n->next;
+      mc = CONTAINER_OF(n, mclient_t, list_node);
+      if(mc->state != MC_DEAD && spool_drain_sink(&mc->sink) != 0)
+	mc_close(mc, "spool unreadable at upgrade");
+    }
   for(n = vp_list.head; n != NULL; n = n->next)
     splaytree_inorder(&CONTAINER_OF(n, vp_t, list_node)->chans,
-		      chan_spool_drain, NULL);
+		      chan_spool_drain, &lost);
+  for(i=0; i<lost.n; i++)
+    uc_close(lost.v[i], "spool unreadable at upgrade");
+  free(lost.v);
   return;
 }
 
