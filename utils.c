@@ -1011,44 +1011,30 @@ static size_t utf8_seqlen(const uint8_t *s, size_t len)
   return n;
 }
 
-size_t json_escape(char *dst, size_t dstlen, const uint8_t *src,
-		   size_t len)
+/*
+ * The loop shared by json_escape, html_escape and prom_label_escape:
+ * valid UTF-8 passes through, each byte that does not start a valid
+ * sequence becomes bad (U+FFFD in the output's syntax), and bytes for
+ * which special() returns a piece (of *n bytes, possibly built in buf)
+ * are replaced by it.  Same return and truncation rules as json_escape.
+ */
+static size_t escape_utf8(char *dst, size_t dstlen, const uint8_t *src,
+			  size_t len, const char *bad,
+			  const char *(*special)(uint8_t c, char *buf,
+						 size_t *n))
 {
-  static const char hex[] = "0123456789abcdef";
+  char buf[8];
   size_t i = 0, out = 0, n, k, end = 0;
   int full = 0;
-  char esc[8];
   const char *piece;
 
   while(i < len)
     {
-      uint8_t c = src[i];
-      piece = esc;
-      if(c == '"' || c == '\\')
-	{
-	  esc[0] = '\\'; esc[1] = (char)c; n = 2;
-	  i++;
-	}
-      else if(c < 0x20 || c == 0x7f)
-	{
-	  esc[0] = '\\';
-	  switch(c)
-	    {
-	    case '\n': esc[1] = 'n'; n = 2; break;
-	    case '\r': esc[1] = 'r'; n = 2; break;
-	    case '\t': esc[1] = 't'; n = 2; break;
-	    case '\b': esc[1] = 'b'; n = 2; break;
-	    case '\f': esc[1] = 'f'; n = 2; break;
-	    default:
-	      esc[1] = 'u'; esc[2] = '0'; esc[3] = '0';
-	      esc[4] = hex[c >> 4]; esc[5] = hex[c & 15]; n = 6;
-	      break;
-	    }
-	  i++;
-	}
+      if((piece = special(src[i], buf, &n)) != NULL)
+	i++;
       else if((n = utf8_seqlen(src + i, len - i)) == 0)
 	{
-	  piece = "\\ufffd"; n = 6;
+	  piece = bad; n = strlen(bad);
 	  i++;
 	}
       else
@@ -1063,12 +1049,46 @@ size_t json_escape(char *dst, size_t dstlen, const uint8_t *src,
 	  end = out + n;
 	}
       else
-	full = 1; /* stop writing; no partial escapes */
+	full = 1;
       out += n;
     }
   if(dstlen > 0)
     dst[end] = '\0';
   return out;
+}
+
+/* json_escape's special bytes: quote, backslash, controls */
+static const char *json_special(uint8_t c, char *esc, size_t *n)
+{
+  static const char hex[] = "0123456789abcdef";
+  if(c == '"' || c == '\\')
+    {
+      esc[0] = '\\'; esc[1] = (char)c; *n = 2;
+      return esc;
+    }
+  if(c >= 0x20 && c != 0x7f)
+    return NULL;
+  esc[0] = '\\';
+  *n = 2;
+  switch(c)
+    {
+    case '\n': esc[1] = 'n'; break;
+    case '\r': esc[1] = 'r'; break;
+    case '\t': esc[1] = 't'; break;
+    case '\b': esc[1] = 'b'; break;
+    case '\f': esc[1] = 'f'; break;
+    default:
+      esc[1] = 'u'; esc[2] = '0'; esc[3] = '0';
+      esc[4] = hex[c >> 4]; esc[5] = hex[c & 15]; *n = 6;
+      break;
+    }
+  return esc;
+}
+
+size_t json_escape(char *dst, size_t dstlen, const uint8_t *src,
+		   size_t len)
+{
+  return escape_utf8(dst, dstlen, src, len, "\\ufffd", json_special);
 }
 
 /* ---- PROXY protocol header ---- */
@@ -1303,52 +1323,10 @@ const char *proxy_hdr_strerror(long rc)
   return rc > 0 ? "complete" : "incomplete PROXY header";
 }
 
-/*
- * The loop shared by html_escape and prom_label_escape: valid UTF-8
- * passes through, each byte that does not start a valid sequence becomes
- * U+FFFD (as UTF-8), and bytes for which special() returns a piece are
- * replaced by it.  Same return and truncation rules as json_escape.
- */
-static size_t escape_utf8(char *dst, size_t dstlen, const uint8_t *src,
-			  size_t len,
-			  const char *(*special)(uint8_t c, size_t *n))
-{
-  size_t i = 0, out = 0, n, k, end = 0;
-  int full = 0;
-  const char *piece;
-
-  while(i < len)
-    {
-      if((piece = special(src[i], &n)) != NULL)
-	i++;
-      else if((n = utf8_seqlen(src + i, len - i)) == 0)
-	{
-	  piece = "\xef\xbf\xbd"; n = 3;
-	  i++;
-	}
-      else
-	{
-	  piece = (const char *)src + i;
-	  i += n;
-	}
-      if(full == 0 && out + n < dstlen)
-	{
-	  for(k = 0; k < n; k++)
-	    dst[out + k] = piece[k];
-	  end = out + n;
-	}
-      else
-	full = 1;
-      out += n;
-    }
-  if(dstlen > 0)
-    dst[end] = '\0';
-  return out;
-}
-
-static const char *html_special(uint8_t c, size_t *n)
+static const char *html_special(uint8_t c, char *buf, size_t *n)
 {
   const char *p;
+  (void)buf;
   switch(c)
     {
     case '<':  p = "&lt;"; break;
@@ -1371,11 +1349,12 @@ static const char *html_special(uint8_t c, size_t *n)
 
 size_t html_escape(char *dst, size_t dstlen, const uint8_t *src, size_t len)
 {
-  return escape_utf8(dst, dstlen, src, len, html_special);
+  return escape_utf8(dst, dstlen, src, len, "\xef\xbf\xbd", html_special);
 }
 
-static const char *prom_special(uint8_t c, size_t *n)
+static const char *prom_special(uint8_t c, char *buf, size_t *n)
 {
+  (void)buf;
   *n = 2;
   switch(c)
     {
@@ -1389,7 +1368,7 @@ static const char *prom_special(uint8_t c, size_t *n)
 size_t prom_label_escape(char *dst, size_t dstlen, const uint8_t *src,
 			 size_t len)
 {
-  return escape_utf8(dst, dstlen, src, len, prom_special);
+  return escape_utf8(dst, dstlen, src, len, "\xef\xbf\xbd", prom_special);
 }
 
 /* ---- typed records (tlv_*) ---- */
