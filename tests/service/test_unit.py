@@ -4,7 +4,9 @@ sc_remoted.service into the configured unit directory and the commented
 options file into $sysconfdir/default; `systemd-analyze verify` accepts the
 installed unit (with ExecStart pointed into the DESTDIR, since verify
 wants the binary to exist); the unit has Type=notify, the reload command,
-the RuntimeDirectory and the hardening of the issue.  Exits 77 when the
+the RuntimeDirectory and the hardening of the issue; the default options
+spool to the unit's CacheDirectory (and the daemon starts with them, which
+test-writes a spool file).  Exits 77 when the
 build has no unit (--with-systemdsystemunitdir=no, no systemd.pc) or
 systemd-analyze is missing."""
 
@@ -70,7 +72,19 @@ def main():
         assert m, 'no optional EnvironmentFile'
         defaults = open(tmp + m.group(1)).read()
         assert re.search(r'(?m)^SC_REMOTED_OPTS="-P 31337 -U /run/sc_remoted '
-                         r'-M /run/sc_remoted/mux -O allowgroup"$', defaults), defaults
+                         r'-M /run/sc_remoted/mux -O allowgroup '
+                         r'-O spool-dir=/var/cache/sc_remoted '
+                         r'-O spool-max=256m -O spool-total=1g"$',
+                         defaults), defaults
+        # the spool goes where the unit lets it write: its CacheDirectory
+        m = re.search(r'(?m)^CacheDirectory=(\S+)$', text)
+        assert m and '-O spool-dir=/var/cache/%s ' % m.group(1) in defaults, \
+            'spool-dir is not the CacheDirectory'
+        assert re.search(r'(?m)^CacheDirectoryMode=0700$', text), \
+            'CacheDirectoryMode=0700'
+        m = re.search(r'(?m)^Environment="SC_REMOTED_OPTS=(.*)"$', text)
+        assert m and ('SC_REMOTED_OPTS="%s"' % m.group(1)) in defaults, \
+            'the unit\'s fallback options differ from the options file'
         assert len(re.findall(r'(?m)^#', defaults)) > 10, 'not commented'
         for want in ['Type=notify', 'RuntimeDirectory=sc_remoted',
                      'ExecReload=/bin/kill -HUP $MAINPID'] + HARDENING:
@@ -92,8 +106,11 @@ def main():
         opts = re.search(r'(?m)^SC_REMOTED_OPTS="(.*)"$', defaults).group(1)
         rund = os.path.join(tmp, 'run')
         os.mkdir(rund)
+        cached = os.path.join(tmp, 'cache')
+        os.mkdir(cached, 0o700)
         port = scr.free_port()
         args = opts.replace('/run/sc_remoted', rund).replace(
+            '/var/cache/sc_remoted', cached).replace(
             '31337', '127.0.0.1:%d' % port).split()
         d = subprocess.Popen([tmp + binary] + args, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL,
