@@ -1678,6 +1678,9 @@ static size_t stats_fields(uint64_t **f, uint16_t *tag)
   STAT1(9, stats.meta_loads_ok);
   STAT1(10, stats.meta_loads_err);
   STAT1(11, stats.http_refused);
+  STAT1(12, stats.spool_written);
+  STAT1(13, stats.spool_cap_hits);
+  STAT1(14, stats.spool_errors);
   STATN(0x100, stats.rejects, REJ_MAX);
   STATN(0x200, stats.departures, GONE_MAX);
   STATN(0x300, stats.relay_bytes, 2);
@@ -1686,6 +1689,7 @@ static size_t stats_fields(uint64_t **f, uint16_t *tag)
   STATN(0x600, stats.tls_failures, TLSF_MAX);
   STATN(0x700, stats.http_requests, 6);
   STATN(0x800, stats.http_busy_us, 3);
+  STATN(0x900, stats.proxy_hdrs, 3);
 #undef STATN
 #undef STAT1
   return n;

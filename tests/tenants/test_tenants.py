@@ -248,9 +248,14 @@ class TenantsTest(unittest.TestCase):
                          'the daemon to take the stream')
         spooled = s.metric('sc_remoted_spool_bytes')
         self.assertGreater(spooled, MID // 2)
+        written = s.metric('sc_remoted_spool_written_bytes_total')
+        self.assertGreaterEqual(written, spooled)
         old_pid = s.d.pid
         s.d.upgrade(60, pump=lambda: s.loop.run_once(0.01))
         self.assertNotEqual(s.d.pid, old_pid)
+        # the counters cross the upgrade (the spool itself does not)
+        self.assertGreaterEqual(
+            s.metric('sc_remoted_spool_written_bytes_total'), written)
         c = s.consumer(s.ch_a)
         self.assertGreaterEqual(c['memory_bytes'] + c['spool_bytes'],
                                 spooled)
