@@ -45,10 +45,11 @@
  * (allow-lists, per-source limits); pre-protocol header (PROXY protocol
  * from trusted balancers); transport (plain/TLS); backpressure
  * (watermarks and spool files toward local consumers, the unacked limit
- * toward VPs);
- * remote protocol; channels; per-VP unix sockets; mux protocol; mux
- * over TCP; metadata; TLS context and name matching; service manager
- * (sd_notify); metrics over HTTP; live upgrade; signals; main.
+ * toward VPs); remote protocol; channels; per-VP unix sockets; mux
+ * protocol; mux over TCP; metadata; TLS context and name matching;
+ * service manager (sd_notify); metrics over HTTP (with the status page);
+ * live upgrade (the mechanism: each object's record is saved and loaded
+ * beside its constructor); signals; main.
  */
 
 #ifdef HAVE_CONFIG_H
