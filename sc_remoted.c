@@ -6281,6 +6281,7 @@ static void mc_teardown(mclient_t *mc, const char *why)
 {
   chan_t *c;
   log_dbg("mux client %llu: closing: %s", (unsigned long long)mc->gen, why);
+  tw_cancel(&mc->burst_timer); /* armed only in BURST; cheap insurance */
   conn_close(&mc->conn);
   sink_fini(&mc->sink);
   while((c = splaytree_pop_min(&mc->chans)) != NULL)
@@ -6901,6 +6902,9 @@ static int mc_load(st_r_t *r, const uint8_t *p, uint32_t len)
      (prev != NULL && prev->gen >= mc->gen) ||
      (mc->state != MC_BURST && burst != UINT32_MAX))
     return st_bad(r, "record mc: truncated, no fd, or bad generation");
+  /* the burst deadline runs exactly while the burst does */
+  if(mc->state != MC_BURST && mc->burst_timer.slot != NULL)
+    return st_bad(r, "record mc: burst deadline outside a burst");
   if(mc_load_rx(r, mc, ctl, ctl_len) != 0)
     return -1;
   if(r->nmc == r->burst_cap)
@@ -10340,6 +10344,7 @@ static int v1_load_mc(pos_r_t *r, uint32_t *burst_idx)
   *burst_idx = pos_u32(r);
   pos_timer(r, &mc->burst_timer);
   if(r->err || (mc->state != MC_BURST && *burst_idx != UPG_NONE) ||
+     (mc->state != MC_BURST && mc->burst_timer.slot != NULL) ||
      (mc->list_node.prev != NULL &&
 		CONTAINER_OF(mc->list_node.prev, mclient_t,
 			     list_node)->gen >= mc->gen))
